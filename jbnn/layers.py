@@ -1,0 +1,262 @@
+"""Quantized Flax Linen layers, after Larq's ``QuantDense`` and ``QuantConv2D``.
+
+A quantized layer quantizes its input (``input_quantizer``) and its latent float kernel
+(``kernel_quantizer``) on use. With both quantizers None it computes exactly what
+``nn.Dense`` / ``nn.Conv`` compute with the same parameters, so a model's
+full-precision twin is the same module with the quantizers switched off.
+
+``kernel_clip`` is the latent-weight clip (Larq's ``weight_clip`` constraint); the
+layer only records it, and the training step applies it after every update.
+:func:`quantized_layers` finds every quantized layer of a model with its clip, through
+``nn.intercept_methods`` and without running any computation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen import initializers
+
+from jbnn import quantizers as qz
+
+QuantizerSpec = str | None
+Dtype = Any
+
+__all__ = ["LayerInfo", "QuantConv", "QuantDense", "quantized_layers"]
+
+
+def _quantize_input(x: jax.Array, spec: QuantizerSpec, surrogate: str | None) -> jax.Array:
+    if spec is None:
+        return x
+    quantizer = qz.get(spec)
+    if surrogate is not None:
+        quantizer = qz.with_surrogate(quantizer, surrogate)
+    return quantizer(x)
+
+
+def _quantize_kernel(kernel: jax.Array, spec: QuantizerSpec, kernel_scale: bool) -> jax.Array:
+    if spec is not None:
+        if kernel_scale:
+            # XNOR-Net: alpha = mean |w| per output filter, differentiable, as larq-zoo's
+            # xnor_weight_scale (which clips w to [-1, 1] before taking it).
+            clipped = jnp.clip(kernel, -1.0, 1.0)
+            alpha = jnp.mean(jnp.abs(clipped), axis=tuple(range(kernel.ndim - 1)), keepdims=True)
+            return alpha * qz.get(spec)(clipped)
+        return qz.get(spec)(kernel)
+    return kernel
+
+
+def _check_input(x: jax.Array, ndim: int | None, layer: str) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{layer} expects a floating-point input, got dtype {x.dtype}.")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(
+            f"{layer} expects a rank-{ndim} input (N, H, W, C), got shape {tuple(x.shape)}."
+        )
+
+
+class QuantDense(nn.Module):
+    """A dense layer with optional input and kernel quantizers.
+
+    Attributes:
+      features: number of output features.
+      use_bias: whether to add a bias.
+      input_quantizer: quantizer spec for the input (e.g. ``"ste_sign"``), or None.
+      kernel_quantizer: quantizer spec for the latent kernel, or None.
+      kernel_clip: clip value of the latent kernel, applied by the trainer, or None.
+      kernel_scale: multiply the binary kernel by mean|w| per output unit (XNOR-Net).
+      surrogate: backward surrogate that replaces the input quantizer's, or None.
+      dtype: computation dtype (None: from the inputs and parameters).
+      param_dtype: parameter dtype.
+      kernel_init: kernel initializer.
+      bias_init: bias initializer.
+    """
+
+    features: int
+    use_bias: bool = True
+    input_quantizer: QuantizerSpec = None
+    kernel_quantizer: QuantizerSpec = None
+    kernel_clip: float | None = None
+    kernel_scale: bool = False
+    surrogate: str | None = None
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = nn.linear.default_kernel_init
+    bias_init: Any = initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        _check_input(x, None, "QuantDense")
+        kernel = self.param(
+            "kernel", self.kernel_init, (jnp.shape(x)[-1], self.features), self.param_dtype
+        )
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        x = _quantize_input(x, self.input_quantizer, self.surrogate)
+        kernel = _quantize_kernel(kernel, self.kernel_quantizer, self.kernel_scale)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        if bias is not None:
+            y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        return y
+
+
+class QuantConv(nn.Module):
+    """A 2-D convolution (NHWC) with optional input and kernel quantizers.
+
+    Attributes:
+      features: number of output channels.
+      kernel_size: (kh, kw).
+      strides: (sh, sw).
+      padding: "SAME", "VALID" or explicit ((top, bottom), (left, right)).
+      pad_values: value that SAME / explicit padding fills with (QuickNet uses 1.0 so
+        that a binary input stays binary); 0.0 is ordinary zero padding.
+      feature_group_count: groups (= input channels for a depthwise convolution).
+      use_bias: whether to add a bias.
+      input_quantizer, kernel_quantizer, kernel_clip, kernel_scale, surrogate: as
+        :class:`QuantDense`.
+      dtype, param_dtype, kernel_init, bias_init: as :class:`flax.linen.Conv`.
+    """
+
+    features: int
+    kernel_size: Sequence[int] = (3, 3)
+    strides: Sequence[int] = (1, 1)
+    padding: str | Sequence[tuple[int, int]] = "SAME"
+    pad_values: float = 0.0
+    feature_group_count: int = 1
+    use_bias: bool = True
+    input_quantizer: QuantizerSpec = None
+    kernel_quantizer: QuantizerSpec = None
+    kernel_clip: float | None = None
+    kernel_scale: bool = False
+    surrogate: str | None = None
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = nn.linear.default_kernel_init
+    bias_init: Any = initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        _check_input(x, 4, "QuantConv")
+        in_features = x.shape[-1]
+        if in_features % self.feature_group_count:
+            raise ValueError(
+                f"QuantConv: {in_features} input channels are not divisible by "
+                f"feature_group_count={self.feature_group_count}."
+            )
+        kh, kw = self.kernel_size
+        kernel = self.param(
+            "kernel",
+            self.kernel_init,
+            (kh, kw, in_features // self.feature_group_count, self.features),
+            self.param_dtype,
+        )
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        x = _quantize_input(x, self.input_quantizer, self.surrogate)
+        kernel = _quantize_kernel(kernel, self.kernel_quantizer, self.kernel_scale)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+
+        padding = self.padding
+        if self.pad_values != 0.0 and padding != "VALID":
+            if isinstance(padding, str):
+                if padding != "SAME":
+                    raise ValueError(f"QuantConv: unsupported padding {padding!r}.")
+                padding = jax.lax.padtype_to_pads(
+                    x.shape[1:3], (kh, kw), tuple(self.strides), "SAME"
+                )
+            x = jnp.pad(
+                x,
+                ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)),
+                constant_values=jnp.asarray(self.pad_values, x.dtype),
+            )
+            padding = "VALID"
+        y = jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            window_strides=tuple(self.strides),
+            padding=padding if isinstance(padding, str) else tuple(map(tuple, padding)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=self.feature_group_count,
+        )
+        if bias is not None:
+            y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        return y
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+    """What :func:`quantized_layers` records of one quantized layer."""
+
+    path: tuple[str, ...]
+    kind: str  # "QuantDense" or "QuantConv"
+    input_quantizer: QuantizerSpec
+    kernel_quantizer: QuantizerSpec
+    kernel_clip: float | None
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    kernel_shape: tuple[int, ...]
+    use_bias: bool
+
+
+def quantized_layers(model: nn.Module, input_shape: Sequence[int]) -> list[LayerInfo]:
+    """Lists every QuantDense / QuantConv of ``model`` in call order.
+
+    Runs ``model.init`` under ``jax.eval_shape`` (nothing is computed or allocated)
+    with an interceptor that records each quantized layer's module path, quantizers,
+    latent clip and shapes.
+
+    Args:
+      model: any Flax Linen module.
+      input_shape: the shape of one input batch, e.g. (1, 32, 32, 3).
+
+    Returns:
+      A list of :class:`LayerInfo`.
+    """
+    records: list[LayerInfo] = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        mod = context.module
+        if context.method_name == "__call__" and isinstance(mod, QuantDense | QuantConv):
+            x = args[0]
+            if isinstance(mod, QuantDense):
+                kshape = (x.shape[-1], mod.features)
+            else:
+                kshape = (
+                    *mod.kernel_size,
+                    x.shape[-1] // mod.feature_group_count,
+                    mod.features,
+                )
+            records.append(
+                LayerInfo(
+                    path=tuple(mod.path),
+                    kind=type(mod).__name__,
+                    input_quantizer=mod.input_quantizer,
+                    kernel_quantizer=mod.kernel_quantizer,
+                    kernel_clip=mod.kernel_clip,
+                    input_shape=tuple(x.shape),
+                    output_shape=tuple(out.shape),
+                    kernel_shape=tuple(kshape),
+                    use_bias=mod.use_bias,
+                )
+            )
+        return out
+
+    def init(key):
+        with nn.intercept_methods(interceptor):
+            return model.init(key, jnp.zeros(tuple(input_shape), jnp.float32))
+
+    jax.eval_shape(init, jax.random.key(0))
+    return records

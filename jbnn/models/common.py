@@ -1,0 +1,84 @@
+"""Pieces shared by the architectures: input checks, twin activations, norm layers.
+
+Every jbnn model is a Linen module with the fields
+
+* ``num_classes``: size of the logits;
+* ``binary``: True for the BNN, False for its full-precision twin. The twin is the
+  same module with every quantizer switched off: the parameter tree (names and shapes)
+  is identical, and where the BNN binarizes a layer's input the twin applies
+  ``fp_activation`` (hard tanh by default, the function whose derivative the
+  straight-through estimator uses), so that the twin is not a linear model;
+* ``surrogate``: None, or a backward surrogate spec (``"approx_sign"``...) that
+  replaces the backward pass of every *input* quantizer while leaving the forward pass
+  bit for bit as it is (see :func:`jbnn.quantizers.with_surrogate`);
+* ``dtype``: the computation dtype (None: float32 parameters and inputs decide).
+
+and ``__call__(x, train=False)``: ``x`` is NHWC (B, H, W, C) float; BatchNorm uses its
+running statistics unless ``train`` is True (then ``batch_stats`` must be mutable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "hard_tanh": nn.hard_tanh,
+    "relu": nn.relu,
+    "tanh": jnp.tanh,
+    "identity": lambda x: x,
+}
+
+
+def check_images(x: jax.Array, model_name: str, ndim: int = 4) -> None:
+    """Raises a clear error unless ``x`` is a float array of rank ``ndim``."""
+    if not hasattr(x, "dtype") or not hasattr(x, "ndim"):
+        raise TypeError(f"{model_name} expects an array, got {type(x).__name__}.")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{model_name} expects floating-point images, got dtype {x.dtype}; normalise "
+            "uint8 images to float first (jbnn.data does)."
+        )
+    if x.ndim != ndim:
+        raise ValueError(
+            f"{model_name} expects a rank-{ndim} batch of NHWC images (B, H, W, C), got "
+            f"shape {tuple(x.shape)}; add a batch axis with x[None] for a single image."
+        )
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The twin activation called ``name``."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"Unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def batch_norm(train: bool, name: str | None = None, dtype: Any = None, **kwargs) -> nn.BatchNorm:
+    """BatchNorm as Larq's Keras models use it (momentum 0.9, epsilon 1e-5 here)."""
+    kwargs.setdefault("momentum", 0.9)
+    kwargs.setdefault("epsilon", 1e-5)
+    return nn.BatchNorm(use_running_average=not train, name=name, dtype=dtype, **kwargs)
+
+
+class QuantMixin:
+    """Helpers for models with ``binary``, ``surrogate`` and ``fp_activation`` fields."""
+
+    def in_q(self, spec: str | None) -> str | None:
+        """The input quantizer to give a layer: ``spec`` in the BNN, None in the twin."""
+        return spec if self.binary else None
+
+    def k_q(self, spec: str | None) -> str | None:
+        """The kernel quantizer to give a layer: ``spec`` in the BNN, None in the twin."""
+        return spec if self.binary else None
+
+    def clip(self, value: float | None) -> float | None:
+        """The latent-weight clip: ``value`` in the BNN, None in the twin."""
+        return value if self.binary else None
+
+    def twin_act(self, x: jax.Array) -> jax.Array:
+        """Where the BNN binarizes a layer's input, the twin applies ``fp_activation``."""
+        return x if self.binary else activation(self.fp_activation)(x)

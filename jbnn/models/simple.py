@@ -1,0 +1,171 @@
+"""Small reference BNNs: a binarized MLP and BinaryNet (Courbariaux, Hubara et al. 2016).
+
+BinaryNet for CIFAR-10 is 2x128C3-MP2-2x256C3-MP2-2x512C3-MP2-2x1024FC-10 with BatchNorm
+after every layer; the first convolution sees real-valued pixels with binary weights,
+every later layer binarizes its input and its weights with ``ste_sign``, latent weights
+are clipped to [-1, 1]. ``width`` scales every channel count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jbnn.layers import QuantConv, QuantDense
+from jbnn.models.common import QuantMixin, batch_norm, check_images
+
+
+class ConvBlock(nn.Module, QuantMixin):
+    """Quantized conv -> (max-pool) -> BatchNorm, as in BinaryNet."""
+
+    features: int
+    binary: bool
+    input_quantizer: str | None
+    kernel_quantizer: str | None
+    kernel_clip: float | None
+    pool: bool = False
+    surrogate: str | None = None
+    fp_activation: str = "hard_tanh"
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if self.input_quantizer is not None:
+            x = self.twin_act(x)
+        x = QuantConv(
+            self.features,
+            (3, 3),
+            use_bias=False,
+            input_quantizer=self.in_q(self.input_quantizer),
+            kernel_quantizer=self.k_q(self.kernel_quantizer),
+            kernel_clip=self.clip(self.kernel_clip),
+            surrogate=self.surrogate,
+            dtype=self.dtype,
+            name="conv",
+        )(x)
+        if self.pool:
+            x = nn.max_pool(x, (2, 2), (2, 2))
+        return batch_norm(train, name="bn", dtype=self.dtype, use_scale=False)(x)
+
+
+class MLP(nn.Module, QuantMixin):
+    """A binarized multi-layer perceptron (BinaryNet's MNIST model, scaled by ``width``).
+
+    Layers ``dense{i}`` (QuantDense -> BatchNorm), then ``head``. The first layer sees
+    the real-valued pixels with binary weights; later layers binarize inputs and weights.
+    """
+
+    num_classes: int
+    binary: bool = True
+    hidden: Sequence[int] = (512, 512)
+    input_quantizer: str | None = "ste_sign"
+    kernel_quantizer: str | None = "ste_sign"
+    kernel_clip: float | None = 1.0
+    surrogate: str | None = None
+    fp_activation: str = "hard_tanh"
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        check_images(x, "mlp")
+        x = x.reshape((x.shape[0], -1))
+        for i, features in enumerate((*self.hidden, self.num_classes)):
+            first = i == 0
+            if not first:
+                x = self.twin_act(x)
+            name = "head" if i == len(self.hidden) else f"dense{i + 1}"
+            x = QuantDense(
+                features,
+                use_bias=False,
+                input_quantizer=None if first else self.in_q(self.input_quantizer),
+                kernel_quantizer=self.k_q(self.kernel_quantizer),
+                kernel_clip=self.clip(self.kernel_clip),
+                surrogate=self.surrogate,
+                dtype=self.dtype,
+                name=name,
+            )(x)
+            x = batch_norm(
+                train, name=f"{name}_bn", dtype=self.dtype, use_scale=i < len(self.hidden)
+            )(x)
+        return x.astype(jnp.float32)
+
+
+class BinaryNet(nn.Module, QuantMixin):
+    """BinaryNet (VGG-like) with configurable width.
+
+    Paths: ``block1`` ... ``block6`` (``ConvBlock``: ``conv``, ``bn``), ``dense1``,
+    ``dense2``, ``head``. ``stem="imagenet"`` adds a real-input 7x7/2 convolution and a
+    3x3/2 max-pool before ``block1`` (224 px -> 56 px).
+    """
+
+    num_classes: int
+    binary: bool = True
+    width: float = 1.0
+    stem: str = "small"
+    input_quantizer: str | None = "ste_sign"
+    kernel_quantizer: str | None = "ste_sign"
+    kernel_clip: float | None = 1.0
+    dense_features: int = 1024
+    surrogate: str | None = None
+    fp_activation: str = "hard_tanh"
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        check_images(x, "binarynet")
+        w = lambda c: max(8, int(round(c * self.width)))
+        common = dict(
+            binary=self.binary,
+            kernel_quantizer=self.kernel_quantizer,
+            kernel_clip=self.kernel_clip,
+            surrogate=self.surrogate,
+            fp_activation=self.fp_activation,
+            dtype=self.dtype,
+        )
+        if self.stem == "imagenet":
+            x = QuantConv(w(64), (7, 7), (2, 2), use_bias=False, dtype=self.dtype, name="stem")(x)
+            x = batch_norm(train, name="stem_bn", dtype=self.dtype)(x)
+            x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+        elif self.stem != "small":
+            raise ValueError(f"binarynet: stem must be 'small' or 'imagenet', got {self.stem!r}")
+        channels = (128, 128, 256, 256, 512, 512)
+        for i, c in enumerate(channels):
+            first = i == 0 and self.stem == "small"
+            x = ConvBlock(
+                w(c),
+                input_quantizer=None if first else self.input_quantizer,
+                pool=i % 2 == 1,
+                name=f"block{i + 1}",
+                **common,
+            )(x, train)
+        x = x.reshape((x.shape[0], -1))
+        for i, features in enumerate((w(self.dense_features), w(self.dense_features))):
+            x = self.twin_act(x)
+            x = QuantDense(
+                features,
+                use_bias=False,
+                input_quantizer=self.in_q(self.input_quantizer),
+                kernel_quantizer=self.k_q(self.kernel_quantizer),
+                kernel_clip=self.clip(self.kernel_clip),
+                surrogate=self.surrogate,
+                dtype=self.dtype,
+                name=f"dense{i + 1}",
+            )(x)
+            x = batch_norm(train, name=f"dense{i + 1}_bn", dtype=self.dtype, use_scale=False)(x)
+        x = self.twin_act(x)
+        x = QuantDense(
+            self.num_classes,
+            use_bias=False,
+            input_quantizer=self.in_q(self.input_quantizer),
+            kernel_quantizer=self.k_q(self.kernel_quantizer),
+            kernel_clip=self.clip(self.kernel_clip),
+            surrogate=self.surrogate,
+            dtype=self.dtype,
+            name="head",
+        )(x)
+        x = batch_norm(train, name="head_bn", dtype=self.dtype, use_scale=False)(x)
+        return x.astype(jnp.float32)

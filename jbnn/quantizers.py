@@ -1,0 +1,491 @@
+"""Larq-exact quantizers as `jax.custom_vjp` straight-through estimators.
+
+Every quantizer follows the forward and backward formulas of Larq (see
+``shared/REFERENCE.md`` section 1):
+
+* ``sign(x)`` is +1 for ``x >= 0`` and -1 otherwise (``sign(0) = +1``);
+* the clip in the backward pass is inclusive (``|x| == clip_value`` passes);
+* rounding is half-to-even, as ``jnp.round`` and TensorFlow do;
+* the output dtype is the input dtype (float32, bfloat16, float16, ...).
+
+Quantizers are picked by name with :func:`get`, which also accepts a call-like string
+spec (``"ste_sign(clip_value=1.25)"``) so that specs can live in configs and in module
+fields, which must be hashable.
+
+Surrogate override: :func:`with_surrogate` keeps a quantizer's forward pass bit for bit
+and replaces its backward pass by the derivative of another surrogate (``ste_sign``
+with any clip, ``approx_sign``, ``swish_sign``, ``identity``...). The quantized layers
+take a ``surrogate`` field that does this for their *input* quantizer, which is the one
+that input gradients (and therefore saliency maps) pass through.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import re
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+Quantizer = Callable[[jax.Array], jax.Array]
+
+__all__ = [
+    "approx_sign",
+    "dorefa",
+    "get",
+    "identity",
+    "magnitude_aware_sign",
+    "names",
+    "parse_spec",
+    "ste_heaviside",
+    "ste_sign",
+    "ste_tern",
+    "surrogate_gradient",
+    "swish_sign",
+    "with_surrogate",
+]
+
+
+# --------------------------------------------------------------------------- helpers
+def _check_float(x: jax.Array, name: str) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{name} expects a floating-point array, got dtype {x.dtype}; cast the input "
+            "with x.astype(jnp.float32) first."
+        )
+
+
+def _sign(x: jax.Array) -> jax.Array:
+    """Larq's sign: +1 for x >= 0 (so sign(0) = +1), -1 otherwise; keeps the dtype."""
+    return jnp.where(x >= 0, jnp.ones_like(x), -jnp.ones_like(x))
+
+
+def _clip_mask(x: jax.Array, clip_value: float | None) -> jax.Array:
+    """1[|x| <= clip_value] (inclusive) in x's dtype; all ones when clip_value is None."""
+    if clip_value is None:
+        return jnp.ones_like(x)
+    return (jnp.abs(x) <= clip_value).astype(x.dtype)
+
+
+def _approx_sign_grad(x: jax.Array) -> jax.Array:
+    """Bi-Real Net's piecewise-polynomial derivative: (2 - 2|x|) * 1[|x| <= 1]."""
+    xf = x.astype(jnp.float32)
+    return jnp.where(jnp.abs(xf) <= 1.0, 2.0 - 2.0 * jnp.abs(xf), 0.0).astype(x.dtype)
+
+
+def _swish_sign_grad(x: jax.Array, beta: float) -> jax.Array:
+    """BNN+'s SignSwish derivative: b(2 - b x tanh(b x / 2)) / (1 + cosh(b x))."""
+    xf = x.astype(jnp.float32)
+    bx = beta * xf
+    grad = beta * (2.0 - bx * jnp.tanh(bx / 2.0)) / (1.0 + jnp.cosh(bx))
+    # cosh overflows to inf for |b x| > ~89, where the exact derivative underflows to 0.
+    return jnp.where(jnp.isfinite(grad), grad, 0.0).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------- quantizers
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def ste_sign(x: ArrayLike, clip_value: float | None = 1.0) -> jax.Array:
+    """Sign with the straight-through estimator.
+
+    Forward ``sign(x)`` (sign(0) = +1); backward ``1[|x| <= clip_value]`` times the
+    incoming gradient, or the gradient unchanged when ``clip_value`` is None.
+
+    Args:
+      x: float array of any shape.
+      clip_value: inclusive clip of the straight-through gradient, or None.
+
+    Returns:
+      An array of -1 / +1 with x's shape and dtype.
+    """
+    del clip_value
+    return _sign(x)
+
+
+def _ste_sign_fwd(x, clip_value):
+    return _sign(x), x
+
+
+def _ste_sign_bwd(clip_value, x, g):
+    return (g * _clip_mask(x, clip_value),)
+
+
+ste_sign.defvjp(_ste_sign_fwd, _ste_sign_bwd)
+
+
+@jax.custom_vjp
+def approx_sign(x: ArrayLike) -> jax.Array:
+    """Bi-Real Net's ApproxSign: forward sign(x), backward (2 - 2|x|) * 1[|x| <= 1].
+
+    Args:
+      x: float array of any shape.
+
+    Returns:
+      An array of -1 / +1 with x's shape and dtype.
+    """
+    return _sign(x)
+
+
+def _approx_sign_fwd(x):
+    return _sign(x), x
+
+
+def _approx_sign_bwd(x, g):
+    return (g * _approx_sign_grad(x),)
+
+
+approx_sign.defvjp(_approx_sign_fwd, _approx_sign_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def swish_sign(x: ArrayLike, beta: float = 5.0) -> jax.Array:
+    """BNN+'s SignSwish: forward sign(x), backward b(2 - b x tanh(b x/2)) / (1 + cosh(b x)).
+
+    Args:
+      x: float array of any shape.
+      beta: sharpness of the swish surrogate.
+
+    Returns:
+      An array of -1 / +1 with x's shape and dtype.
+    """
+    del beta
+    return _sign(x)
+
+
+def _swish_sign_fwd(x, beta):
+    return _sign(x), x
+
+
+def _swish_sign_bwd(beta, x, g):
+    return (g * _swish_sign_grad(x, beta),)
+
+
+swish_sign.defvjp(_swish_sign_fwd, _swish_sign_bwd)
+
+
+def magnitude_aware_sign(x: ArrayLike, clip_value: float | None = 1.0) -> jax.Array:
+    """Bi-Real Net's magnitude-aware sign for weights: ``a * ste_sign(x, clip_value)``.
+
+    ``a = stop_gradient(mean |x|)`` over every axis but the last, i.e. one scale per
+    output channel of a Dense (in, out) or Conv (h, w, in, out) kernel. The backward
+    pass is therefore ``a * 1[|x| <= clip_value]``.
+
+    Args:
+      x: float array with at least one axis; the last one is the output channel.
+      clip_value: inclusive clip of the straight-through gradient, or None.
+
+    Returns:
+      An array of -a / +a with x's shape and dtype.
+    """
+    x = jnp.asarray(x)
+    axes = tuple(range(x.ndim - 1))
+    scale = jax.lax.stop_gradient(jnp.mean(jnp.abs(x), axis=axes, keepdims=True))
+    return (scale * ste_sign(x, clip_value)).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def ste_heaviside(x: ArrayLike, clip_value: float | None = 1.0) -> jax.Array:
+    """Heaviside step with the straight-through estimator.
+
+    Forward ``1 if x > 0 else 0`` (H(0) = 0); backward ``1[|x| <= clip_value]``.
+
+    Args:
+      x: float array of any shape.
+      clip_value: inclusive clip of the straight-through gradient, or None.
+
+    Returns:
+      An array of 0 / 1 with x's shape and dtype.
+    """
+    del clip_value
+    return (x > 0).astype(x.dtype)
+
+
+def _ste_heaviside_fwd(x, clip_value):
+    return (x > 0).astype(x.dtype), x
+
+
+def _ste_heaviside_bwd(clip_value, x, g):
+    return (g * _clip_mask(x, clip_value),)
+
+
+ste_heaviside.defvjp(_ste_heaviside_fwd, _ste_heaviside_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _ternarize(x, threshold, clip_value):
+    return jnp.where(x >= threshold, 1, jnp.where(x <= -threshold, -1, 0)).astype(x.dtype)
+
+
+def _ternarize_fwd(x, threshold, clip_value):
+    return _ternarize(x, threshold, clip_value), (x, threshold)
+
+
+def _ternarize_bwd(clip_value, res, g):
+    x, threshold = res
+    return g * _clip_mask(x, clip_value), jnp.zeros_like(threshold)
+
+
+_ternarize.defvjp(_ternarize_fwd, _ternarize_bwd)
+
+
+def ste_tern(
+    x: ArrayLike,
+    threshold_value: float = 0.05,
+    ternary_weight_networks: bool = False,
+    clip_value: float | None = 1.0,
+) -> jax.Array:
+    """Ternarization with the straight-through estimator.
+
+    Forward +1 for ``x >= d``, -1 for ``x <= -d``, 0 otherwise, with
+    ``d = threshold_value``, or ``d = 0.7 * mean|x|`` (over all elements, no gradient)
+    when ``ternary_weight_networks``; backward ``1[|x| <= clip_value]``.
+
+    Args:
+      x: float array of any shape.
+      threshold_value: the fixed threshold d.
+      ternary_weight_networks: use the TWN data-dependent threshold instead.
+      clip_value: inclusive clip of the straight-through gradient, or None.
+
+    Returns:
+      An array of -1 / 0 / +1 with x's shape and dtype.
+    """
+    x = jnp.asarray(x)
+    if ternary_weight_networks:
+        threshold = jax.lax.stop_gradient(0.7 * jnp.mean(jnp.abs(x)))
+    else:
+        threshold = jnp.asarray(threshold_value, x.dtype)
+    return _ternarize(x, threshold.astype(x.dtype), clip_value)
+
+
+@jax.custom_vjp
+def _round_ste(x):
+    return jnp.round(x)
+
+
+def _round_ste_fwd(x):
+    return jnp.round(x), None
+
+
+def _round_ste_bwd(_, g):
+    return (g,)
+
+
+_round_ste.defvjp(_round_ste_fwd, _round_ste_bwd)
+
+
+@jax.custom_vjp
+def _clip01(x):
+    return jnp.clip(x, 0, 1)
+
+
+def _clip01_fwd(x):
+    return jnp.clip(x, 0, 1), x
+
+
+def _clip01_bwd(x, g):
+    # As TensorFlow's clip_by_value: the gradient passes at both boundaries.
+    return (g * ((x >= 0) & (x <= 1)).astype(g.dtype),)
+
+
+_clip01.defvjp(_clip01_fwd, _clip01_bwd)
+
+
+def dorefa(x: ArrayLike, k_bit: int = 2, mode: str = "activations") -> jax.Array:
+    """DoReFa-Net's k-bit quantizer, straight through the rounding only.
+
+    ``n = 2**k_bit - 1``. Activations: ``round(n * clip(x, 0, 1)) / n`` (the clip's
+    gradient passes at both boundaries). Weights: ``t = tanh(w) / (2 *
+    stop_gradient(max|tanh w|)) + 0.5`` then ``2 * round(n t) / n - 1``.
+
+    Args:
+      x: float array of any shape.
+      k_bit: number of bits.
+      mode: "activations" or "weights".
+
+    Returns:
+      The quantized array with x's shape and dtype.
+    """
+    x = jnp.asarray(x)
+    n = 2.0**k_bit - 1.0
+    if mode == "activations":
+        return (_round_ste(n * _clip01(x)) / n).astype(x.dtype)
+    if mode == "weights":
+        t = jnp.tanh(x)
+        t = t / (2.0 * jax.lax.stop_gradient(jnp.max(jnp.abs(t)))) + 0.5
+        return (2.0 * _round_ste(n * t) / n - 1.0).astype(x.dtype)
+    raise ValueError(f"dorefa mode must be 'activations' or 'weights', got {mode!r}")
+
+
+def identity(x: ArrayLike) -> jax.Array:
+    """The identity: no quantization, gradient unchanged."""
+    return jnp.asarray(x)
+
+
+# --------------------------------------------------------------------------- registry
+_QUANTIZERS: dict[str, Callable[..., jax.Array]] = {
+    "ste_sign": ste_sign,
+    "approx_sign": approx_sign,
+    "swish_sign": swish_sign,
+    "magnitude_aware_sign": magnitude_aware_sign,
+    "ste_heaviside": ste_heaviside,
+    "ste_tern": ste_tern,
+    "dorefa": dorefa,
+    "identity": identity,
+}
+
+_HPARAMS: dict[str, tuple[str, ...]] = {
+    "ste_sign": ("clip_value",),
+    "approx_sign": (),
+    "swish_sign": ("beta",),
+    "magnitude_aware_sign": ("clip_value",),
+    "ste_heaviside": ("clip_value",),
+    "ste_tern": ("threshold_value", "ternary_weight_networks", "clip_value"),
+    "dorefa": ("k_bit", "mode"),
+    "identity": (),
+}
+
+_SPEC_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*$", re.S)
+
+
+def names() -> tuple[str, ...]:
+    """The names :func:`get` knows."""
+    return tuple(_QUANTIZERS)
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """Splits ``"name"`` or ``"name(key=value, ...)"`` into (name, hparams).
+
+    Values are Python literals (numbers, None, True/False, strings).
+    """
+    match = _SPEC_RE.match(spec)
+    if not match:
+        raise ValueError(
+            f"Cannot parse quantizer spec {spec!r}; expected 'name' or 'name(key=value, ...)'."
+        )
+    name, args = match.group(1), match.group(2)
+    hparams: dict = {}
+    if args and args.strip():
+        try:
+            call = ast.parse(f"f({args})", mode="eval").body
+        except SyntaxError as e:
+            raise ValueError(f"Cannot parse the arguments of quantizer spec {spec!r}") from e
+        if call.args:
+            raise ValueError(f"Quantizer spec {spec!r}: hyper-parameters must be keywords.")
+        for kw in call.keywords:
+            try:
+                hparams[kw.arg] = ast.literal_eval(kw.value)
+            except ValueError as e:
+                raise ValueError(f"Quantizer spec {spec!r}: {kw.arg} is not a literal") from e
+    return name, hparams
+
+
+def get(name: str | Callable | None, **hparams) -> Quantizer:
+    """Returns the quantizer ``name`` with its hyper-parameters bound.
+
+    Args:
+      name: a Larq quantizer name (``ste_sign``, ``approx_sign``, ``swish_sign``,
+        ``magnitude_aware_sign``, ``ste_heaviside``, ``ste_tern``, ``dorefa``), a spec
+        string such as ``"ste_sign(clip_value=1.25)"``, ``"identity"`` or None for the
+        identity, or a callable, returned unchanged.
+      **hparams: hyper-parameters, spelled as Larq spells them.
+
+    Returns:
+      A function array -> array.
+
+    Raises:
+      ValueError: for an unknown name or hyper-parameter.
+    """
+    if name is None:
+        return identity
+    if callable(name):
+        if hparams:
+            raise ValueError("Hyper-parameters cannot be bound to a callable quantizer.")
+        return name
+    if not isinstance(name, str):
+        raise ValueError(f"A quantizer is a name, a callable or None; got {name!r}")
+    base, spec_hparams = parse_spec(name)
+    if base not in _QUANTIZERS:
+        raise ValueError(f"Unknown quantizer {base!r}; known quantizers: {', '.join(names())}")
+    merged = {**spec_hparams, **hparams}
+    unknown = sorted(set(merged) - set(_HPARAMS[base]))
+    if unknown:
+        raise ValueError(
+            f"Unknown hyper-parameter(s) {unknown} for quantizer {base!r}; it takes "
+            f"{list(_HPARAMS[base]) or 'none'}."
+        )
+    fn = _QUANTIZERS[base]
+    if base == "dorefa" and merged.get("mode", "activations") not in ("activations", "weights"):
+        raise ValueError(f"dorefa mode must be 'activations' or 'weights', got {merged['mode']!r}")
+    if not merged:
+        return fn
+    return functools.partial(fn, **merged)
+
+
+# --------------------------------------------------------------------------- surrogates
+_SURROGATES = ("ste_sign", "approx_sign", "swish_sign", "identity")
+
+
+def surrogate_gradient(spec: str | None) -> Callable[[jax.Array], jax.Array]:
+    """The elementwise derivative that a backward surrogate multiplies gradients by.
+
+    Args:
+      spec: ``"ste_sign"`` (optionally ``"ste_sign(clip_value=c)"``, c None for a plain
+        pass-through), ``"approx_sign"``, ``"swish_sign"`` (optionally with ``beta``) or
+        ``"identity"`` / None (gradient passes unchanged).
+
+    Returns:
+      A function x -> d surrogate / dx, elementwise, in x's dtype.
+    """
+    if spec is None:
+        spec = "identity"
+    name, hp = parse_spec(spec)
+    if name not in _SURROGATES:
+        raise ValueError(f"Unknown surrogate {name!r}; known surrogates: {', '.join(_SURROGATES)}")
+    allowed = {"ste_sign": ("clip_value",), "swish_sign": ("beta",)}.get(name, ())
+    unknown = sorted(set(hp) - set(allowed))
+    if unknown:
+        raise ValueError(f"Unknown hyper-parameter(s) {unknown} for surrogate {name!r}")
+    if name == "ste_sign":
+        clip_value = hp.get("clip_value", 1.0)
+        return lambda x: _clip_mask(x, clip_value)
+    if name == "approx_sign":
+        return _approx_sign_grad
+    if name == "swish_sign":
+        beta = hp.get("beta", 5.0)
+        return lambda x: _swish_sign_grad(x, beta)
+    return jnp.ones_like
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _override(x, forward, grad_fn):
+    return forward(x)
+
+
+def _override_fwd(x, forward, grad_fn):
+    return forward(x), x
+
+
+def _override_bwd(forward, grad_fn, x, g):
+    return (g * grad_fn(x).astype(g.dtype),)
+
+
+_override.defvjp(_override_fwd, _override_bwd)
+
+
+def with_surrogate(quantizer: Quantizer, surrogate: str | None) -> Quantizer:
+    """Keeps ``quantizer``'s forward pass and replaces its backward pass.
+
+    The result computes exactly ``quantizer(x)`` (bit for bit) and back-propagates
+    ``g * surrogate_gradient(surrogate)(x)``.
+
+    Args:
+      quantizer: any quantizer function.
+      surrogate: a surrogate spec accepted by :func:`surrogate_gradient`.
+
+    Returns:
+      A function array -> array.
+    """
+    grad_fn = surrogate_gradient(surrogate)
+    return lambda x: _override(x, quantizer, grad_fn)
