@@ -1,0 +1,133 @@
+"""Quantized layers against Flax's own layers and hand-written convolutions."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jbnn import quantizers as qz
+from jbnn.layers import QuantConv, QuantDense, quantized_layers
+
+KEY = jax.random.key(0)
+
+
+def test_dense_without_quantizers_equals_nn_dense():
+    x = jax.random.normal(KEY, (4, 7, 13))
+    ours = QuantDense(5)
+    variables = ours.init(KEY, x)
+    ref = nn.Dense(5)
+    ref_vars = ref.init(KEY, x)
+    assert jax.tree_util.tree_map(jnp.shape, variables) == jax.tree_util.tree_map(
+        jnp.shape, ref_vars
+    )
+    np.testing.assert_array_equal(ours.apply(variables, x), ref.apply(variables, x))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(kernel_size=(3, 3), padding="SAME"),
+        dict(kernel_size=(3, 3), padding="VALID", strides=(2, 2)),
+        dict(kernel_size=(5, 3), padding="SAME", strides=(2, 1)),
+        dict(kernel_size=(1, 1), padding="SAME", use_bias=False),
+        dict(kernel_size=(3, 3), padding=((1, 2), (0, 1))),
+        dict(kernel_size=(3, 3), padding="SAME", feature_group_count=4),
+    ],
+)
+def test_conv_without_quantizers_equals_nn_conv(kwargs):
+    x = jax.random.normal(KEY, (2, 9, 10, 4))
+    ours = QuantConv(8, **kwargs)
+    variables = ours.init(KEY, x)
+    ref = nn.Conv(8, **kwargs)
+    ref_vars = ref.init(KEY, x)
+    assert jax.tree_util.tree_map(jnp.shape, variables) == jax.tree_util.tree_map(
+        jnp.shape, ref_vars
+    )
+    np.testing.assert_array_equal(ours.apply(variables, x), ref.apply(variables, x))
+
+
+def test_binary_dense_is_a_sign_matmul():
+    x = jax.random.normal(KEY, (3, 6))
+    layer = QuantDense(4, input_quantizer="ste_sign", kernel_quantizer="ste_sign", use_bias=False)
+    variables = layer.init(KEY, x)
+    w = np.asarray(variables["params"]["kernel"])
+    expected = np.where(np.asarray(x) >= 0, 1, -1) @ np.where(w >= 0, 1, -1)
+    np.testing.assert_array_equal(layer.apply(variables, x), expected)
+
+
+def test_pad_values_one_keeps_binary_conv_binary():
+    x = jax.random.normal(KEY, (1, 5, 5, 2))
+    layer = QuantConv(
+        3, (3, 3), pad_values=1.0, input_quantizer="ste_sign", kernel_quantizer="ste_sign",
+        use_bias=False,
+    )
+    variables = layer.init(KEY, x)
+    w = np.where(np.asarray(variables["params"]["kernel"]) >= 0, 1.0, -1.0)  # (3,3,2,3)
+    xb = np.pad(np.where(np.asarray(x) >= 0, 1.0, -1.0), ((0, 0), (1, 1), (1, 1), (0, 0)),
+                constant_values=1.0)
+    expected = np.zeros((1, 5, 5, 3))
+    for i in range(5):  # a slow loop as the independent reference
+        for j in range(5):
+            expected[0, i, j] = np.einsum("hwc,hwco->o", xb[0, i : i + 3, j : j + 3], w)
+    np.testing.assert_allclose(layer.apply(variables, x), expected, atol=1e-5)
+    # every output of a binary 3x3x2 conv padded with +1 has the parity of 18
+    assert np.all(np.asarray(layer.apply(variables, x)) % 2 == 0)
+
+
+def test_xnor_kernel_scale():
+    x = jax.random.normal(KEY, (2, 4, 4, 3))
+    layer = QuantConv(5, (3, 3), kernel_quantizer="ste_sign", kernel_scale=True, use_bias=False)
+    variables = layer.init(KEY, x)
+    w = np.asarray(variables["params"]["kernel"])
+    alpha = np.abs(np.clip(w, -1, 1)).mean(axis=(0, 1, 2))
+    ref = QuantConv(5, (3, 3), use_bias=False)
+    scaled = {"params": {"kernel": np.where(w >= 0, 1.0, -1.0) * alpha}}
+    np.testing.assert_allclose(layer.apply(variables, x), ref.apply(scaled, x), rtol=1e-5, atol=1e-6)
+
+
+def test_layer_surrogate_changes_input_gradient_only():
+    x = jnp.linspace(-1.5, 1.5, 12).reshape(2, 6)
+    base = QuantDense(3, input_quantizer="ste_sign", kernel_quantizer="ste_sign")
+    variables = base.init(KEY, x)
+    other = base.clone(surrogate="approx_sign")
+    np.testing.assert_array_equal(base.apply(variables, x), other.apply(variables, x))
+    loss = lambda m: jax.grad(lambda v: jnp.sum(m.apply(variables, v)))(x)
+    wsum = np.where(np.asarray(variables["params"]["kernel"]) >= 0, 1.0, -1.0).sum(axis=1)
+    xn = np.asarray(x)
+    np.testing.assert_allclose(loss(base), (np.abs(xn) <= 1) * wsum, atol=1e-6)
+    np.testing.assert_allclose(
+        loss(other), (2 - 2 * np.abs(xn)) * (np.abs(xn) <= 1) * wsum, atol=1e-5
+    )
+
+
+def test_quantized_layers_lists_paths_and_clips():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = QuantConv(4, kernel_quantizer="ste_sign", kernel_clip=1.25, name="c1")(x)
+            x = nn.Conv(4, (3, 3), name="real")(x)
+            x = x.reshape((x.shape[0], -1))
+            return QuantDense(2, input_quantizer="ste_sign", name="head")(x)
+
+    infos = quantized_layers(Net(), (1, 6, 6, 3))
+    assert [i.path for i in infos] == [("c1",), ("head",)]
+    assert infos[0].kernel_clip == 1.25 and infos[0].kernel_shape == (3, 3, 3, 4)
+    assert infos[1].input_quantizer == "ste_sign" and infos[1].kernel_quantizer is None
+    assert infos[1].input_shape == (1, 144) and infos[1].output_shape == (1, 2)
+
+
+def test_conv_rejects_wrong_rank_and_int_input():
+    with pytest.raises(ValueError, match=r"rank-4.*\(3, 4, 5\)"):
+        QuantConv(2).init(KEY, jnp.ones((3, 4, 5)))
+    with pytest.raises(TypeError, match="floating-point"):
+        QuantConv(2).init(KEY, jnp.ones((1, 4, 4, 1), jnp.uint8))
+
+
+def test_bfloat16_layers():
+    x = jax.random.normal(KEY, (2, 6, 6, 3)).astype(jnp.bfloat16)
+    layer = QuantConv(4, input_quantizer="ste_sign", kernel_quantizer="ste_sign",
+                      dtype=jnp.bfloat16)
+    variables = layer.init(KEY, x)
+    assert layer.apply(variables, x).dtype == jnp.bfloat16
+    assert qz.get("ste_sign")(x).dtype == jnp.bfloat16

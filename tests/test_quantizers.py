@@ -1,0 +1,240 @@
+"""Quantizers against REFERENCE.md section 1, written out independently in NumPy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jbnn import quantizers as qz
+
+# A dense grid that contains 0, +-1 (the default clip), +-0.05 (the ternary threshold),
+# +-1.25 / +-1.3 (larq-zoo clips) and the DoReFa half-way points.
+GRID = np.unique(
+    np.concatenate(
+        [
+            np.linspace(-3, 3, 601),
+            [0.0, 1.0, -1.0, 0.05, -0.05, 1.25, -1.25, 1.3, -1.3, 0.5, -0.5, 1 / 6, 0.5 / 3],
+        ]
+    )
+).astype(np.float32)
+
+
+def np_sign(x):
+    return np.where(x >= 0, 1.0, -1.0)
+
+
+def np_clip_mask(x, c):
+    return np.ones_like(x) if c is None else (np.abs(x) <= c).astype(np.float64)
+
+
+def elementwise_grad(f, x):
+    return jax.vmap(jax.grad(lambda v: f(v)))(jnp.asarray(x))
+
+
+def sum_grad(f, x):
+    return jax.grad(lambda v: jnp.sum(f(v)))(jnp.asarray(x))
+
+
+@pytest.mark.parametrize("clip_value", [1.0, 1.25, 0.5, None])
+def test_ste_sign(clip_value):
+    f = qz.get("ste_sign", clip_value=clip_value)
+    np.testing.assert_array_equal(f(GRID), np_sign(GRID))
+    np.testing.assert_allclose(elementwise_grad(f, GRID), np_clip_mask(GRID, clip_value), atol=1e-6)
+
+
+def test_sign_of_zero_is_plus_one_for_every_sign_quantizer():
+    for name in ("ste_sign", "approx_sign", "swish_sign"):
+        assert float(qz.get(name)(jnp.float32(0.0))) == 1.0
+    assert float(qz.get("magnitude_aware_sign")(jnp.array([[0.0], [2.0]]))[0, 0]) == 1.0
+    assert float(qz.get("ste_heaviside")(jnp.float32(0.0))) == 0.0
+
+
+def test_approx_sign():
+    f = qz.get("approx_sign")
+    np.testing.assert_array_equal(f(GRID), np_sign(GRID))
+    expected = (2 - 2 * np.abs(GRID)) * (np.abs(GRID) <= 1)
+    np.testing.assert_allclose(elementwise_grad(f, GRID), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [5.0, 2.0])
+def test_swish_sign(beta):
+    f = qz.get("swish_sign", beta=beta)
+    np.testing.assert_array_equal(f(GRID), np_sign(GRID))
+    x = GRID.astype(np.float64)
+    expected = beta * (2 - beta * x * np.tanh(beta * x / 2)) / (1 + np.cosh(beta * x))
+    np.testing.assert_allclose(elementwise_grad(f, GRID), expected, atol=1e-6)
+
+
+def test_spot_values_from_reference():
+    x = jnp.array([-2, -1, -0.5, 0, 0.5, 1, 2], jnp.float32)
+    np.testing.assert_array_equal(qz.ste_sign(x), [-1, -1, -1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(elementwise_grad(qz.get("ste_sign"), x), [0, 1, 1, 1, 1, 1, 0])
+    np.testing.assert_array_equal(elementwise_grad(qz.approx_sign, x), [0, 0, 1, 2, 1, 0, 0])
+    g = elementwise_grad(qz.get("swish_sign"), x)
+    assert float(g[3]) == pytest.approx(5.0)
+    assert float(g[2]) == pytest.approx(-0.0846, abs=1e-4)
+    assert float(g[4]) == pytest.approx(-0.0846, abs=1e-4)
+
+
+@pytest.mark.parametrize("clip_value", [1.0, None])
+def test_magnitude_aware_sign(clip_value):
+    w = np.random.default_rng(0).normal(size=(3, 3, 4, 5)).astype(np.float32)
+    w[0, 0, 0, 0] = 0.0
+    w[1, 1, 1, 1] = 1.0
+    f = qz.get("magnitude_aware_sign", clip_value=clip_value)
+    scale = np.abs(w).mean(axis=(0, 1, 2), keepdims=True)  # one scale per output channel
+    np.testing.assert_allclose(f(w), scale * np_sign(w), rtol=1e-6)
+    # d/dw sum(a * sign(w)) with a held constant = a * 1[|w| <= c]
+    np.testing.assert_allclose(sum_grad(f, w), scale * np_clip_mask(w, clip_value), rtol=1e-6)
+
+
+def test_ste_heaviside():
+    f = qz.get("ste_heaviside")
+    np.testing.assert_array_equal(f(GRID), (GRID > 0).astype(np.float32))
+    np.testing.assert_allclose(elementwise_grad(f, GRID), np_clip_mask(GRID, 1.0))
+
+
+@pytest.mark.parametrize("threshold", [0.05, 0.3])
+def test_ste_tern_fixed_threshold(threshold):
+    f = qz.get("ste_tern", threshold_value=threshold)
+    expected = np.where(GRID >= np.float32(threshold), 1, np.where(GRID <= -np.float32(threshold), -1, 0))
+    np.testing.assert_array_equal(f(GRID), expected)
+    np.testing.assert_allclose(sum_grad(f, GRID), np_clip_mask(GRID, 1.0))
+
+
+def test_ste_tern_twn_threshold():
+    f = qz.get("ste_tern", ternary_weight_networks=True)
+    d = np.float32(0.7) * np.abs(GRID).mean(dtype=np.float32)
+    expected = np.where(GRID >= d, 1, np.where(GRID <= -d, -1, 0))
+    np.testing.assert_array_equal(f(GRID), expected)
+    # The data-dependent threshold carries no gradient.
+    np.testing.assert_allclose(sum_grad(f, GRID), np_clip_mask(GRID, 1.0))
+
+
+@pytest.mark.parametrize("k_bit", [1, 2, 3])
+def test_dorefa_activations(k_bit):
+    n = 2**k_bit - 1
+    f = qz.get("dorefa", k_bit=k_bit)
+    expected = np.round(n * np.clip(GRID, 0, 1)) / n  # numpy rounds half to even too
+    np.testing.assert_allclose(f(GRID), expected, atol=1e-6)
+    # straight through the rounding; the clip's gradient passes at both boundaries
+    np.testing.assert_allclose(sum_grad(f, GRID), ((GRID >= 0) & (GRID <= 1)).astype(float))
+
+
+def test_dorefa_half_to_even():
+    f = qz.get("dorefa", k_bit=1)  # n = 1: round(x) on [0, 1]
+    np.testing.assert_array_equal(f(jnp.array([0.5, 0.49, 0.51])), [0.0, 0.0, 1.0])
+
+
+@pytest.mark.parametrize("k_bit", [1, 2])
+def test_dorefa_weights(k_bit):
+    n = 2**k_bit - 1
+    w = np.random.default_rng(1).normal(size=(64, 8)).astype(np.float32)
+    t = np.tanh(w.astype(np.float64))
+    t = t / (2 * np.abs(t).max()) + 0.5
+    expected = 2 * np.round(n * t) / n - 1
+    f = qz.get("dorefa", k_bit=k_bit, mode="weights")
+    np.testing.assert_allclose(f(w), expected, atol=1e-6)
+    # Straight through the rounding: d/dw sum(2 t - 1) with max|tanh| held constant.
+    m = np.abs(np.tanh(w.astype(np.float64))).max()
+    expected_grad = (1 - np.tanh(w.astype(np.float64)) ** 2) / m
+    np.testing.assert_allclose(sum_grad(f, w), expected_grad, rtol=1e-5, atol=1e-6)
+
+
+ALL = [
+    ("ste_sign", {}),
+    ("approx_sign", {}),
+    ("swish_sign", {}),
+    ("magnitude_aware_sign", {}),
+    ("ste_heaviside", {}),
+    ("ste_tern", {}),
+    ("ste_tern", {"ternary_weight_networks": True}),
+    ("dorefa", {}),
+    ("dorefa", {"mode": "weights"}),
+    ("identity", {}),
+]
+
+
+@pytest.mark.parametrize("name,hparams", ALL)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_dtype_is_kept(name, hparams, dtype):
+    f = qz.get(name, **hparams)
+    x = jnp.asarray(GRID[:64].reshape(8, 8), dtype)
+    assert f(x).dtype == dtype
+    assert sum_grad(f, x).dtype == dtype
+
+
+@pytest.mark.parametrize("name,hparams", ALL)
+def test_jit_vmap_grad(name, hparams):
+    f = qz.get(name, **hparams)
+    x = jnp.asarray(GRID[:60].reshape(6, 10))
+    per_row = jax.jit(jax.vmap(jax.grad(lambda r: jnp.sum(f(r)))))(x)
+    loop = np.stack([np.asarray(jax.grad(lambda r: jnp.sum(f(r)))(row)) for row in x])
+    np.testing.assert_allclose(per_row, loop, atol=1e-6)
+
+
+def test_elementwise_jit_vmap_grad_of_scalars():
+    for name in ("ste_sign", "approx_sign", "swish_sign", "ste_heaviside", "dorefa"):
+        f = qz.get(name)
+        g = jax.jit(jax.vmap(jax.grad(f)))(jnp.asarray(GRID))
+        assert g.shape == GRID.shape
+
+
+def test_get_identity_and_specs():
+    assert qz.get(None) is qz.identity
+    assert qz.get("identity") is qz.identity
+    f = qz.get("ste_sign(clip_value=0.5)")
+    np.testing.assert_array_equal(elementwise_grad(f, [0.4, 0.5, 0.6]), [1, 1, 0])
+    g = qz.get("ste_tern(threshold_value=0.3, clip_value=None)")
+    np.testing.assert_array_equal(g(jnp.array([0.29, 0.3])), [0, 1])
+    own = lambda x: x * 2
+    assert qz.get(own) is own
+
+
+def test_unknown_name_lists_known_ones():
+    with pytest.raises(ValueError, match="Unknown quantizer 'ste_sgn'.*ste_sign.*dorefa"):
+        qz.get("ste_sgn")
+
+
+def test_unknown_hparam_is_an_error():
+    with pytest.raises(ValueError, match="clip"):
+        qz.get("approx_sign", clip_value=1.0)
+    with pytest.raises(ValueError, match="mode"):
+        qz.get("dorefa", mode="weight")
+    with pytest.raises(ValueError, match="keywords"):
+        qz.get("ste_sign(1.0)")
+
+
+@pytest.mark.parametrize(
+    "surrogate,expected",
+    [
+        ("ste_sign", lambda x: np_clip_mask(x, 1.0)),
+        ("ste_sign(clip_value=2.0)", lambda x: np_clip_mask(x, 2.0)),
+        ("approx_sign", lambda x: (2 - 2 * np.abs(x)) * (np.abs(x) <= 1)),
+        (
+            "swish_sign(beta=3.0)",
+            lambda x: 3 * (2 - 3 * x * np.tanh(3 * x / 2)) / (1 + np.cosh(3 * x)),
+        ),
+        ("identity", np.ones_like),
+    ],
+)
+def test_surrogate_override_keeps_forward_and_changes_backward(surrogate, expected):
+    base = qz.get("ste_sign")
+    f = qz.with_surrogate(base, surrogate)
+    np.testing.assert_array_equal(np.asarray(f(GRID)), np.asarray(base(GRID)))  # bitwise
+    np.testing.assert_allclose(
+        elementwise_grad(f, GRID), expected(GRID.astype(np.float64)), atol=1e-6
+    )
+
+
+def test_surrogate_unknown_name():
+    with pytest.raises(ValueError, match="Unknown surrogate 'tanh'"):
+        qz.surrogate_gradient("tanh")
+
+
+def test_non_float_input_is_rejected_by_layers():
+    from jbnn.layers import QuantDense
+
+    layer = QuantDense(4, input_quantizer="ste_sign")
+    with pytest.raises(TypeError, match="floating-point"):
+        layer.init(jax.random.key(0), jnp.ones((2, 3), jnp.int32))
