@@ -1,0 +1,127 @@
+"""Input checks shared by the metrics: shapes, dtypes and finiteness, on the host.
+
+Every public metric validates its inputs here before calling its jitted core, so that a
+bad input fails at the boundary with a message that names it. Shape checks also run on
+tracers (inside ``jit`` or ``vmap`` the shapes are known); the NaN/inf check needs the
+values, so it runs only on concrete arrays and is skipped while tracing (then a
+non-finite input propagates to that sample's result, as documented by each metric).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_traced(x) -> bool:
+    """True if ``x`` is a JAX tracer (we are inside ``jit``, ``vmap`` or ``grad``)."""
+    return isinstance(x, jax.core.Tracer)
+
+
+def as_float_array(name: str, x, ndim: int | None = None, what: str = "") -> jax.Array:
+    """``x`` as a float32 JAX array of rank ``ndim``, or a clear error."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        try:
+            x = np.asarray(x)
+        except Exception as e:  # pragma: no cover - exotic inputs
+            raise TypeError(f"{name} must be an array, got {type(x).__name__}") from e
+    dtype = np.dtype(x.dtype) if not is_traced(x) else x.dtype
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)) and not (
+        jnp.issubdtype(dtype, jnp.bool_)
+    ):
+        raise TypeError(f"{name} must be a real-valued array, got dtype {dtype}")
+    if ndim is not None and x.ndim != ndim:
+        hint = f"; add a batch axis with {name}[None] for one item" if x.ndim == ndim - 1 else ""
+        raise ValueError(
+            f"{name} must have rank {ndim}{' ' + what if what else ''}, got shape "
+            f"{tuple(x.shape)}{hint}"
+        )
+    return jnp.asarray(x, jnp.float32)
+
+
+def check_finite(name: str, x) -> None:
+    """Raises ValueError if a concrete ``x`` holds NaN or inf (skipped on tracers)."""
+    if is_traced(x):
+        return
+    finite = np.isfinite(np.asarray(x))
+    if not finite.all():
+        bad = np.argwhere(~finite)
+        samples = sorted({int(i[0]) for i in bad}) if finite.ndim > 0 else []
+        shown = ", ".join(map(str, samples[:10])) + (", ..." if len(samples) > 10 else "")
+        raise ValueError(
+            f"{name} holds {bad.shape[0]} non-finite value(s) (NaN or inf)"
+            + (f" in sample(s) {shown}" if samples else "")
+            + "; metrics need finite inputs"
+        )
+
+
+def maps(name: str, m) -> jax.Array:
+    """A batch of saliency maps (B, H, W): float32, finite (checked when concrete)."""
+    out = as_float_array(name, m, 3, "(B, H, W)")
+    check_finite(name, m)
+    if out.shape[0] == 0 or out.shape[1] == 0 or out.shape[2] == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(out.shape)}")
+    return out
+
+
+def same_shape(name_a: str, a, name_b: str, b) -> None:
+    """Raises ValueError unless ``a`` and ``b`` have the same shape."""
+    if tuple(a.shape) != tuple(b.shape):
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and "
+            f"{tuple(b.shape)}"
+        )
+
+
+def images(name: str, x) -> jax.Array:
+    """A batch of NHWC images (B, H, W, C): float32, finite (checked when concrete)."""
+    out = as_float_array(name, x, 4, "(B, H, W, C), NHWC")
+    check_finite(name, x)
+    return out
+
+
+def images_and_maps(x, m) -> tuple[jax.Array, jax.Array]:
+    """Checks images (B, H, W, C) against maps (B, H, W): same batch and spatial dims."""
+    x = images("x", x)
+    m_checked = maps("maps", m)
+    if tuple(x.shape[:3]) != tuple(m_checked.shape):
+        raise ValueError(
+            f"maps must have the batch and spatial shape of x: x is {tuple(x.shape)} "
+            f"(B, H, W, C), so maps must be {tuple(x.shape[:3])}, got {tuple(m_checked.shape)}"
+        )
+    return x, m_checked
+
+
+def targets(target, batch: int) -> jax.Array:
+    """Class indices (B,) as int32; a scalar is broadcast to the batch."""
+    if not hasattr(target, "shape"):
+        target = np.asarray(target)
+    dtype = np.dtype(target.dtype) if not is_traced(target) else target.dtype
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(f"target must hold integer class indices, got dtype {dtype}")
+    if target.ndim == 0:
+        target = jnp.broadcast_to(jnp.asarray(target), (batch,))
+    if target.shape != (batch,):
+        raise ValueError(
+            f"target must have shape ({batch},) (one class per image), got {tuple(target.shape)}"
+        )
+    if not is_traced(target):
+        t = np.asarray(target)
+        if (t < 0).any():
+            raise ValueError(f"target must be non-negative class indices, got {t.min()}")
+    return jnp.asarray(target, jnp.int32)
+
+
+def positive_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` as a Python int >= ``minimum``, or a clear error."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def choice(name: str, value, options: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``options``, or a clear error."""
+    if value not in options:
+        raise ValueError(f"Unknown {name} {value!r}; expected one of {', '.join(options)}")
+    return value
