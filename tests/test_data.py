@@ -474,6 +474,69 @@ def test_tfds_large_dataset_streams_resized(tfds):
     assert first["image"].shape == (6, 16, 16, 3) and net.num_classes == 1000
 
 
+@pytest.fixture(scope="module")
+def prepared_mnist(tfds, tmp_path_factory):
+    """A real, offline-built TFDS folder named mnist (4 shards), image i = pixel value i."""
+
+    class FakeMnist(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        name = "mnist"
+        VERSION = tfds.core.Version("3.0.1")
+
+        def _info(self):
+            features = tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(28, 28, 1)),
+                    "label": tfds.features.ClassLabel(num_classes=10),
+                }
+            )
+            return tfds.core.DatasetInfo(builder=self, features=features)
+
+        def _split_generators(self, dl_manager):
+            del dl_manager
+            return {
+                "train": self._generate_examples(0, 60),
+                "test": self._generate_examples(100, 10),
+            }
+
+        def _generate_examples(self, start, n):
+            for i in range(start, start + n):
+                yield i, {"image": np.full((28, 28, 1), i, np.uint8), "label": i % 10}
+
+    data_dir = tmp_path_factory.mktemp("tfds")
+    config = tfds.download.DownloadConfig(num_shards=4)
+    FakeMnist(data_dir=str(data_dir)).download_and_prepare(download_config=config)
+    return str(data_dir)
+
+
+@pytest.mark.slow
+def test_tfds_reads_prepared_files_offline(prepared_mnist, no_download):
+    ids = lambda batch: np.round(batch["image"][:, 3, 3, 0] * 255).astype(int)
+    memory = data.load("mnist", "train", data_dir=prepared_mnist, normalize=False)
+    test = data.load("mnist", "test", data_dir=prepared_mnist, normalize=False)
+    assert memory.num_examples == 60 and test.num_examples == 10
+    assert sorted(ids(memory.take(np.arange(60)))) == list(range(60))
+    assert sorted(ids(test.take(np.arange(10)))) == list(range(100, 110))
+    np.testing.assert_array_equal(memory.labels, ids(memory.take(np.arange(60))) % 10)
+    stream = data.load(
+        "mnist",
+        "train",
+        data_dir=prepared_mnist,
+        normalize=False,
+        in_memory=False,
+        shuffle_buffer=8,
+    )
+    assert stream.num_examples == 60
+    order = lambda epoch, skip=0: [
+        ids(b) for b in stream.batches(10, seed=2, epoch=epoch, skip_batches=skip)
+    ]
+    epoch0, again, epoch1 = order(0), order(0), order(1)
+    assert sorted(np.concatenate(epoch0)) == list(range(60))  # files shuffled, all read once
+    np.testing.assert_array_equal(epoch0, again)
+    assert not np.array_equal(epoch0, epoch1)
+    np.testing.assert_array_equal(order(0, skip=4), epoch0[4:])
+    assert no_download == []
+
+
 def test_tfds_unknown_split_and_option():
     with pytest.raises(ValueError, match="Unknown split 'validation' for dataset 'mnist'"):
         data.load("mnist", "validation")
