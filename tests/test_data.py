@@ -394,7 +394,12 @@ def no_download(tfds, monkeypatch):
 
     def forbidden(self, *args, **kwargs):
         calls.append(self.name)
-        raise AssertionError(f"download_and_prepare({self.name}) called")
+        config = kwargs.get("download_config")
+        raise AssertionError(
+            f"download_and_prepare({self.name}) called, manual_dir="
+            f"{getattr(config, 'manual_dir', None)}, "
+            f"try_download_gcs={getattr(config, 'try_download_gcs', None)}"
+        )
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", forbidden)
     return calls
@@ -587,3 +592,11 @@ def test_imagenet_manual_dir_errors(tfds, tmp_path, no_download):
     with pytest.raises(data.DatasetNotAvailableError, match="does not hold ILSVRC2012_img_val"):
         data.load("imagenet2012", "test", data_dir=str(empty), manual_dir=str(manual))
     assert no_download == []
+    # With the archive there, TFDS is asked to build from manual_dir only (no GCS);
+    # its failure comes back as our error.
+    (manual / "ILSVRC2012_img_val.tar").touch()
+    with pytest.raises(data.DatasetNotAvailableError) as info:
+        data.load("imagenet2012", "test", data_dir=str(empty), manual_dir=str(manual))
+    assert no_download == ["imagenet2012"]
+    assert f"Building imagenet2012 from manual_dir '{manual}'" in str(info.value)
+    assert f"manual_dir={manual}, try_download_gcs=False" in str(info.value)
