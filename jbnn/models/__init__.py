@@ -17,12 +17,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jbnn.models.birealnet import BiRealNet18
 from jbnn.models.common import ACTIVATIONS, check_images
+from jbnn.models.densenet import BinaryDenseNet28
+from jbnn.models.quicknet import QuickNetSmall
+from jbnn.models.resnet_e import BinaryResNetE18
 from jbnn.models.simple import MLP, BinaryNet
+from jbnn.models.xnornet import XNORNet
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
     "binarynet": BinaryNet,
+    "birealnet18": BiRealNet18,
+    "binary_resnet_e18": BinaryResNetE18,
+    "xnornet": XNORNet,
+    "quicknet_small": QuickNetSmall,
+    "binary_densenet28": BinaryDenseNet28,
 }
 
 
@@ -142,7 +152,12 @@ def apply_fn(model: nn.Module, variables) -> jax.tree_util.Partial:
 
 __all__ = [
     "MLP",
+    "BiRealNet18",
+    "BinaryDenseNet28",
     "BinaryNet",
+    "BinaryResNetE18",
+    "QuickNetSmall",
+    "XNORNet",
     "apply_fn",
     "check_images",
     "get",

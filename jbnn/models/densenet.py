@@ -1,0 +1,201 @@
+"""BinaryDenseNet28 (Bethge et al. 2019, "Back to Simplicity"), after larq-zoo.
+
+Four dense stages of 6, 6, 6, 5 layers. A dense layer is BN -> binary 3x3 conv with
+``growth_rate`` (64 times ``width``) output channels -> concatenated to its input;
+inputs and weights binarized with ``ste_sign(clip_value=1.3)``, latent weights clipped
+to [-1.3, 1.3]. Between stages a real transition: BN -> 2x2/2 max-pool -> ReLU -> real
+1x1 conv reducing the channels by 2.7, 2.7, 2.2, rounded to a multiple of 32 (times
+``width``). At the end BN -> ReLU -> global average pooling -> real dense classifier.
+BatchNorm momentum 0.9, epsilon 1e-5.
+
+Stems, as larq-zoo picks them by input size: ``stem="small"`` (under 50 px) is a single
+real 3x3/1 conv with 64 (times ``width``) channels and no BatchNorm; ``stem="imagenet"``
+is 7x7/2 conv -> BN -> ReLU -> 3x3/2 max-pool.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jbnn.layers import QuantConv, QuantDense
+from jbnn.models import _zoo
+from jbnn.models.common import QuantMixin, batch_norm, check_images
+
+
+class DenseLayer(nn.Module, QuantMixin):
+    """``concat([x, conv(bn(x))])`` with a binary 3x3 ``conv`` of ``growth_rate`` channels."""
+
+    growth_rate: int
+    binary: bool
+    input_quantizer: str | None
+    kernel_quantizer: str | None
+    kernel_clip: float | None
+    surrogate: str | None = None
+    fp_activation: str = "hard_tanh"
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        y = batch_norm(train, name="bn", dtype=self.dtype)(x)
+        y = QuantConv(
+            self.growth_rate,
+            (3, 3),
+            use_bias=False,
+            input_quantizer=self.in_q(self.input_quantizer),
+            kernel_quantizer=self.k_q(self.kernel_quantizer),
+            kernel_clip=self.clip(self.kernel_clip),
+            kernel_init=_zoo.glorot_normal,
+            surrogate=self.surrogate,
+            dtype=self.dtype,
+            name="conv",
+        )(self.twin_act(y))
+        return jnp.concatenate([x, y.astype(x.dtype)], axis=-1)
+
+
+class DenseStage(nn.Module):
+    """``num_layers`` :class:`DenseLayer` s named ``block1``, ``block2``, ..."""
+
+    num_layers: int
+    layer_kwargs: dict
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        for j in range(self.num_layers):
+            x = DenseLayer(name=f"block{j + 1}", **self.layer_kwargs)(x, train)
+        return x
+
+
+class DenseTransition(nn.Module):
+    """Real transition: ``bn`` -> 2x2/2 max-pool -> ReLU -> 1x1 ``conv``."""
+
+    features: int
+    surrogate: str | None = None
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = batch_norm(train, name="bn", dtype=self.dtype)(x)
+        x = nn.relu(nn.max_pool(x, (2, 2), (2, 2)))
+        return QuantConv(
+            self.features,
+            (1, 1),
+            use_bias=False,
+            kernel_init=_zoo.he_normal,
+            surrogate=self.surrogate,
+            dtype=self.dtype,
+            name="conv",
+        )(x)
+
+
+class _DenseNetStem(nn.Module):
+    """Real stem: ``conv`` (3x3/1), or ``conv`` (7x7/2) -> ``bn`` -> ReLU -> max-pool."""
+
+    features: int
+    stem: str
+    surrogate: str | None = None
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        imagenet = self.stem == "imagenet"
+        x = QuantConv(
+            self.features,
+            (7, 7) if imagenet else (3, 3),
+            (2, 2) if imagenet else (1, 1),
+            use_bias=False,
+            kernel_init=_zoo.he_normal,
+            surrogate=self.surrogate,
+            dtype=self.dtype,
+            name="conv",
+        )(x)
+        if imagenet:
+            x = nn.relu(batch_norm(train, name="bn", dtype=self.dtype)(x))
+            x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+        return x
+
+
+def transition_features(channels: int, reduction: float, width: float) -> int:
+    """larq-zoo's ``round(channels // reduction / 32) * 32``, the 32 scaled by ``width``."""
+    multiple = max(1, int(round(32 * width)))
+    return max(multiple, int(round(channels // reduction / multiple)) * multiple)
+
+
+class BinaryDenseNet28(nn.Module, QuantMixin):
+    """BinaryDenseNet28 with configurable width and stem.
+
+    Paths: ``stem`` (``stem/conv``; ImageNet stem also ``stem/bn``), ``stage1`` ...
+    ``stage4`` with ``block1`` ... ``block6`` (:class:`DenseLayer`: ``bn``, ``conv``;
+    ``stage4`` has five), ``transition1`` ... ``transition3`` (``bn``, ``conv``),
+    ``final_bn``, ``head`` (real dense layer with bias).
+
+    Attributes:
+      num_classes: number of logits.
+      binary: True for the BNN, False for the full-precision twin.
+      width: channel multiplier (initial channels 64, growth rate 64, and the multiple
+        of 32 that transitions round to).
+      stem: "small" (28-64 px) or "imagenet" (224 px).
+      layers: dense layers per stage.
+      reduction: channel reduction of each transition.
+      input_quantizer, kernel_quantizer, kernel_clip: of the binary convolutions.
+      surrogate: backward surrogate for the input quantizers, or None.
+      fp_activation: what the twin applies where the BNN binarizes.
+      dtype: computation dtype.
+    """
+
+    num_classes: int
+    binary: bool = True
+    width: float = 1.0
+    stem: str = "small"
+    layers: tuple[int, ...] = (6, 6, 6, 5)
+    reduction: tuple[float, ...] = (2.7, 2.7, 2.2)
+    input_quantizer: str | None = "ste_sign(clip_value=1.3)"
+    kernel_quantizer: str | None = "ste_sign(clip_value=1.3)"
+    kernel_clip: float | None = 1.3
+    surrogate: str | None = None
+    fp_activation: str = "hard_tanh"
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        check_images(x, "binary_densenet28")
+        _zoo.check_stem(self.stem, "binary_densenet28")
+        _zoo.check_width(self.width, "binary_densenet28")
+        if len(self.reduction) != len(self.layers) - 1:
+            raise ValueError(
+                f"binary_densenet28: need one reduction per transition "
+                f"({len(self.layers) - 1}), got reduction={self.reduction}."
+            )
+        x = _DenseNetStem(
+            _zoo.scaled(64, self.width), self.stem, self.surrogate, self.dtype, name="stem"
+        )(x, train)
+        layer_kwargs = dict(
+            growth_rate=_zoo.scaled(64, self.width),
+            binary=self.binary,
+            input_quantizer=self.input_quantizer,
+            kernel_quantizer=self.kernel_quantizer,
+            kernel_clip=self.kernel_clip,
+            surrogate=self.surrogate,
+            fp_activation=self.fp_activation,
+            dtype=self.dtype,
+        )
+        for i, num_layers in enumerate(self.layers):
+            x = DenseStage(num_layers, layer_kwargs, name=f"stage{i + 1}")(x, train)
+            if i < len(self.layers) - 1:
+                features = transition_features(x.shape[-1], self.reduction[i], self.width)
+                x = DenseTransition(
+                    features, self.surrogate, self.dtype, name=f"transition{i + 1}"
+                )(x, train)
+        x = nn.relu(batch_norm(train, name="final_bn", dtype=self.dtype)(x))
+        x = _zoo.global_avg_pool(x)  # (B, C)
+        x = QuantDense(
+            self.num_classes,
+            kernel_init=_zoo.he_normal,
+            surrogate=self.surrogate,
+            dtype=self.dtype,
+            name="head",
+        )(x)
+        return x.astype(jnp.float32)
