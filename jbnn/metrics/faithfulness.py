@@ -70,11 +70,13 @@ def _score(logits: jax.Array, target: jax.Array, output: str) -> jax.Array:
     return (jnp.argmax(logits, axis=-1) == target).astype(jnp.float32)
 
 
-def _ranks(maps: jax.Array, descending: bool) -> jax.Array:
-    """(B, H*W) int32: position of each pixel in the removal order (0 = first)."""
+def _ranks(maps: jax.Array, descending) -> jax.Array:
+    """(B, H*W) int32: position of each pixel in the removal order (0 = first).
+
+    ``descending`` may be a traced boolean (largest first when True)."""
     b, n = maps.shape[0], maps.shape[1] * maps.shape[2]
     flat = maps.reshape(b, n)
-    order = jnp.argsort(-flat if descending else flat, axis=1, stable=True)
+    order = jnp.argsort(jnp.where(descending, -flat, flat), axis=1, stable=True)
     rows = jnp.arange(b)[:, None]
     return jnp.zeros((b, n), jnp.int32).at[rows, order].set(jnp.arange(n, dtype=jnp.int32))
 
@@ -337,13 +339,11 @@ def noisy_linear_imputation(
     return jnp.where(mask > 0, filled + noise * eps, x)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("counts", "lerf", "batch_size", "output", "tol", "max_iter")
-)
-def _road(fn, x, maps, target, key, noise, *, counts, lerf, batch_size, output, tol, max_iter):
+@functools.partial(jax.jit, static_argnames=("counts", "batch_size", "output", "tol", "max_iter"))
+def _road(fn, x, maps, target, key, noise, lerf, *, counts, batch_size, output, tol, max_iter):
     b, h, w, c = x.shape
     num = len(counts)
-    rank = _ranks(maps, descending=not lerf)
+    rank = _ranks(maps, descending=jnp.logical_not(lerf))  # traced: MoRF and LeRF share code
     counts_j = jnp.asarray(counts, jnp.int32)
 
     def image(i, p, item):
@@ -427,8 +427,8 @@ def road(
         target,
         key,
         jnp.float32(noise),
+        jnp.bool_(order == "lerf"),
         counts=counts,
-        lerf=order == "lerf",
         batch_size=batch_size,
         output=output,
         tol=float(tol),

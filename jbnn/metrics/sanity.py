@@ -127,7 +127,7 @@ def mprt(
     """Model parameter randomisation test (Adebayo et al. 2018), cascading, top-down.
 
     One fresh set of variables is drawn with the model's own initialisers,
-    ``model.init(key, x[:1])``. Stage s (s = 0..S-1) replaces the variables of
+    ``jax.jit(model.init)(key, x[:1])``. Stage s (s = 0..S-1) replaces the variables of
     ``layers[0..s]`` (cascading) or of ``layers[s]`` alone (``cascading=False``) by the
     fresh ones, in every collection that holds that layer (``params``, and BatchNorm's
     ``batch_stats`` reset to mean 0 / variance 1, as PyTorch's ``reset_parameters``), and
@@ -182,7 +182,7 @@ def mprt(
         raise ValueError("similarity is empty: give at least one measure")
     collections = tuple(variables) if collections is None else tuple(collections)
 
-    fresh = jax.jit(model.init)(key, x[:1])
+    fresh = jax.jit(model.init)(key, x[:1])  # one compilation, not one per op
     original = _check_maps_like("the original maps", explain(model, variables, x, target), x)
     stage_maps = []
     current = variables

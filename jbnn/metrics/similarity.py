@@ -206,11 +206,20 @@ def ssim(a: jax.typing.ArrayLike, b: jax.typing.ArrayLike) -> jax.Array:
 # HOG
 
 
+_GRADIENT_NOISE = 8 * float(np.finfo(np.float32).eps)  # ~1e-6 of the largest |value|
+
+
 def _hog_single(m: jax.Array, cell_size: int, block_size: int, orientations: int) -> jax.Array:
     """HOG features of one map (H, W), as skimage.feature.hog with L2-Hys blocks."""
     h, w = m.shape
     g_row = jnp.zeros_like(m).at[1:-1, :].set(m[2:, :] - m[:-2, :])
     g_col = jnp.zeros_like(m).at[:, 1:-1].set(m[:, 2:] - m[:, :-2])
+    # Differences below float32 rounding of the map's values are noise (they can differ
+    # between compiled variants of the same code); L2-Hys would blow a flat block's noise
+    # up to O(1) features, so they are set to exactly 0.
+    noise_floor = _GRADIENT_NOISE * jnp.max(jnp.abs(m))
+    g_row = jnp.where(jnp.abs(g_row) <= noise_floor, 0.0, g_row)
+    g_col = jnp.where(jnp.abs(g_col) <= noise_floor, 0.0, g_col)
     magnitude = jnp.hypot(g_col, g_row)
     orientation = jnp.rad2deg(jnp.arctan2(g_row, g_col)) % 180.0
     # Exact angles on the axes, where float32 rounding could cross a bin edge (0 == 180).
@@ -269,7 +278,10 @@ def hog(
     transform_sqrt=False, feature_vector=True)``: central-difference gradients (zero on the
     border rows/columns), unsigned orientations in [0, 180) hard-binned, per-cell mean
     magnitude per bin, L2-Hys normalisation of overlapping blocks (clip 0.2, eps 1e-5).
-    Pixels beyond the last whole cell are ignored.
+    Pixels beyond the last whole cell are ignored. One difference: gradient components
+    smaller than 8 float32 epsilons (about 1e-6) times the map's max ``|value|``, which
+    are rounding noise, are set to 0, so that flat regions give exactly zero features
+    (L2-Hys would otherwise scale that noise up to O(1) values).
 
     Args:
       maps: (B, H, W).
