@@ -61,7 +61,16 @@ def resample_means(values: jax.Array, key: jax.Array, num_resamples: int) -> jax
     """(num_resamples,) means of bootstrap resamples of ``values`` (n,).
 
     Resample r draws ``jax.random.randint(jax.random.fold_in(key, r), (n,), 0, n)`` as
-    its indices (with replacement), so any resample can be reproduced on its own.
+    its indices (with replacement), so any resample can be reproduced on its own; they
+    are computed vectorised, in chunks that keep the index arrays near 16 MB.
+
+    Args:
+      values: (n,) float32.
+      key: a ``jax.random`` key.
+      num_resamples: number of resamples (static).
+
+    Returns:
+      (num_resamples,) float32 means.
     """
     n = values.shape[0]
 

@@ -94,6 +94,13 @@ def blur(x: jax.Array, sigma: float = 5.0) -> jax.Array:
 
     As ``scipy.ndimage.gaussian_filter(x, sigma=(0, sigma, sigma, 0), mode="reflect",
     truncate=4.0)``.
+
+    Args:
+      x: images (B, H, W, C).
+      sigma: standard deviation in pixels.
+
+    Returns:
+      Blurred images, same shape.
     """
     return jnp.moveaxis(gaussian_filter2d(jnp.moveaxis(x, -1, 1), sigma), 1, -1)
 
@@ -104,6 +111,17 @@ def make_substrate(x: jax.Array, substrate, blur_sigma: float = 5.0) -> jax.Arra
     ``"zero"``: zeros; ``"blur"``: :func:`blur` of ``x`` with ``blur_sigma`` (RISE's
     insertion start); ``"mean"``: each image's per-channel mean; or an array of the shape
     of ``x``.
+
+    Args:
+      x: images (B, H, W, C), float32.
+      substrate: a name or an array (B, H, W, C).
+      blur_sigma: Gaussian sigma of ``"blur"``, in pixels.
+
+    Returns:
+      (B, H, W, C) float32.
+
+    Raises:
+      ValueError: an unknown name, an array of another shape, a bad ``blur_sigma``.
     """
     if not isinstance(substrate, str):
         base = _checks.images("substrate", substrate)

@@ -30,8 +30,13 @@ Similarity = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def default_similarities() -> dict[str, Similarity]:
-    """The measures :func:`mprt` uses by default: Spearman on |maps| and on signed maps,
-    and SSIM (on maps min-max scaled to [0, 1]); all (B, H, W) x (B, H, W) -> (B,)."""
+    """The measures :func:`mprt` uses by default.
+
+    Returns:
+      ``{"spearman_abs", "spearman", "ssim"}`` -> functions (B, H, W) x (B, H, W) -> (B,):
+      Spearman on |maps| and on signed maps, SSIM on maps min-max scaled to [0, 1]
+      (which needs maps of at least 11 x 11; pass ``similarity=`` for smaller ones).
+    """
     return {
         "spearman_abs": functools.partial(spearman, absolute=True),
         "spearman": spearman,
@@ -58,6 +63,14 @@ def parameter_layers(model: nn.Module, variables: Mapping, input_shape: Sequence
     forward pass calls them, reversed (so the last layer called comes first). Modules the
     forward pass does not reach through ``__call__`` keep the order of the parameter tree
     and come last.
+
+    Args:
+      model: a Flax Linen module.
+      variables: its variables (arrays or ``jax.ShapeDtypeStruct`` leaves).
+      input_shape: an input batch shape, e.g. (1, 32, 32, 3).
+
+    Returns:
+      The paths, e.g. ``["head_bn", "head", ..., "block1/conv"]`` for BinaryNet.
     """
     from jbnn.models import layer_paths
 

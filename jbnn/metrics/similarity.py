@@ -122,7 +122,14 @@ def pearson(a: jax.typing.ArrayLike, b: jax.typing.ArrayLike) -> jax.Array:
 
 
 def minmax_scale(m: jax.Array) -> jax.Array:
-    """Each map (B, H, W) scaled to [0, 1] by its own min and max; constant maps give 0."""
+    """Each map scaled to [0, 1] by its own min and max.
+
+    Args:
+      m: maps (..., H, W).
+
+    Returns:
+      ``(m - min) / (max - min)`` per map, same shape; a constant map becomes all zeros.
+    """
     lo = jnp.min(m, axis=(-2, -1), keepdims=True)
     hi = jnp.max(m, axis=(-2, -1), keepdims=True)
     span = hi - lo
@@ -130,7 +137,15 @@ def minmax_scale(m: jax.Array) -> jax.Array:
 
 
 def gaussian_kernel1d(sigma: float, radius: int) -> np.ndarray:
-    """The normalised 1-D Gaussian of ``scipy.ndimage.gaussian_filter1d`` (2 radius + 1 taps)."""
+    """The normalised 1-D Gaussian of ``scipy.ndimage.gaussian_filter1d``.
+
+    Args:
+      sigma: standard deviation in pixels.
+      radius: half-width; the kernel has 2 radius + 1 taps.
+
+    Returns:
+      (2 radius + 1,) float32 weights summing to 1.
+    """
     x = np.arange(-radius, radius + 1, dtype=np.float64)
     k = np.exp(-0.5 * (x / sigma) ** 2)
     return (k / k.sum()).astype(np.float32)
@@ -142,6 +157,14 @@ def gaussian_filter2d(img: jax.Array, sigma: float, truncate: float = 4.0) -> ja
     As ``scipy.ndimage.gaussian_filter(img, sigma, mode="reflect", truncate=truncate)`` on
     each 2-D slice: radius ``int(truncate * sigma + 0.5)``, edges reflected (d c b a | a b
     c d), separable.
+
+    Args:
+      img: array (..., H, W).
+      sigma: standard deviation in pixels (static).
+      truncate: kernel radius in standard deviations (static).
+
+    Returns:
+      The filtered array, same shape.
     """
     radius = int(truncate * float(sigma) + 0.5)
     k = gaussian_kernel1d(float(sigma), radius)
