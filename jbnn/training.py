@@ -1,0 +1,897 @@
+"""Training a BNN and its full-precision twin from one config, with resumable checkpoints.
+
+:func:`train_and_evaluate` trains, into ``workdir``:
+
+* ``bnn/``: the BNN, ``jbnn.models.get(config.model, binary=True, ...)``;
+* ``fp/``: its full-precision twin (``binary=False``), with the same config, the same
+  seed (hence the same initial parameters: the trees are identical) and the same data
+  order;
+* ``control/`` (when ``config.train_control``): a second twin with seed ``seed + 1``
+  (other initial parameters, other data order, same data), the seed-to-seed control of
+  the BNN-versus-twin comparison.
+
+Each run directory holds ``config.json``, ``metrics.jsonl`` (one JSON line every
+``log_every_steps`` steps: step, epoch, loss, accuracy, learning_rate, flip_ratio for
+BNNs, examples_per_sec), orbax checkpoints under ``checkpoints/`` and, once finished,
+``results.json`` (test_accuracy, test_loss, num_params, train_time_s, steps, ...).
+
+Resuming. Checkpoints are written by an orbax ``CheckpointManager`` (atomic: a
+checkpoint is written to a temporary directory and renamed when complete), every
+``checkpoint_every_steps`` steps and at the end. The data order is a pure function of
+``(seed, epoch)`` and a run restarted at step ``s`` skips the first ``s mod
+steps_per_epoch`` batches of its epoch, so a run killed at any moment and started again
+continues from its last checkpoint and ends with the same parameters and the same
+metrics (bit for bit, on the same machine) as an uninterrupted run. The running sums of
+the metrics window are part of the checkpointed state, and ``metrics.jsonl`` lines
+after the restored step are dropped on resume. A finished run (``results.json``
+present) is not trained again unless ``force=True``.
+
+Data parallelism. The train step is ``jax.jit``-compiled once per run with explicit
+shardings over a ``Mesh`` of all devices (axis ``"data"``): batches are split over the
+devices along the batch axis (``NamedSharding(mesh, P("data"))``), the parameters and
+optimizer state are replicated, and XLA inserts the gradient all-reduce (BatchNorm
+statistics are those of the global batch, so the loss does not depend on the device
+count). ``batch_size`` and ``eval_batch_size`` must divide by ``jax.device_count()``.
+
+Multi-host (several machines, e.g. a TPU pod slice or GPU nodes): start the same command
+on every host, and call ``jax.distributed.initialize()`` before anything else touches
+JAX (``train.py --multihost`` does; on Cloud TPU and SLURM it needs no arguments,
+elsewhere pass ``coordinator_address``, ``num_processes`` and ``process_id`` or set
+``JAX_COORDINATOR_ADDRESS`` etc.). ``jax.devices()`` then lists the devices of all
+hosts; every host reads the same global batch and feeds its own contiguous slice of
+``batch_size // jax.process_count()`` examples
+(``jax.make_array_from_process_local_data``). ``workdir`` must be on a file system that
+all hosts share; only process 0 writes the JSON files, orbax coordinates checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jbnn import models, optim
+
+__all__ = [
+    "NON_TRAINING_FIELDS",
+    "ConfigMismatchError",
+    "NonFiniteLossError",
+    "RunSpec",
+    "TrainState",
+    "create_train_state",
+    "load_run",
+    "make_eval_step",
+    "make_mesh",
+    "make_optimizer",
+    "make_train_step",
+    "run_specs",
+    "shard_batch",
+    "train_and_evaluate",
+]
+
+DATA_AXIS = "data"
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.json"
+
+# Config fields that do not change what a run computes: a workdir trained with other
+# values of these is still the same run (the explain study writes its own section).
+NON_TRAINING_FIELDS = (
+    "explain",
+    "data_dir",
+    "manual_dir",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "train_control",
+    "eval_batch_size",
+    "progress_bar",
+)
+
+log = logging.getLogger(__name__)
+
+
+class ConfigMismatchError(ValueError):
+    """A run directory already holds a run of another config."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+# --------------------------------------------------------------------------- runs
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One run of a study: its directory name, BNN or twin, and its seed."""
+
+    name: str
+    binary: bool
+    seed: int
+
+
+def run_specs(config: ml_collections.ConfigDict) -> list[RunSpec]:
+    """The runs ``config`` asks for: bnn and fp (seed), and control (seed + 1) if set."""
+    specs = [RunSpec("bnn", True, config.seed), RunSpec("fp", False, config.seed)]
+    if config.get("train_control", False):
+        specs.append(RunSpec("control", False, config.seed + 1))
+    return specs
+
+
+# --------------------------------------------------------------------------- state
+class TrainState(struct.PyTreeNode):
+    """Everything a run needs to continue: parameters, optimizer, metric sums.
+
+    The ``*_sum`` fields accumulate over the steps since the last log line and are
+    reset when a line is written, so that a resumed run logs exactly what an
+    uninterrupted one does.
+    """
+
+    step: jax.Array  # int32 (): completed steps
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    loss_sum: jax.Array  # float32 (): sum of batch-mean losses in the window
+    correct_sum: jax.Array  # int32 (): correct predictions in the window
+    flip_sum: jax.Array  # float32 (): sum of per-step flip ratios in the window
+    window_steps: jax.Array  # int32 (): steps in the window
+    nonfinite_step: jax.Array  # int32 (): first step (1-based) with a non-finite loss or
+    # gradient, or -1
+    train_time_s: jax.Array  # float32 (): wall time spent training, over all attempts
+
+    def variables(self) -> dict[str, Any]:
+        """``{"params": ..., "batch_stats": ...}`` for ``model.apply``."""
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+    def reset_window(self) -> TrainState:
+        """The state with the metric window emptied."""
+        # Distinct buffers: the state is donated, and a buffer may be donated once.
+        zeros = functools.partial(jax.device_put, device=self.loss_sum.sharding)
+        return self.replace(
+            loss_sum=zeros(np.zeros([], np.float32)),
+            correct_sum=zeros(np.zeros([], np.int32)),
+            flip_sum=zeros(np.zeros([], np.float32)),
+            window_steps=zeros(np.zeros([], np.int32)),
+        )
+
+
+def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+    """A 1-D data-parallel mesh (axis ``"data"``) over ``devices`` (default: all)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Places a global batch on ``mesh``, split along the batch axis.
+
+    Every process passes the same global batch; each contributes its own contiguous
+    slice (``jax.make_array_from_process_local_data``).
+
+    Args:
+      batch: dict of numpy arrays with a leading batch axis of the global batch size.
+      mesh: the data-parallel mesh.
+
+    Returns:
+      The same dict of global ``jax.Array`` sharded with ``P("data")``.
+    """
+    sharding = NamedSharding(mesh, P(DATA_AXIS))
+    n_proc, pid = jax.process_count(), jax.process_index()
+    out = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        local = value.shape[0] // n_proc
+        part = value[pid * local : (pid + 1) * local] if n_proc > 1 else value
+        out[key] = jax.make_array_from_process_local_data(sharding, part, value.shape)
+    return out
+
+
+def make_optimizer(
+    config: ml_collections.ConfigDict,
+    params: Any,
+    kernels: optim.BinaryKernels,
+    total_steps: int,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimizer and learning-rate schedule that ``config`` describes.
+
+    Args:
+      config: a run config (fields ``optimizer`` and ``binary_optimizer``).
+      params: ``variables["params"]`` (arrays or shape structs).
+      kernels: the model's binary kernels.
+      total_steps: the number of training steps.
+
+    Returns:
+      ``(tx, schedule)``.
+    """
+    opt, bin_opt = config.optimizer, config.binary_optimizer
+    schedule = optim.make_schedule(
+        opt.learning_rate, total_steps, opt.schedule, opt.get("warmup_steps", 0)
+    )
+    tx = optim.make_optimizer(
+        params,
+        kernels,
+        schedule=schedule,
+        name=opt.name,
+        weight_decay=opt.get("weight_decay", 0.0),
+        binary_optimizer=bin_opt.name,
+        threshold=bin_opt.get("threshold", 1e-8),
+        gamma=bin_opt.get("gamma", 1e-4),
+    )
+    return tx, schedule
+
+
+def _init_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    input_shape: tuple[int, ...],
+    seed: jax.typing.ArrayLike,
+) -> TrainState:
+    variables = model.init(jax.random.key(seed), jnp.zeros(input_shape, jnp.float32))
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros([], jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        loss_sum=jnp.zeros([], jnp.float32),
+        correct_sum=jnp.zeros([], jnp.int32),
+        flip_sum=jnp.zeros([], jnp.float32),
+        window_steps=jnp.zeros([], jnp.int32),
+        nonfinite_step=jnp.full([], -1, jnp.int32),
+        train_time_s=jnp.zeros([], jnp.float32),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_init(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    input_shape: tuple[int, ...],
+    mesh: Mesh,
+) -> Callable[[jax.Array], TrainState]:
+    return jax.jit(
+        functools.partial(_init_state, model, tx, input_shape),
+        out_shardings=NamedSharding(mesh, P()),
+    )
+
+
+def create_train_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    input_shape: tuple[int, ...],
+    seed: int,
+    mesh: Mesh,
+) -> TrainState:
+    """Initialises a run's state, replicated over ``mesh``.
+
+    The jitted initialiser is cached per ``(model, tx, input_shape, mesh)``: other seeds
+    do not recompile.
+
+    Args:
+      model: the Linen model.
+      tx: its optimizer.
+      input_shape: one input batch's shape, e.g. (1, 32, 32, 1).
+      seed: the init seed (``jax.random.key(seed)`` goes to ``model.init``).
+      mesh: the data-parallel mesh.
+
+    Returns:
+      A :class:`TrainState` at step 0.
+    """
+    init = _jitted_init(model, tx, tuple(input_shape), mesh)
+    return init(jnp.asarray(seed, jnp.uint32))
+
+
+def _train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    kernels: optim.BinaryKernels,
+    binary_optimizer: str,
+    state: TrainState,
+    batch: dict[str, jax.Array],
+) -> TrainState:
+    def loss_fn(params):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            batch["image"],  # (B, H, W, C)
+            train=True,
+            mutable=["batch_stats"],
+        )
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        return loss, (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, param_updates)
+    params = optim.project_binary_kernels(params, kernels, binary_optimizer)
+    flips = optim.flip_ratio(state.params, params, kernels)
+    correct = jnp.sum(jnp.argmax(logits, axis=-1) == batch["label"], dtype=jnp.int32)
+    # A BNN can hide NaN weights (sign(NaN) = -1 gives a finite loss): check the
+    # gradients too.
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+    first_bad = (state.nonfinite_step < 0) & ~finite
+    return state.replace(
+        step=state.step + 1,
+        params=params,
+        batch_stats=updates.get("batch_stats", state.batch_stats),
+        opt_state=opt_state,
+        loss_sum=state.loss_sum + loss,
+        correct_sum=state.correct_sum + correct,
+        flip_sum=state.flip_sum + flips,
+        window_steps=state.window_steps + 1,
+        nonfinite_step=jnp.where(first_bad, state.step + 1, state.nonfinite_step),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    kernels: optim.BinaryKernels,
+    binary_optimizer: str,
+    mesh: Mesh,
+) -> Callable[[TrainState, dict[str, jax.Array]], TrainState]:
+    """The jitted, data-parallel train step ``(state, batch) -> state``.
+
+    BatchNorm runs in training mode (batch statistics of the global batch, running
+    averages updated); the loss is the mean softmax cross-entropy; after the optimizer
+    update binary kernels are clipped (latent) or set to their sign (Bop). The state is
+    donated; batches must be sharded with :func:`shard_batch`.
+
+    Args:
+      model: the Linen model.
+      tx: its optimizer (from :func:`make_optimizer`).
+      kernels: the model's binary kernels.
+      binary_optimizer: ``"latent"`` or ``"bop"``.
+      mesh: the data-parallel mesh.
+
+    Returns:
+      The jitted step (compiled on first call, once). Cached per arguments, so that
+      runs with the same model and optimizer share one compiled step.
+    """
+    replicated = NamedSharding(mesh, P())
+    data = NamedSharding(mesh, P(DATA_AXIS))
+    return jax.jit(
+        functools.partial(_train_step, model, tx, kernels, binary_optimizer),
+        in_shardings=(replicated, data),
+        out_shardings=replicated,
+        donate_argnums=0,
+    )
+
+
+def _eval_step(model: nn.Module, variables: Any, batch: dict[str, jax.Array]) -> jax.Array:
+    logits = model.apply(variables, batch["image"])  # (B, num_classes), inference mode
+    weight = batch["weight"]  # (B,) 1 for real examples, 0 for padding
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    correct = (jnp.argmax(logits, axis=-1) == batch["label"]).astype(jnp.float32)
+    return jnp.stack([jnp.sum(loss * weight), jnp.sum(correct * weight), jnp.sum(weight)])
+
+
+@functools.lru_cache(maxsize=64)
+def make_eval_step(model: nn.Module, mesh: Mesh) -> Callable[[Any, dict[str, jax.Array]], Any]:
+    """The jitted eval step ``(variables, batch) -> [loss_sum, correct_sum, count]``.
+
+    BatchNorm uses its running statistics. ``batch["weight"]`` (B,) masks padding.
+    """
+    return jax.jit(
+        functools.partial(_eval_step, model),
+        in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))),
+        out_shardings=NamedSharding(mesh, P()),
+    )
+
+
+def _padded_batches(source: Any, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """The whole split in order, the last batch padded to ``batch_size`` (weight 0)."""
+    for batch in source.batches(batch_size, seed=0, epoch=0, shuffle=False, drop_remainder=False):
+        n = batch["label"].shape[0]
+        out = {"image": batch["image"], "label": batch["label"]}
+        out["weight"] = np.ones(n, np.float32)
+        if n < batch_size:
+            pad = batch_size - n
+            out = {
+                k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)])
+                for k, v in out.items()
+            }
+        yield out
+
+
+def evaluate(
+    model: nn.Module, variables: Any, source: Any, batch_size: int, mesh: Mesh
+) -> dict[str, float]:
+    """Mean loss and accuracy of ``model`` over a whole split, in inference mode.
+
+    Args:
+      model: the Linen model.
+      variables: its variables (replicated on ``mesh``).
+      source: a ``jbnn.data`` source.
+      batch_size: eval batch size (divisible by the device count).
+      mesh: the data-parallel mesh.
+
+    Returns:
+      ``{"loss": ..., "accuracy": ..., "num_examples": ...}``.
+    """
+    step = make_eval_step(model, mesh)
+    total = jnp.zeros(3, jnp.float32)
+    for batch in _padded_batches(source, batch_size):
+        total = total + step(variables, shard_batch(batch, mesh))
+    loss_sum, correct, count = (float(v) for v in jax.device_get(total))
+    return {"loss": loss_sum / count, "accuracy": correct / count, "num_examples": int(count)}
+
+
+# --------------------------------------------------------------------------- config
+def _json_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str))
+
+
+def _training_view(config_dict: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config_dict.items() if k not in NON_TRAINING_FIELDS}
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            name = f"{prefix}.{key}" if prefix else key
+            if key not in a:
+                out.append(f"{name}: (absent) -> {b[key]!r}")
+            elif key not in b:
+                out.append(f"{name}: {a[key]!r} -> (absent)")
+            else:
+                out += _diff(a[key], b[key], name)
+        return out
+    return [] if a == b else [f"{prefix}: {a!r} -> {b!r}"]
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+_REQUIRED = (
+    "seed",
+    "dataset",
+    "model",
+    "model_kwargs",
+    "batch_size",
+    "num_epochs",
+    "optimizer",
+    "binary_optimizer",
+    "checkpoint_every_steps",
+    "log_every_steps",
+)
+
+
+def _check_config(config: ml_collections.ConfigDict) -> None:
+    missing = [k for k in _REQUIRED if k not in config]
+    if missing:
+        raise ValueError(f"config lacks field(s) {missing}; start from configs/default.py")
+    if config.model not in models.names():
+        raise ValueError(
+            f"Unknown model {config.model!r}; registered models: {', '.join(models.names())}"
+        )
+    for name in ("seed", "batch_size", "num_epochs", "checkpoint_every_steps", "log_every_steps"):
+        value = config[name]
+        minimum = 0 if name == "seed" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"config.{name} must be an int >= {minimum}, got {value!r}")
+    if config.optimizer.name not in optim.OPTIMIZERS:
+        raise ValueError(
+            f"Unknown optimizer {config.optimizer.name!r}; expected one of {optim.OPTIMIZERS}"
+        )
+    if config.optimizer.schedule not in optim.SCHEDULES:
+        raise ValueError(
+            f"Unknown schedule {config.optimizer.schedule!r}; expected one of {optim.SCHEDULES}"
+        )
+    if config.binary_optimizer.name not in optim.BINARY_OPTIMIZERS:
+        raise ValueError(
+            f"Unknown binary optimizer {config.binary_optimizer.name!r}; expected one of "
+            f"{optim.BINARY_OPTIMIZERS}"
+        )
+    n_dev = jax.device_count()
+    for name in ("batch_size", "eval_batch_size"):
+        value = config.get(name, config.batch_size)
+        if value % n_dev:
+            raise ValueError(
+                f"config.{name}={value} does not divide by the {n_dev} devices of the "
+                "data-parallel mesh; use a multiple of jax.device_count()."
+            )
+
+
+def _load_data(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+    from jbnn import data as jdata
+
+    kwargs = dict(
+        image_size=config.get("image_size"),
+        data_dir=config.get("data_dir"),
+        manual_dir=config.get("manual_dir"),
+        seed=config.get("data_seed", 0),
+    )
+    kwargs.update(dict(config.get("data_kwargs", {}) or {}))
+    train = jdata.load(config.dataset, split=config.get("train_split", "train"), **kwargs)
+    test = jdata.load(config.dataset, split=config.get("eval_split", "test"), **kwargs)
+    return train, test
+
+
+def _augment(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    aug = config.get("augment")
+    if aug is None:
+        return None
+    aug = aug.to_dict() if hasattr(aug, "to_dict") else dict(aug)
+    if not aug.get("crop_padding", 0) and not aug.get("flip", False):
+        return None
+    return aug
+
+
+def build_model(config: ml_collections.ConfigDict, binary: bool, num_classes: int) -> nn.Module:
+    """``jbnn.models.get(config.model, binary=binary, num_classes=..., **model_kwargs)``."""
+    kwargs = config.model_kwargs.to_dict() if config.model_kwargs else {}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    return models.get(config.model, binary=binary, num_classes=num_classes, **kwargs)
+
+
+# --------------------------------------------------------------------------- one run
+def _read_metrics(path: Path, max_step: int) -> list[dict[str, Any]]:
+    """The complete metric lines with ``step <= max_step`` (a torn last line is dropped)."""
+    if not path.exists():
+        return []
+    lines = []
+    for raw in path.read_text().splitlines():
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", math.inf) <= max_step:
+            lines.append(record)
+    return lines
+
+
+def _checkpoint_manager(run_dir: Path, config: ml_collections.ConfigDict, read_only=False):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=2,
+        create=not read_only,
+        read_only=read_only,
+        cleanup_tmp_directories=not read_only,  # debris of a save that was killed
+        enable_async_checkpointing=False,
+    )
+    return ocp.CheckpointManager((run_dir / CHECKPOINT_DIR).absolute(), options=options)
+
+
+def _restore(manager: Any, step: int, state: TrainState) -> TrainState:
+    import orbax.checkpoint as ocp
+
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def _check_finite(state: TrainState, spec: RunSpec, run_dir: Path, last_ckpt: int | None):
+    bad = int(jax.device_get(state.nonfinite_step))
+    if bad >= 0:
+        kept = f"the checkpoint of step {last_ckpt} is kept" if last_ckpt else "no checkpoint"
+        raise NonFiniteLossError(
+            f"Run {spec.name!r} ({run_dir}): the training loss or its gradient became "
+            f"non-finite (NaN or inf) at step {bad}; {kept}. Lower "
+            "config.optimizer.learning_rate or check the data for NaN/inf values."
+        )
+
+
+class _Run:
+    """The pieces of one run, built from the config (no training yet)."""
+
+    def __init__(self, config, spec: RunSpec, run_dir: Path, train_src, test_src, mesh):
+        self.config, self.spec, self.run_dir = config, spec, run_dir
+        self.train_src, self.test_src, self.mesh = train_src, test_src, mesh
+        self.input_shape = (1, *train_src.image_shape)
+        self.model = build_model(config, spec.binary, train_src.num_classes)
+        self.kernels = optim.binary_kernels(self.model, self.input_shape)
+        self.steps_per_epoch = train_src.steps_per_epoch(config.batch_size)
+        self.total_steps = self.steps_per_epoch * config.num_epochs
+        self.tx, self.schedule = _cached_optimizer(
+            self.model, _optimizer_json(config), self.input_shape, self.total_steps
+        )
+
+
+def _optimizer_json(config: ml_collections.ConfigDict) -> str:
+    sections = {k: config[k].to_dict() for k in ("optimizer", "binary_optimizer")}
+    return json.dumps(sections, sort_keys=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_optimizer(
+    model: nn.Module, optimizer_json: str, input_shape: tuple[int, ...], total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """One optimizer object per (model, optimizer config, steps): the jitted init and
+    step functions are cached on it, so identical runs compile once per process."""
+    config = ml_collections.ConfigDict(json.loads(optimizer_json))
+    kernels = optim.binary_kernels(model, input_shape)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape)))
+    return make_optimizer(config, abstract["params"], kernels, total_steps)
+
+
+def _train_run(run: _Run, on_step: Callable[[str, int], None] | None) -> dict[str, Any]:
+    config, spec, run_dir, mesh = run.config, run.spec, run.run_dir, run.mesh
+    is_main = jax.process_index() == 0
+    metrics_path = run_dir / METRICS_FILE
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_json(run_dir / CONFIG_FILE, _json_config(config))
+
+    state = create_train_state(run.model, run.tx, run.input_shape, spec.seed, mesh)
+    manager = _checkpoint_manager(run_dir, config)
+    last_ckpt = manager.latest_step()
+    if last_ckpt is not None:
+        state = _restore(manager, last_ckpt, state)
+        log.info("%s: resuming from the checkpoint of step %d", spec.name, last_ckpt)
+    start = int(jax.device_get(state.step))
+    if is_main:  # drop lines logged after the checkpoint, and any torn line
+        kept = _read_metrics(metrics_path, start)
+        tmp = metrics_path.with_name(METRICS_FILE + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, metrics_path)
+
+    step_fn = make_train_step(run.model, run.tx, run.kernels, config.binary_optimizer.name, mesh)
+    augment = _augment(config)
+    total, spe, bs = run.total_steps, run.steps_per_epoch, config.batch_size
+    prior_time = float(jax.device_get(state.train_time_s))
+    t_start = time.perf_counter()
+    t_window, n_window = t_start, 0
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=total,
+        initial=start,
+        desc=f"{spec.name}",
+        unit="step",
+        dynamic_ncols=True,
+        disable=(None if config.get("progress_bar", True) else True) if is_main else True,
+    )
+    step = start
+    with open(metrics_path, "a") if is_main else open(os.devnull, "w") as metrics_file:
+        for epoch in range(start // spe, config.num_epochs):
+            skip = start - epoch * spe if epoch == start // spe else 0
+            for batch in run.train_src.batches(
+                bs, seed=spec.seed, epoch=epoch, augment=augment, skip_batches=skip
+            ):
+                batch = shard_batch({"image": batch["image"], "label": batch["label"]}, mesh)
+                state = step_fn(state, batch)
+                step += 1
+                n_window += bs
+                bar.update(1)
+                if on_step is not None:
+                    on_step(spec.name, step)
+                logged = step % config.log_every_steps == 0 or step == total
+                if logged:
+                    sums = jax.device_get(
+                        (state.loss_sum, state.correct_sum, state.flip_sum, state.window_steps)
+                    )
+                    _check_finite(state, spec, run_dir, manager.latest_step())
+                    now = time.perf_counter()
+                    loss_sum, correct, flip_sum, k = (float(v) for v in sums)
+                    record = {
+                        "step": step,
+                        "epoch": round(step / spe, 4),
+                        "loss": loss_sum / k,
+                        "accuracy": correct / (k * bs),
+                        "learning_rate": float(run.schedule(step - 1)),
+                        "examples_per_sec": n_window / max(now - t_window, 1e-9),
+                    }
+                    if len(run.kernels):
+                        record["flip_ratio"] = flip_sum / k
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.4f}",
+                        acc=f"{record['accuracy']:.3f}",
+                        ex_s=f"{record['examples_per_sec']:.0f}",
+                    )
+                    state = state.reset_window()
+                    t_window, n_window = now, 0
+                if step % config.checkpoint_every_steps == 0 or step == total:
+                    _check_finite(state, spec, run_dir, manager.latest_step())
+                    elapsed = prior_time + time.perf_counter() - t_start
+                    state = state.replace(
+                        train_time_s=jax.device_put(jnp.float32(elapsed), NamedSharding(mesh, P()))
+                    )
+                    if is_main:
+                        os.fsync(metrics_file.fileno())
+                    manager.save(step, args=_standard_save(state), force=step == total)
+                    manager.wait_until_finished()
+    bar.close()
+    _check_finite(state, spec, run_dir, manager.latest_step())
+    manager.close()
+    train_time = float(jax.device_get(state.train_time_s))
+
+    test = evaluate(run.model, state.variables(), run.test_src, _eval_batch_size(config), mesh)
+    train_lines = _read_metrics(metrics_path, total) if is_main else []
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
+    num_binary = sum(
+        int(np.prod(shape))
+        for shape in (_leaf(state.params, path).shape for path in run.kernels.paths)
+    )
+    results = {
+        "run": spec.name,
+        "binary": spec.binary,
+        "seed": spec.seed,
+        "model": config.model,
+        "dataset": config.dataset,
+        "num_classes": run.train_src.num_classes,
+        "image_shape": list(run.train_src.image_shape),
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "test_examples": test["num_examples"],
+        "final_train_loss": train_lines[-1]["loss"] if train_lines else None,
+        "final_train_accuracy": train_lines[-1]["accuracy"] if train_lines else None,
+        "num_params": num_params,
+        "num_binary_params": num_binary,
+        "steps": total,
+        "epochs": config.num_epochs,
+        "train_time_s": train_time,
+        "examples_per_sec": total * bs / max(train_time, 1e-9),
+        "num_devices": jax.device_count(),
+    }
+    if is_main:
+        _atomic_write_json(run_dir / RESULTS_FILE, results)
+    log.info(
+        "%s: test accuracy %.4f, test loss %.4f, %.1f s",
+        spec.name,
+        results["test_accuracy"],
+        results["test_loss"],
+        train_time,
+    )
+    return results
+
+
+def _standard_save(state: TrainState):
+    import orbax.checkpoint as ocp
+
+    return ocp.args.StandardSave(state)
+
+
+def _leaf(params: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        params = params[key]
+    return params
+
+
+def _eval_batch_size(config: ml_collections.ConfigDict) -> int:
+    return int(config.get("eval_batch_size", config.batch_size) or config.batch_size)
+
+
+# --------------------------------------------------------------------------- public
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    force: bool = False,
+    on_step: Callable[[str, int], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Trains the BNN, its full-precision twin and (optionally) the control; evaluates.
+
+    Everything is checked before anything is written: the config (model, optimizer,
+    batch sizes), the dataset (a missing or unknown dataset raises here) and the run
+    directories already in ``workdir`` (one holding a run of another config raises
+    :class:`ConfigMismatchError`, unless ``force``).
+
+    Args:
+      config: a config from ``configs/`` (see ``configs/default.py`` for the fields).
+      workdir: the study directory; runs go to ``workdir/bnn``, ``workdir/fp`` and
+        ``workdir/control``.
+      force: train every run from scratch, replacing what its directory holds (even a
+        run of another config). Without it, finished runs are read back, and
+        unfinished ones resume from their last checkpoint.
+      on_step: optional ``f(run_name, step)`` called on the host after each step is
+        dispatched (no device sync); an exception it raises stops training, as a kill
+        would (used by the resume tests).
+
+    Returns:
+      ``{run name: results dict}`` (the content of each ``results.json``).
+
+    Raises:
+      ValueError: for a bad config or an unknown dataset or model.
+      ConfigMismatchError: when ``workdir`` holds runs of another config.
+      NonFiniteLossError: when the loss becomes NaN or inf (names the step).
+    """
+    workdir = Path(workdir)
+    _check_config(config)
+    specs = run_specs(config)
+    current = _training_view(_json_config(config))
+    for spec in specs:  # before loading data: cheap, and nothing is touched
+        stored = workdir / spec.name / CONFIG_FILE
+        if stored.exists() and not force:
+            previous = _training_view(json.loads(stored.read_text()))
+            if previous != current:
+                changes = "; ".join(_diff(previous, current)[:8])
+                raise ConfigMismatchError(
+                    f"{workdir / spec.name} holds a run of another config ({changes}). "
+                    "Use another --workdir, delete that directory, or pass --force to "
+                    "retrain from scratch there."
+                )
+    train_src, test_src = _load_data(config)
+    mesh = make_mesh()
+    runs = [
+        _Run(config, spec, workdir / spec.name, train_src, test_src, mesh) for spec in specs
+    ]  # builds every model and optimizer: a bad model field raises before any write
+
+    results = {}
+    for run in runs:
+        done = run.run_dir / RESULTS_FILE
+        if done.exists() and not force:
+            log.info("%s: finished already (%s); pass force=True to retrain", run.spec.name, done)
+            results[run.spec.name] = json.loads(done.read_text())
+            continue
+        if force and run.run_dir.exists() and jax.process_index() == 0:
+            shutil.rmtree(run.run_dir)
+        results[run.spec.name] = _train_run(run, on_step)
+    return results
+
+
+def load_run(
+    run_dir: str | os.PathLike,
+) -> tuple[nn.Module, dict[str, Any], ml_collections.ConfigDict]:
+    """Restores a finished run: its model, final variables and config.
+
+    Args:
+      run_dir: a run directory, e.g. ``workdir/bnn``.
+
+    Returns:
+      ``(model, variables, config)``: ``model.apply(variables, x)`` gives the logits in
+      inference mode; ``variables`` holds ``params`` and ``batch_stats`` (numpy-backed
+      jax arrays on the default device).
+
+    Raises:
+      FileNotFoundError: if ``run_dir`` is not a finished run (missing, or half-trained:
+        no ``results.json``).
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).exists():
+        raise FileNotFoundError(
+            f"{run_dir} is not a jbnn run directory (no {CONFIG_FILE}); train it with "
+            "train.py --config ... --workdir ... first."
+        )
+    if not (run_dir / RESULTS_FILE).exists():
+        raise FileNotFoundError(
+            f"{run_dir} holds a half-trained run (no {RESULTS_FILE}); rerun train.py with "
+            "the same --config and --workdir to finish it."
+        )
+    config = ml_collections.ConfigDict(json.loads((run_dir / CONFIG_FILE).read_text()))
+    results = json.loads((run_dir / RESULTS_FILE).read_text())
+    model = build_model(config, results["binary"], results["num_classes"])
+    input_shape = (1, *results["image_shape"])
+    kernels = optim.binary_kernels(model, input_shape)
+    abstract_vars = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape)))
+    tx, _ = make_optimizer(config, abstract_vars["params"], kernels, max(results["steps"], 1))
+    abstract = jax.eval_shape(lambda: _init_state(model, tx, input_shape, 0))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract
+    )
+    import orbax.checkpoint as ocp
+
+    manager = _checkpoint_manager(run_dir, config, read_only=True)
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{run_dir / CHECKPOINT_DIR} holds no checkpoint.")
+    state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    manager.close()
+    return model, state.variables(), config

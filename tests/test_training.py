@@ -1,0 +1,476 @@
+"""Training loop: twins, resume, sharding, bad input, TFDS, configs."""
+
+import hashlib
+import importlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jbnn import data as jdata
+from jbnn import training
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # configs/ is imported as a package, as train.py does
+    sys.path.insert(0, str(ROOT))
+
+CONFIGS = ("default", "digits", "shapes", "mnist", "cifar10_binarynet", "cifar10_birealnet")
+CONFIGS += ("imagenet_birealnet",)
+
+
+def get_config(name):
+    return importlib.import_module(f"configs.{name}").get_config()
+
+
+def tiny_config(**overrides):
+    """Digits at 8 px with a tiny binarized MLP: 22 steps per epoch."""
+    config = get_config("digits")
+    config.image_size = 8
+    config.model = "mlp"
+    config.model_kwargs = {"hidden": (32,)}
+    config.batch_size = 64
+    config.eval_batch_size = 128
+    config.num_epochs = 2
+    config.optimizer.learning_rate = 3e-3
+    config.train_control = False
+    config.checkpoint_every_steps = 10
+    config.log_every_steps = 4
+    config.progress_bar = False
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return config
+
+
+def snapshot(path: Path) -> dict[str, str]:
+    """Hash of every file under ``path``."""
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+def deterministic(lines):
+    return [{k: v for k, v in r.items() if k != "examples_per_sec"} for r in lines]
+
+
+def read_lines(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One finished study (bnn, fp, control) with the batches each run asked for."""
+    workdir = tmp_path_factory.mktemp("study")
+    calls = []
+    original = jdata.ArraySource.batches
+
+    def recording(self, batch_size, **kwargs):
+        if kwargs.get("shuffle", True):
+            calls.append((kwargs["seed"], kwargs["epoch"], kwargs.get("skip_batches", 0)))
+        return original(self, batch_size, **kwargs)
+
+    steps = []
+    config = tiny_config(train_control=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(jdata.ArraySource, "batches", recording)
+        results = training.train_and_evaluate(
+            config, workdir, on_step=lambda run, step: steps.append((run, step))
+        )
+    return workdir, config, results, calls, steps
+
+
+# --------------------------------------------------------------------------- the study
+def test_study_writes_twins_and_control(trained):
+    workdir, config, results, calls, steps = trained
+    assert set(results) == {"bnn", "fp", "control"}
+    # Same seed and data order for the twins, seed + 1 for the control: 2 epochs each.
+    assert calls == [(0, 0, 0), (0, 1, 0)] * 2 + [(1, 0, 0), (1, 1, 0)]
+    assert [s for r, s in steps if r == "bnn"] == list(range(1, 45))
+    for name in ("bnn", "fp", "control"):
+        run_dir = workdir / name
+        assert {"config.json", "metrics.jsonl", "results.json", "checkpoints"} <= {
+            p.name for p in run_dir.iterdir()
+        }
+        res = json.loads((run_dir / "results.json").read_text())
+        assert res == results[name]
+        assert res["steps"] == 44 and res["binary"] == (name == "bnn")
+        for key in ("test_accuracy", "test_loss", "num_params", "train_time_s"):
+            assert np.isfinite(res[key])
+        lines = read_lines(run_dir / "metrics.jsonl")
+        assert [r["step"] for r in lines] == [*range(4, 45, 4)]
+        for r in lines:
+            assert {
+                "step",
+                "epoch",
+                "loss",
+                "accuracy",
+                "learning_rate",
+                "examples_per_sec",
+            } <= set(r)
+            assert ("flip_ratio" in r) == (name == "bnn")
+        assert lines[-1]["epoch"] == 2.0
+        # The logged learning rate is the cosine schedule of the step just taken.
+        lr = config.optimizer.learning_rate
+        want = 0.5 * lr * (1 + np.cos(np.pi * (lines[0]["step"] - 1) / 44))
+        assert lines[0]["learning_rate"] == pytest.approx(want, rel=1e-5)
+    bnn_lines = read_lines(workdir / "bnn" / "metrics.jsonl")
+    assert 0 < bnn_lines[0]["flip_ratio"] < 1
+    assert results["fp"]["test_accuracy"] > 0.8  # learns something even in 44 steps
+    assert results["bnn"]["num_params"] == results["fp"]["num_params"]
+    assert results["bnn"]["num_binary_params"] == 64 * 32 + 32 * 10
+    assert results["fp"]["num_binary_params"] == 0
+
+
+def test_load_run_matches_an_independent_evaluation(trained):
+    workdir, _, results, _, _ = trained
+    test = jdata.load("digits", "test", image_size=8)
+    for name in ("bnn", "fp"):
+        model, variables, config = training.load_run(workdir / name)
+        assert config.model == "mlp"
+        logits = np.asarray(model.apply(variables, jnp.asarray(test.images)))
+        accuracy = np.mean(np.argmax(logits, -1) == test.labels)
+        logp = (
+            logits
+            - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1))[:, None]
+            - logits.max(-1, keepdims=True)
+        )
+        loss = -np.mean(logp[np.arange(len(test.labels)), test.labels])
+        assert accuracy == pytest.approx(results[name]["test_accuracy"], abs=1e-9)
+        assert loss == pytest.approx(results[name]["test_loss"], rel=1e-4)
+    bnn_model, bnn_vars, _ = training.load_run(workdir / "bnn")
+    kernel = np.asarray(bnn_vars["params"]["dense1"]["kernel"])
+    assert np.abs(kernel).max() <= 1.0  # latent weights clipped to kernel_clip
+    assert bnn_model.binary and not model.binary
+
+
+def test_finished_runs_are_not_retrained_unless_forced(trained, tmp_path):
+    workdir, config, results, _, _ = trained
+    before = snapshot(workdir)
+    steps = []
+    again = training.train_and_evaluate(config, workdir, on_step=lambda *a: steps.append(a))
+    assert steps == [] and again == results and snapshot(workdir) == before
+    # A field that does not change the training (logging) is the same run.
+    config2 = tiny_config(train_control=True, log_every_steps=7)
+    assert training.train_and_evaluate(config2, workdir) == results
+
+
+def test_force_retrains_from_scratch(tmp_path):
+    config = tiny_config()
+    first = training.train_and_evaluate(config, tmp_path)
+    steps = []
+    second = training.train_and_evaluate(
+        config, tmp_path, force=True, on_step=lambda run, step: steps.append(step)
+    )
+    assert steps[0] == 1 and len(steps) == 2 * 44
+    for name in ("bnn", "fp"):  # deterministic: the same numbers again
+        assert second[name]["test_accuracy"] == first[name]["test_accuracy"]
+        assert second[name]["test_loss"] == first[name]["test_loss"]
+
+
+# --------------------------------------------------------------------------- resume
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("binary_optimizer", ["latent", "bop"])
+def test_interrupted_run_resumes_and_matches_uninterrupted(tmp_path, binary_optimizer):
+    config = tiny_config(**{"binary_optimizer.name": binary_optimizer, "log_every_steps": 3})
+    if binary_optimizer == "bop":
+        config.binary_optimizer.gamma = 1e-2
+        config.binary_optimizer.threshold = 1e-6
+    reference = training.train_and_evaluate(config, tmp_path / "ref")
+
+    def stop_at(run_name, at):
+        def hook(run, step):
+            if run == run_name and step == at:
+                raise Interrupt
+
+        return hook
+
+    work = tmp_path / "resumed"
+    with pytest.raises(Interrupt):  # killed in epoch 2, after the checkpoint of step 30
+        training.train_and_evaluate(config, work, on_step=stop_at("bnn", 35))
+    assert not (work / "bnn" / "results.json").exists()
+    with pytest.raises(FileNotFoundError, match="half-trained"):
+        training.load_run(work / "bnn")
+    # Lines after the checkpoint were written before the kill; resuming drops them.
+    assert read_lines(work / "bnn" / "metrics.jsonl")[-1]["step"] == 33
+    with pytest.raises(Interrupt):  # and once more, in the twin's first epoch
+        training.train_and_evaluate(config, work, on_step=stop_at("fp", 13))
+    seen = []
+    resumed = training.train_and_evaluate(
+        config, work, on_step=lambda run, step: seen.append((run, step))
+    )
+    assert seen[0] == ("fp", 11)  # bnn had finished; fp continues after step 10
+    assert seen[-1] == ("fp", 44) and len(seen) == 34
+    for name in ("bnn", "fp"):
+        assert deterministic(read_lines(work / name / "metrics.jsonl")) == deterministic(
+            read_lines(tmp_path / "ref" / name / "metrics.jsonl")
+        )
+        for key in ("test_accuracy", "test_loss", "final_train_loss", "steps"):
+            assert resumed[name][key] == reference[name][key], (name, key)
+        _, got, _ = training.load_run(work / name)
+        _, want, _ = training.load_run(tmp_path / "ref" / name)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+    if binary_optimizer == "bop":  # Bop keeps binary kernels exactly +-1
+        _, bnn, _ = training.load_run(work / "bnn")
+        for layer in ("dense1", "head"):
+            assert set(np.unique(np.asarray(bnn["params"][layer]["kernel"]))) == {-1.0, 1.0}
+
+
+def test_a_killed_save_leaves_the_previous_checkpoint(tmp_path):
+    """A torn metrics line and a temporary checkpoint folder (a kill mid-write) are ignored."""
+    config = tiny_config()
+    reference = training.train_and_evaluate(config, tmp_path / "ref")
+    work = tmp_path / "work"
+
+    def hook(run, step):
+        if step == 15:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        training.train_and_evaluate(config, work, on_step=hook)
+    ckpt = work / "bnn" / "checkpoints"
+    (ckpt / "20.orbax-checkpoint-tmp-1234").mkdir()  # what a kill during save leaves
+    with open(work / "bnn" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 16, "loss": 0.')  # a torn line
+    resumed = training.train_and_evaluate(config, work)
+    for name in ("bnn", "fp"):
+        assert resumed[name]["test_loss"] == reference[name]["test_loss"]
+        assert deterministic(read_lines(work / name / "metrics.jsonl")) == deterministic(
+            read_lines(tmp_path / "ref" / name / "metrics.jsonl")
+        )
+
+
+# --------------------------------------------------------------------------- bad input
+def test_workdir_of_another_config_is_refused_and_kept(trained):
+    workdir, _, _, _, _ = trained
+    before = snapshot(workdir)
+    other = tiny_config(train_control=True, **{"optimizer.learning_rate": 0.5})
+    with pytest.raises(training.ConfigMismatchError, match=r"optimizer\.learning_rate"):
+        training.train_and_evaluate(other, workdir)
+    assert snapshot(workdir) == before
+
+
+@pytest.mark.parametrize(
+    "override, error, match",
+    [
+        ({"dataset": "nope"}, ValueError, "Unknown dataset 'nope'"),
+        ({"model": "resnet9000"}, ValueError, "Unknown model 'resnet9000'"),
+        ({"model_kwargs": {"depth": 3}}, ValueError, r"Unknown field\(s\) \['depth'\]"),
+        ({"optimizer.name": "sgd"}, ValueError, "Unknown optimizer 'sgd'"),
+        ({"binary_optimizer.name": "adam"}, ValueError, "Unknown binary optimizer 'adam'"),
+        ({"batch_size": 0}, ValueError, "batch_size must be an int >= 1"),
+        ({"batch_size": 5000}, ValueError, "exceeds the 1437 examples"),
+        (
+            {"dataset": "imagenet2012", "manual_dir": "/no/such/folder"},
+            jdata.DatasetNotAvailableError,
+            "manual_dir",
+        ),
+    ],
+)
+def test_bad_input_is_refused_before_anything_is_written(tmp_path, override, error, match):
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "notes.txt").write_text("keep me")
+    config = tiny_config()
+    for key, value in override.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    with pytest.raises(error, match=match):
+        training.train_and_evaluate(config, workdir)
+    assert snapshot(workdir) == {"notes.txt": hashlib.sha256(b"keep me").hexdigest()}
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    original = jdata.ArraySource.batches
+
+    def poisoned(self, batch_size, **kwargs):
+        for i, batch in enumerate(original(self, batch_size, **kwargs)):
+            if kwargs.get("shuffle", True) and i == 4:
+                batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+            yield batch
+
+    monkeypatch.setattr(jdata.ArraySource, "batches", poisoned)
+    config = tiny_config(checkpoint_every_steps=2, log_every_steps=100)
+    with pytest.raises(
+        training.NonFiniteLossError, match="'bnn'.*non-finite .* at step 5;.*step 4 is kept"
+    ):
+        training.train_and_evaluate(config, tmp_path)
+    steps = sorted(
+        int(p.name) for p in (tmp_path / "bnn" / "checkpoints").iterdir() if p.name.isdigit()
+    )
+    assert steps[-1] == 4
+
+
+def test_load_run_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a jbnn run directory"):
+        training.load_run(tmp_path / "missing")
+
+
+# --------------------------------------------------------------------------- sharding
+SHARDING_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import flax.linen as nn
+    import jax, jax.numpy as jnp, numpy as np
+    from jbnn import optim, training
+    from jbnn.layers import QuantConv, QuantDense
+
+    assert jax.device_count() == 4, jax.devices()
+
+    class TinyBNN(nn.Module):  # BinaryNet's blocks at toy size: quick to compile
+        @nn.compact
+        def __call__(self, x, train=False):
+            bn = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
+            x = QuantConv(8, kernel_quantizer="ste_sign", kernel_clip=1.0, use_bias=False)(x)
+            x = bn()(nn.max_pool(x, (2, 2), (2, 2)))
+            x = QuantConv(8, input_quantizer="ste_sign", kernel_quantizer="ste_sign",
+                          kernel_clip=1.0, use_bias=False)(x)
+            x = bn()(nn.max_pool(x, (2, 2), (2, 2))).reshape((x.shape[0], -1))
+            x = QuantDense(5, input_quantizer="ste_sign", kernel_quantizer="ste_sign",
+                           kernel_clip=1.0, use_bias=False)(x)
+            return bn()(x)
+
+    model = TinyBNN()
+    x = np.random.default_rng(0).normal(size=(8, 16, 16, 3)).astype(np.float32)
+    y = np.arange(8, dtype=np.int32) % 5
+    shape = (1, 16, 16, 3)
+    kernels = optim.binary_kernels(model, shape)
+    out = {}
+    for n in (4, 1):
+        mesh = training.make_mesh(jax.devices()[:n])
+        abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))
+        tx = optim.make_optimizer(
+            abstract["params"], kernels, schedule=optim.make_schedule(1e-3, 10))
+        state = training.create_train_state(model, tx, shape, 0, mesh)
+        step = training.make_train_step(model, tx, kernels, "latent", mesh)
+        losses = []
+        for _ in range(3):
+            batch = training.shard_batch({"image": x, "label": y}, mesh)
+            state = step(state, batch)
+            losses.append(float(state.loss_sum))  # the loss of this step's batch
+            state = state.reset_window()
+        out[n] = dict(
+            losses=losses,
+            batch_devices=len(batch["image"].sharding.device_set),
+            shard_shape=list(batch["image"].addressable_shards[0].data.shape),
+            param_devices=len(state.params["QuantDense_0"]["kernel"].sharding.device_set),
+            replicated=state.params["QuantDense_0"]["kernel"].sharding.is_fully_replicated,
+            cache=step._cache_size(),
+            kernel=np.asarray(state.params["QuantConv_1"]["kernel"]).ravel().tolist(),
+            stats=np.asarray(state.batch_stats["BatchNorm_1"]["var"]).tolist(),
+        )
+    from configs import digits
+    config = digits.get_config()
+    config.batch_size = 6
+    try:
+        training.train_and_evaluate(config, "/nonexistent/never")
+    except ValueError as e:
+        out["error"] = str(e)
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+@pytest.mark.slow
+def test_train_step_sharded_over_4_devices_equals_1_device():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDING_SCRIPT],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(s for s in proc.stdout.splitlines() if s.startswith("RESULT"))
+    out = json.loads(line[len("RESULT") :])
+    four, one = out["4"], out["1"]
+    assert four["batch_devices"] == 4 and four["shard_shape"] == [2, 16, 16, 3]
+    assert one["batch_devices"] == 1 and one["shard_shape"] == [8, 16, 16, 3]
+    assert four["param_devices"] == 4 and four["replicated"]
+    assert four["cache"] == 1 and one["cache"] == 1  # compiled once, reused every step
+    np.testing.assert_allclose(four["losses"], one["losses"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(four["kernel"], one["kernel"], atol=1e-5)
+    np.testing.assert_allclose(four["stats"], one["stats"], rtol=1e-5)  # global-batch BN
+    assert "batch_size=6 does not divide by the 4 devices" in out["error"]
+
+
+# --------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("name", CONFIGS)
+def test_configs_construct_and_build_their_model(name):
+    config = get_config(name)
+    training._check_config(config)  # fields, names, optimizer
+    assert "explain" in config
+    size = config.image_size or {"mnist": 28}.get(config.dataset, 32)
+    channels = {"digits": 1, "mnist": 1}.get(config.dataset, 3)
+    shape = (1, size, size, channels)
+    for binary in (True, False):
+        model = training.build_model(config, binary, 10)
+        abstract = jax.eval_shape(lambda m=model: m.init(jax.random.key(0), jnp.zeros(shape)))
+        out = jax.eval_shape(lambda v, m=model: m.apply(v, jnp.zeros(shape)), abstract)
+        assert out.shape == (1, 10)
+
+
+def test_command_line_overrides():
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = [
+        "train.py",
+        f"--config={ROOT / 'configs' / 'shapes.py'}",
+        "--config.num_epochs=3",
+        "--config.optimizer.learning_rate=0.5",
+        "--config.binary_optimizer.name=bop",
+        "--config.data_dir=/data",
+    ]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config", flag_values=values, sys_argv=argv)
+    values(argv)
+    config = values.config
+    assert config.dataset == "shapes" and config.num_epochs == 3
+    assert config.optimizer.learning_rate == 0.5 and config.binary_optimizer.name == "bop"
+    assert config.data_dir == "/data"
+
+
+# --------------------------------------------------------------------------- TFDS
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_tfds_path_with_mock_data(tmp_path, dataset):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    config = get_config("mnist" if dataset == "mnist" else "cifar10_binarynet")
+    config.model = "mlp"  # the data path is under test, not the model: keep it quick
+    config.model_kwargs = {"hidden": (16,)}
+    config.batch_size = 16
+    config.eval_batch_size = 16
+    config.optimizer.warmup_steps = 0
+    config.num_epochs = 1
+    config.checkpoint_every_steps = 2
+    config.log_every_steps = 2
+    config.progress_bar = False
+    config.data_dir = str(tmp_path / "tfds")
+    with tfds.testing.mock_data(num_examples=48):
+        results = training.train_and_evaluate(config, tmp_path / "w")
+    for name in ("bnn", "fp"):
+        res = results[name]
+        assert res["steps"] == 3 and res["test_examples"] == 48
+        assert res["image_shape"] == ([28, 28, 1] if dataset == "mnist" else [32, 32, 3])
+        assert 0.0 <= res["test_accuracy"] <= 1.0 and np.isfinite(res["test_loss"])
