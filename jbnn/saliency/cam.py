@@ -1,0 +1,232 @@
+"""Class activation maps: GradCAM and GradCAM++ on any Flax Linen model, unchanged.
+
+The explained layer is named by its module path (``"block6"``, ``"stage4/block1"``;
+:func:`jbnn.models.layer_paths` lists them). Flax's ``nn.intercept_methods`` reaches
+it: the ``__call__`` of the module at that path gets a zero "perturbation" added to
+its output, and the gradient with respect to that perturbation is the gradient of
+the target logit with respect to the layer's activation (the mechanism of
+``Module.perturb``, without editing the model). The model runs in inference mode,
+``model.apply(variables, x)``: BatchNorm uses its running statistics and nothing is
+mutable, so the examples of a batch never influence each other.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jbnn.saliency import _checks
+
+INTERPOLATIONS = {"bilinear": "linear", "nearest": "nearest", "bicubic": "cubic"}
+
+__all__ = ["INTERPOLATIONS", "gradcam", "gradcam_plus_plus", "layer_activation_and_gradient"]
+
+
+def _forward_with_probe(model: nn.Module, path: tuple[str, ...], variables, x, delta):
+    """``model.apply(variables, x)`` with ``delta`` added to the output of ``path``.
+
+    Returns ``(logits, activation)``, the activation being the layer's own output (the
+    first call of the module at ``path``, should it be called more than once).
+    """
+    captured = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if (
+            not captured
+            and context.method_name == "__call__"
+            and tuple(context.module.path) == path
+        ):
+            captured.append(out)
+            if delta is not None:
+                out = out + delta.astype(out.dtype)
+        return out
+
+    with nn.intercept_methods(interceptor):
+        logits = model.apply(variables, x)
+    if not captured:
+        raise ValueError(f"layer {'/'.join(path)!r} was not called by model.apply")
+    return logits, captured[0]
+
+
+def _activation_and_gradient(model, path, variables, x, target):
+    """Layer activation A and d logit[target] / dA, both (B, h, w, C); and the logits."""
+    probe = jax.eval_shape(
+        lambda v, x: _forward_with_probe(model, path, v, x, None)[1], variables, x
+    )
+    delta = jnp.zeros(probe.shape, probe.dtype)
+    logits, pullback, activation = jax.vjp(
+        lambda d: _forward_with_probe(model, path, variables, x, d), delta, has_aux=True
+    )
+    if target is None:
+        target = jnp.argmax(logits, axis=-1)
+    cotangent = jax.nn.one_hot(target, logits.shape[-1], dtype=logits.dtype)
+    (grad,) = pullback(cotangent)
+    return activation, grad, logits
+
+
+@functools.partial(jax.jit, static_argnames=("model", "path"))
+def _activation_and_gradient_jit(model, variables, x, target, *, path):
+    activation, grad, _ = _activation_and_gradient(model, path, variables, x, target)
+    return activation, grad
+
+
+def layer_activation_and_gradient(
+    model: nn.Module, variables, x: ArrayLike, target: ArrayLike | int | None, *, layer: str
+) -> tuple[jax.Array, jax.Array]:
+    """The activation of ``layer`` and the gradient of the target logit with respect to it.
+
+    Args:
+      model: any Flax Linen module, called as ``model.apply(variables, x)``.
+      variables: its variables (``{"params": ..., "batch_stats": ...}``).
+      x: float images (B, H, W, C), finite.
+      target: int (B,) (or one int) in [0, K), or None for the predicted class.
+      layer: module path, e.g. ``"block6"``.
+
+    Returns:
+      ``(activation, gradient)``, both of the layer's output shape (B, h, w, C).
+    """
+    name = "layer_activation_and_gradient"
+    model, variables, x, target, path, _ = _prepare(model, variables, x, target, layer, name)
+    return _activation_and_gradient_jit(model, variables, x, target, path=path)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("model", "path", "plus_plus", "relu", "interpolation", "return_low_res"),
+)
+def _cam_jit(model, variables, x, target, *, path, plus_plus, relu, interpolation, return_low_res):
+    activation, grad, _ = _activation_and_gradient(model, path, variables, x, target)
+    dtype = jnp.promote_types(activation.dtype, jnp.float32)
+    activation = activation.astype(dtype)  # (B, h, w, C)
+    grad = grad.astype(dtype)  # (B, h, w, C)
+    if plus_plus:
+        # Chattopadhyay et al. 2018, as pytorch-grad-cam and tf-keras-vis compute it
+        # (the exp(score) factors of the paper cancel in alpha and only scale the map):
+        # alpha = g^2 / (2 g^2 + sum_ij A * g^3), 0 where undefined;
+        # channel weight = sum_ij alpha * relu(g).
+        g2 = jnp.square(grad)
+        g3 = g2 * grad
+        sum_a = jnp.sum(activation, axis=(1, 2), keepdims=True)  # (B, 1, 1, C)
+        denominator = 2.0 * g2 + sum_a * g3
+        ok = (grad != 0) & (denominator != 0)
+        alpha = jnp.where(ok, g2 / jnp.where(ok, denominator, 1.0), 0.0)
+        weights = jnp.sum(alpha * jax.nn.relu(grad), axis=(1, 2))  # (B, C)
+    else:
+        weights = jnp.mean(grad, axis=(1, 2))  # (B, C)
+    low_res = jnp.einsum("bhwc,bc->bhw", activation, weights)  # (B, h, w)
+    if relu:
+        low_res = jax.nn.relu(low_res)
+    height, width = x.shape[1:3]
+    cam = jax.image.resize(
+        low_res, (x.shape[0], height, width), method=INTERPOLATIONS[interpolation]
+    )  # (B, H, W)
+    return (cam, low_res) if return_low_res else cam
+
+
+def _prepare(model, variables, x, target, layer, name):
+    x = _checks.check_images(x, name)
+    path, _ = _checks.check_layer(model, x.shape, layer, name)
+    from jbnn.models import apply_fn
+
+    fn = apply_fn(model, variables)
+    batch, num_classes = _checks.logits_shape(fn, x, name)
+    target = _checks.check_target(target, batch, num_classes, name)
+    return model, variables, x, target, path, num_classes
+
+
+def _cam(model, variables, x, target, layer, relu, interpolation, return_low_res, plus_plus):
+    name = "gradcam_plus_plus" if plus_plus else "gradcam"
+    _checks.check_choice(interpolation, tuple(INTERPOLATIONS), "interpolation", name)
+    model, variables, x, target, path, _ = _prepare(model, variables, x, target, layer, name)
+    return _cam_jit(
+        model,
+        variables,
+        x,
+        target,
+        path=path,
+        plus_plus=plus_plus,
+        relu=bool(relu),
+        interpolation=interpolation,
+        return_low_res=bool(return_low_res),
+    )
+
+
+def gradcam(
+    model: nn.Module,
+    variables,
+    x: ArrayLike,
+    target: ArrayLike | int | None,
+    *,
+    layer: str,
+    relu: bool = True,
+    interpolation: str = "bilinear",
+    return_low_res: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """GradCAM (Selvaraju et al. 2017) of the target logit at ``layer``.
+
+    Channel weights are the spatial mean of the gradient of the target logit with
+    respect to the layer's activation A (B, h, w, C); the low-resolution map is
+    ``sum_c weight_c * A[..., c]``, passed through a ReLU when ``relu`` (the paper,
+    PAIR and tf-keras-vis always do; Captum's ``LayerGradCam`` does not by default:
+    ``relu=False`` gives Captum's map), then resized to (H, W) with
+    ``jax.image.resize`` (half-pixel centres; bilinear by default as tf-keras-vis and
+    PAIR's skimage resize; Captum uses nearest). No normalisation is applied: divide
+    by the max (PAIR) or use :func:`normalize_pair` for display.
+
+    Args:
+      model: any Flax Linen module, called as ``model.apply(variables, x)`` (inference).
+      variables: its variables.
+      x: float images (B, H, W, C), finite.
+      target: int (B,) (or one int) in [0, K), or None for the predicted class.
+      layer: '/'-separated module path of a layer whose output is (B, h, w, C), e.g.
+        ``"block6"`` or ``"stage4/block1"``; an unknown path raises a ValueError that
+        lists the valid ones.
+      relu: apply a ReLU to the map (before resizing).
+      interpolation: ``"bilinear"``, ``"nearest"`` or ``"bicubic"``.
+      return_low_res: also return the map at the layer's resolution.
+
+    Returns:
+      The map (B, H, W) in float32 (at least); with ``return_low_res``, the pair
+      ``(map, low_res)`` with ``low_res`` of shape (B, h, w).
+    """
+    return _cam(model, variables, x, target, layer, relu, interpolation, return_low_res, False)
+
+
+def gradcam_plus_plus(
+    model: nn.Module,
+    variables,
+    x: ArrayLike,
+    target: ArrayLike | int | None,
+    *,
+    layer: str,
+    relu: bool = True,
+    interpolation: str = "bilinear",
+    return_low_res: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """GradCAM++ (Chattopadhyay et al. 2018) of the target logit at ``layer``.
+
+    With g the gradient of the target logit with respect to the activation A,
+    ``alpha = g^2 / (2 g^2 + sum_ij(A) g^3)`` (0 where g = 0 or the denominator
+    vanishes) and channel weights ``sum_ij alpha * relu(g)``: pytorch-grad-cam's
+    formula, without the ``exp(score)`` factors of the paper (they cancel in alpha
+    and would only rescale the map). Map, ReLU and resizing as :func:`gradcam`.
+
+    Args:
+      model: any Flax Linen module.
+      variables: its variables.
+      x: float images (B, H, W, C), finite.
+      target: int (B,) (or one int) in [0, K), or None for the predicted class.
+      layer: '/'-separated module path of a (B, h, w, C) layer.
+      relu: apply a ReLU to the map (all references do).
+      interpolation: ``"bilinear"``, ``"nearest"`` or ``"bicubic"``.
+      return_low_res: also return the map at the layer's resolution.
+
+    Returns:
+      The map (B, H, W), or ``(map, low_res)`` with ``return_low_res``.
+    """
+    return _cam(model, variables, x, target, layer, relu, interpolation, return_low_res, True)

@@ -1,0 +1,817 @@
+"""jbnn.saliency against independent references.
+
+References: per-example loops of ``jax.grad``, central finite differences (float64),
+slow Python loops over the same noise samples, hand-written GradCAM on a model split
+into a features module and a head module, hand-derived gradients of a tiny BNN, PAIR's
+``saliency.core`` (through its call_model_function protocol) and Captum's display
+formula. Tiny Linen models and 8x8 to 16x16 images keep every test on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jbnn import models
+from jbnn import saliency as sal
+from jbnn.saliency import gradients as sal_gradients
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_CLASSES = 5
+TRACES = [0]  # incremented each time SplitNet is traced
+
+
+# --------------------------------------------------------------------------- models
+class Features(nn.Module):
+    """conv -> ReLU -> BatchNorm -> strided conv: a (B, h, w, 8) feature map."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Conv(6, (3, 3), name="conv1")(x))
+        x = nn.BatchNorm(use_running_average=not train, name="bn")(x)
+        return nn.Conv(8, (3, 3), strides=(2, 2), name="conv2")(x)
+
+
+class Head(nn.Module):
+    """tanh -> flatten -> dense: spatially varying channel gradients."""
+
+    num_classes: int = NUM_CLASSES
+
+    @nn.compact
+    def __call__(self, a):
+        a = jnp.tanh(a)
+        return nn.Dense(self.num_classes, name="dense")(a.reshape(a.shape[0], -1))
+
+
+class SplitNet(nn.Module):
+    """head(features(x)); GradCAM layers "features" and "features/conv2" coincide."""
+
+    num_classes: int = NUM_CLASSES
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        TRACES[0] += 1
+        return Head(self.num_classes, name="head")(Features(name="features")(x, train))
+
+
+def _init(model, shape, seed=0, dtype=np.float32):
+    """Variables of ``model`` drawn with numpy (shapes from ``jax.eval_shape``).
+
+    Kernels ~ U(+-sqrt(3 / fan_in)), BatchNorm scales ~ U(0.5, 1.5), running means
+    ~ N(0.3, 0.2) and variances ~ U(0.5, 2) (so that inference mode differs from batch
+    statistics), other parameters ~ U(-0.5, 0.5). numpy keeps the tests free of
+    threefry compilations, which are slow on CPU.
+    """
+    spec = jax.ShapeDtypeStruct(shape, jnp.float32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), spec)
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = getattr(path[-1], "key", "")
+        if name == "var":
+            value = rng.uniform(0.5, 2.0, leaf.shape)
+        elif name == "mean":
+            value = rng.normal(0.3, 0.2, leaf.shape)
+        elif name == "kernel":
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            value = rng.uniform(-1.0, 1.0, leaf.shape) * np.sqrt(3.0 / fan_in)
+        elif name == "scale":
+            value = rng.uniform(0.5, 1.5, leaf.shape)
+        else:
+            value = rng.uniform(-0.5, 0.5, leaf.shape)
+        return jnp.asarray(value, dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def _uniform(shape, seed, low=-1.0, high=1.0, dtype=np.float32):
+    return jnp.asarray(np.random.default_rng(seed).uniform(low, high, shape), dtype)
+
+
+def _split_apply(variables, x):
+    """The same network as SplitNet, by hand: features and head applied separately."""
+    feats = Features().apply(
+        {
+            "params": variables["params"]["features"],
+            "batch_stats": variables["batch_stats"]["features"],
+        },
+        x,
+    )
+    return feats, lambda a: Head().apply({"params": variables["params"]["head"]}, a)
+
+
+@pytest.fixture(scope="module")
+def net():
+    model = SplitNet()
+    variables = _init(model, (1, 16, 16, 3))
+    x = _uniform((3, 16, 16, 3), 1)
+    target = jnp.array([0, 3, 1], jnp.int32)
+    return model, variables, x, target
+
+
+def _grad_loop(model, variables, x, target):
+    """Per-example loop of jax.grad of the target logit."""
+
+    def logit(xi, t):
+        return model.apply(variables, xi[None])[0, t]
+
+    grad = jax.jit(jax.grad(logit))
+    return np.stack([np.asarray(grad(x[i], int(target[i]))) for i in range(x.shape[0])])
+
+
+# --------------------------------------------------------------------------- gradient
+def test_gradient_equals_per_example_grad_loop(net):
+    model, variables, x, target = net
+    fn = models.apply_fn(model, variables)
+    ours = sal.gradient(fn, x, target)
+    assert ours.shape == x.shape and ours.dtype == x.dtype
+    np.testing.assert_allclose(ours, _grad_loop(model, variables, x, target), rtol=1e-5, atol=1e-7)
+    # target=None explains the predicted class; one int is broadcast.
+    predicted = jnp.argmax(fn(x), axis=-1)
+    np.testing.assert_allclose(
+        sal.gradient(fn, x), _grad_loop(model, variables, x, predicted), rtol=1e-5, atol=1e-7
+    )
+    np.testing.assert_allclose(
+        sal.gradient(fn, x, 2), _grad_loop(model, variables, x, [2, 2, 2]), rtol=1e-5, atol=1e-7
+    )
+    np.testing.assert_allclose(sal.input_x_gradient(fn, x, target), ours * x, rtol=1e-6)
+
+
+def test_gradient_of_bnn_equals_per_example_loop():
+    model = models.get("binarynet", binary=True, num_classes=4, width=1 / 16, dense_features=32)
+    x = _uniform((3, 8, 8, 3), 2)
+    variables = _init(model, x.shape, seed=3)
+    ours = sal.gradient(models.apply_fn(model, variables), x, jnp.array([0, 1, 3]))
+    ref = _grad_loop(model, variables, x, jnp.array([0, 1, 3]))
+    # Binary activations: the sums are large and cancel; float32 rounding of the scale.
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    assert np.abs(ref).max() > 0
+
+
+def test_gradient_equals_finite_differences_on_fp_twin():
+    bnn = models.get("binarynet", binary=True, num_classes=4, width=1 / 16, dense_features=32)
+    twin = models.twin(bnn).clone(fp_activation="tanh")  # smooth twin
+    with jax.enable_x64(True):
+        x = _uniform((2, 8, 8, 3), 4, dtype=np.float64)
+        variables = _init(twin, x.shape, seed=5, dtype=np.float64)
+        fn = models.apply_fn(twin, variables)
+        target = jnp.array([1, 2])
+        ours = np.asarray(sal.gradient(fn, x, target))
+        eps = 1e-3
+        basis = jnp.eye(x[0].size, dtype=x.dtype).reshape(-1, *x.shape[1:])  # (D, H, W, C)
+
+        @jax.jit
+        def central(x):
+            def diff(e):
+                up = fn(x + eps * e[None])[jnp.arange(2), target]
+                down = fn(x - eps * e[None])[jnp.arange(2), target]
+                return (up - down) / (2 * eps)  # (B,)
+
+            return jax.lax.map(diff, basis, batch_size=64)  # (D, B)
+
+        fd = np.asarray(central(x)).T.reshape(x.shape)
+    # The twin casts its logits to float32: each difference carries a rounding error of
+    # about ulp(logit) / (2 eps) ~ 1e-4 of the logit; the gradient itself is exact.
+    scale = np.abs(ours).max()
+    assert scale > 1e-3
+    np.testing.assert_allclose(ours, fd, atol=3e-3 * scale, rtol=1e-3)
+
+
+# --------------------------------------------------------------------------- surrogates
+def _sign(a):
+    return np.where(a >= 0, 1.0, -1.0)
+
+
+@pytest.mark.parametrize("surrogate", [None, "approx_sign", "ste_sign(clip_value=0.5)"])
+def test_surrogate_override_changes_gradient_as_the_formula_says(surrogate):
+    bnn = models.get("mlp", binary=True, num_classes=3, hidden=(16,))
+    x = _uniform((4, 4, 4, 1), 6, -2.0, 2.0)
+    variables = _init(bnn, x.shape, seed=7)
+    stats = {  # pre-activations of dense1 spread over about [-2, 2]: both sides of the clip
+        "dense1_bn": {"mean": jnp.zeros(16), "var": jnp.full(16, 16.0)},
+        "head_bn": {"mean": jnp.full(3, 0.1), "var": jnp.full(3, 4.0)},
+    }
+    variables = {**variables, "batch_stats": stats}
+    target = np.array([0, 1, 2, 1])
+    model = models.with_surrogate(bnn, surrogate)
+    fn = models.apply_fn(model, variables)
+    ours = np.asarray(sal.gradient(fn, x, target))
+
+    # By hand: logits = BN_head(sign(h) @ sign(W2)), h = BN1(x @ sign(W1)).
+    p, s, eps = variables["params"], variables["batch_stats"], 1e-5
+    xf = np.asarray(x, np.float64).reshape(4, -1)
+    w1, w2 = _sign(np.asarray(p["dense1"]["kernel"])), _sign(np.asarray(p["head"]["kernel"]))
+    g1 = np.asarray(p["dense1_bn"]["scale"]) / np.sqrt(np.asarray(s["dense1_bn"]["var"]) + eps)
+    h = (xf @ w1 - np.asarray(s["dense1_bn"]["mean"])) * g1 + np.asarray(p["dense1_bn"]["bias"])
+    if surrogate == "approx_sign":
+        ds = np.where(np.abs(h) <= 1, 2 - 2 * np.abs(h), 0.0)
+    else:
+        ds = (np.abs(h) <= (0.5 if surrogate else 1.0)).astype(np.float64)
+    assert 0 < ds.astype(bool).mean() < 1  # both sides of the clip occur
+    head_scale = 1 / np.sqrt(np.asarray(s["head_bn"]["var"]) + eps)
+    hand = np.stack(
+        [w1 @ (g1 * ds[b] * w2[:, target[b]] * head_scale[target[b]]) for b in range(4)]
+    ).reshape(x.shape)
+    np.testing.assert_allclose(ours, hand, rtol=1e-5, atol=1e-6)
+
+    # The forward pass is bit for bit the BNN's; the map differs from the default's.
+    base_fn = models.apply_fn(bnn, variables)
+    np.testing.assert_array_equal(fn(x), base_fn(x))
+    if surrogate is not None:
+        assert not np.allclose(ours, sal.gradient(base_fn, x, target))
+
+
+# --------------------------------------------------------------------------- SmoothGrad
+def _smoothgrad_loop(model, variables, x, target, key, num_samples, sigmas, variant):
+    """Slow reference: per example b and sample s, noise from fold_in(fold_in(key, b), s)."""
+
+    def logit(xi, t):
+        return model.apply(variables, xi[None])[0, t]
+
+    grad = jax.jit(jax.grad(logit))
+    out = []
+    for b in range(x.shape[0]):
+        key_b = jax.random.fold_in(key, b)
+        grads = []
+        for s in range(num_samples):
+            noise = jax.random.normal(jax.random.fold_in(key_b, s), x.shape[1:], x.dtype)
+            grads.append(np.asarray(grad(x[b] + sigmas[b] * noise, int(target[b])), np.float64))
+        grads = np.stack(grads)
+        if variant == "smoothgrad":
+            out.append(grads.mean(0))
+        elif variant == "smoothgrad_sq":
+            out.append((grads**2).mean(0))
+        else:
+            out.append(grads.var(0))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("batch_size", [None, 4])
+@pytest.mark.parametrize("variant", ["smoothgrad", "smoothgrad_sq", "vargrad"])
+def test_smoothgrad_equals_slow_loop(net, variant, batch_size):
+    model, variables, x, target = net
+    key = jax.random.key(11)
+    fn = models.apply_fn(model, variables)
+    ours = sal.smoothgrad(
+        fn, x, target, key, num_samples=6, noise_level=0.2, variant=variant, batch_size=batch_size
+    )  # batch_size=4: one scanned chunk of 4 and a remainder of 2
+    sigmas = 0.2 * (np.asarray(x).max(axis=(1, 2, 3)) - np.asarray(x).min(axis=(1, 2, 3)))
+    ref = _smoothgrad_loop(model, variables, x, target, key, 6, sigmas, variant)
+    assert ours.shape == x.shape
+    np.testing.assert_allclose(ours, ref, rtol=2e-4, atol=1e-6 * np.abs(ref).max())
+    assert np.abs(ref).max() > 0
+
+
+def test_smoothgrad_keys_sigma_and_chunking(net):
+    model, variables, x, target = net
+    fn = models.apply_fn(model, variables)
+    key = jax.random.key(11)
+    kw = dict(num_samples=6, noise_level=0.2)
+    a = sal.smoothgrad(fn, x, target, key, **kw)
+    np.testing.assert_array_equal(a, sal.smoothgrad(fn, x, target, key, **kw))  # same key
+    assert not np.allclose(a, sal.smoothgrad(fn, x, target, jax.random.key(12), **kw))
+    # One key per example: the same noise as fold_in(key, b).
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(3))
+    np.testing.assert_array_equal(a, sal.smoothgrad(fn, x, target, keys, **kw))
+    # A raw PRNGKey works too; chunk sizes that divide num_samples agree with unchunked.
+    raw = jax.random.key_data(key)
+    chunked = sal.smoothgrad(fn, x, target, raw, **kw, batch_size=3)
+    np.testing.assert_allclose(a, chunked, rtol=1e-4, atol=1e-6 * np.abs(a).max())
+    # Absolute sigma (Captum): the per-example spread times noise_level, given directly.
+    sigmas = 0.2 * (jnp.max(x, axis=(1, 2, 3)) - jnp.min(x, axis=(1, 2, 3)))
+    b = sal.smoothgrad(fn, x, target, key, num_samples=6, noise_sigma=np.asarray(sigmas))
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(a).max())
+
+
+@pytest.mark.slow
+def test_smoothgrad_memory_is_bounded_by_the_chunk():
+    model = SplitNet()
+    x = _uniform((1, 32, 32, 3), 3)
+    variables = _init(model, x.shape)
+    fn = models.apply_fn(model, variables)
+    keys = jax.random.key(0)[None]
+    scale = jnp.float32(0.15)
+
+    def compiled(num_samples, batch_size):
+        return sal_gradients._smoothgrad_jit.lower(
+            fn,
+            x,
+            None,
+            keys,
+            scale,
+            relative=True,
+            num_samples=num_samples,
+            variant="smoothgrad",
+            batch_size=batch_size,
+        ).compile()
+
+    chunked_1000 = compiled(1000, 50)
+    temp = {
+        (1000, 50): chunked_1000.memory_analysis().temp_size_in_bytes,
+        (100, 50): compiled(100, 50).memory_analysis().temp_size_in_bytes,
+        (1000, 1000): compiled(1000, 1000).memory_analysis().temp_size_in_bytes,
+    }
+    # 1000 samples in chunks of 50 need the memory of 50 samples (of 100 in chunks of 50),
+    # not the memory of 1000 samples at once.
+    assert temp[(1000, 50)] <= 1.1 * temp[(100, 50)], temp
+    assert temp[(1000, 1000)] > 10 * temp[(1000, 50)], temp
+    # ... and the chunked computation runs and matches the public function's result
+    # for 1000 samples in chunks of 250.
+    maps = chunked_1000(fn, x, None, keys, scale)
+    ref = sal.smoothgrad(fn, x, None, keys, num_samples=1000, batch_size=250)
+    np.testing.assert_allclose(maps, ref, rtol=1e-4, atol=1e-6 * np.abs(ref).max())
+
+
+# --------------------------------------------------------------------------- IG
+def test_integrated_gradients_quadrature_and_completeness(net):
+    model, variables, x, target = net
+    fn = models.apply_fn(model, variables)
+    for method in sal.IG_METHODS:
+        alphas, weights = sal.quadrature(method, 8)
+        assert alphas.shape == weights.shape == (8,) and 0 <= alphas.min() <= alphas.max() <= 1
+        assert np.isclose(weights.sum(), 1.0)
+    # Against a loop over the path points with the per-example gradient.
+    baseline = 0.1
+    ours = sal.integrated_gradients(
+        fn, x, target, baseline=baseline, num_steps=8, method="gausslegendre", batch_size=3
+    )
+    alphas, weights = sal.quadrature("gausslegendre", 8)
+    xb = np.asarray(x) - baseline
+    ref = sum(
+        w * _grad_loop(model, variables, baseline + a * jnp.asarray(xb), target)
+        for a, w in zip(alphas, weights, strict=True)
+    )
+    np.testing.assert_allclose(ours, xb * ref, rtol=1e-4, atol=1e-7)
+    # Completeness: attributions sum to about logit(x) - logit(baseline); the ReLU makes
+    # the integrand kinked, so both quadratures are good to about 1%.
+    logits, logits0 = fn(x), fn(jnp.zeros_like(x))
+    delta = (logits - logits0)[jnp.arange(3), target]
+    tol = 0.02 * np.abs(delta).max()
+    for method in ("gausslegendre", "riemann_trapezoid"):
+        ig = sal.integrated_gradients(fn, x, target, num_steps=32, method=method)
+        np.testing.assert_allclose(ig.sum(axis=(1, 2, 3)), delta, atol=tol)
+
+
+# --------------------------------------------------------------------------- GradCAM
+def _hand_cam(variables, x, target, plus_plus=False, relu=True):
+    """GradCAM by hand on the split model (numpy), low resolution (B, h, w)."""
+    feats, head = _split_apply(variables, x)
+
+    def score(a):
+        return jnp.sum(head(a)[jnp.arange(x.shape[0]), target])
+
+    g = np.asarray(jax.grad(score)(feats), np.float64)
+    a = np.asarray(feats, np.float64)
+    if plus_plus:
+        num = g**2
+        den = 2 * g**2 + a.sum(axis=(1, 2), keepdims=True) * g**3
+        alpha = np.where((g != 0) & (den != 0), num / np.where(den != 0, den, 1), 0)
+        weights = (alpha * np.maximum(g, 0)).sum(axis=(1, 2))
+    else:
+        weights = g.mean(axis=(1, 2))
+    cam = np.einsum("bhwc,bc->bhw", a, weights)
+    return np.maximum(cam, 0) if relu else cam
+
+
+@pytest.mark.parametrize("layer", ["features", "features/conv2"])
+def test_gradcam_equals_hand_split(net, layer):
+    model, variables, x, target = net
+    cam, low = sal.gradcam(model, variables, x, target, layer=layer, return_low_res=True)
+    hand = _hand_cam(variables, x, target)
+    assert cam.shape == x.shape[:3] and low.shape == (3, 8, 8)
+    np.testing.assert_allclose(low, hand, rtol=1e-4, atol=1e-6 * hand.max())
+    assert hand.max() > 0 and (hand == 0).any()  # the ReLU matters
+    # Captum's default: no ReLU.
+    _, low_signed = sal.gradcam(
+        model, variables, x, target, layer=layer, relu=False, return_low_res=True
+    )
+    hand_signed = _hand_cam(variables, x, target, relu=False)
+    np.testing.assert_allclose(low_signed, hand_signed, rtol=1e-4, atol=1e-6 * hand.max())
+    # Nearest upsampling by an integer factor is pixel repetition.
+    nearest = sal.gradcam(model, variables, x, target, layer=layer, interpolation="nearest")
+    np.testing.assert_allclose(nearest, np.repeat(np.repeat(low, 2, 1), 2, 2), rtol=1e-6)
+    # Bilinear: skimage's resize (half-pixel centres) of the low-res map, edge-clamped.
+    from skimage.transform import resize
+
+    bilinear = np.stack(
+        [resize(np.asarray(m, np.float64), (16, 16), order=1, mode="edge") for m in low]
+    )
+    np.testing.assert_allclose(cam, bilinear, rtol=1e-5, atol=1e-6 * hand.max())
+
+
+def test_gradcam_plus_plus_equals_hand_split(net):
+    model, variables, x, target = net
+    cam, low = sal.gradcam_plus_plus(
+        model, variables, x, target, layer="features", return_low_res=True
+    )
+    hand = _hand_cam(variables, x, target, plus_plus=True)  # float64: g^3 rounds in float32
+    np.testing.assert_allclose(low, hand, rtol=1e-3, atol=1e-6 * hand.max())
+    assert cam.shape == (3, 16, 16) and hand.max() > 0
+    act, grad = sal.layer_activation_and_gradient(model, variables, x, target, layer="features")
+    feats, _ = _split_apply(variables, x)
+    np.testing.assert_allclose(act, feats, rtol=1e-6, atol=1e-7)
+
+
+def test_gradcam_inference_mode_and_predicted_target(net):
+    model, variables, x, _ = net
+    predicted = jnp.argmax(model.apply(variables, x), axis=-1)
+    _, low = sal.gradcam(model, variables, x, None, layer="features", return_low_res=True)
+    np.testing.assert_allclose(low, _hand_cam(variables, x, predicted), rtol=1e-4, atol=1e-7)
+    # One example explained alone gives the same map as in the batch (no batch stats).
+    _, low0 = sal.gradcam(model, variables, x[:1], None, layer="features", return_low_res=True)
+    np.testing.assert_allclose(low0[0], low[0], rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- PAIR
+def _pair_call_model_function(model, variables):
+    import saliency.core as pair
+
+    def call_model_function(x_batch, call_model_args=None, expected_keys=None):
+        target = call_model_args["target"]
+        x_batch = jnp.asarray(x_batch, jnp.float32)
+        out = {}
+        if pair.base.INPUT_OUTPUT_GRADIENTS in expected_keys:
+            grad = jax.grad(lambda z: jnp.sum(model.apply(variables, z)[:, target]))(x_batch)
+            out[pair.base.INPUT_OUTPUT_GRADIENTS] = np.asarray(grad)
+        if pair.base.CONVOLUTION_LAYER_VALUES in expected_keys:
+            feats, head = _split_apply(variables, x_batch)
+            grad = jax.grad(lambda a: jnp.sum(head(a)[:, target]))(feats)
+            out[pair.base.CONVOLUTION_LAYER_VALUES] = np.asarray(feats)
+            out[pair.base.CONVOLUTION_OUTPUT_GRADIENTS] = np.asarray(grad)
+        return out
+
+    return call_model_function
+
+
+def test_agrees_with_pair_gradient_and_gradcam(net):
+    import saliency.core as pair
+
+    model, variables, x, target = net
+    cmf = _pair_call_model_function(model, variables)
+    xs = np.asarray(x)
+    ours = np.asarray(sal.gradient(models.apply_fn(model, variables), x, target))
+    cam, low = sal.gradcam(model, variables, x, target, layer="features", return_low_res=True)
+    for b in range(3):
+        args = {"target": int(target[b])}
+        np.testing.assert_allclose(
+            ours[b], pair.GradientSaliency().GetMask(xs[b], cmf, args), rtol=1e-5, atol=1e-8
+        )
+        # PAIR: ReLU, divide by the low-res max, skimage resize; ours is not normalised. PAIR's
+        # skimage resize mirrors the map at the border (mode "reflect", i.e. scipy's
+        # "mirror") where jax.image.resize clamps to the edge (as TF and PyTorch do):
+        # the outer ring of half a low-res pixel (1 px at 2x) differs by design.
+        pair_cam = pair.GradCam().GetMask(xs[b], cmf, args, should_resize=True, three_dims=False)
+        ours_cam = np.asarray(cam[b] / low[b].max() if low[b].max() > 0 else cam[b])
+        inner = (slice(1, -1), slice(1, -1))
+        np.testing.assert_allclose(ours_cam[inner], pair_cam[inner], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["smoothgrad", "smoothgrad_sq"])
+def test_agrees_with_pair_smoothgrad_on_the_same_noise(net, monkeypatch, variant):
+    import saliency.core as pair
+
+    model, variables, x, target = net
+    key = jax.random.key(11)
+    ours = sal.smoothgrad(
+        models.apply_fn(model, variables),
+        x,
+        target,
+        key,
+        num_samples=6,
+        noise_level=0.2,
+        variant=variant,
+    )
+    cmf = _pair_call_model_function(model, variables)
+    xs = np.asarray(x)
+    for b in range(3):
+        # PAIR draws np.random.normal(0, stdev, shape) with stdev = 0.2 * (max - min):
+        # feed it our standard normal samples for example b, scaled by its stdev.
+        key_b = jax.random.fold_in(key, b)
+        draws = iter(
+            np.asarray(jax.random.normal(jax.random.fold_in(key_b, s), xs.shape[1:]))
+            for s in range(6)
+        )
+        monkeypatch.setattr(
+            np.random, "normal", lambda loc, scale, size, d=draws: loc + scale * next(d)
+        )
+        mask = pair.GradientSaliency().GetSmoothedMask(
+            xs[b],
+            cmf,
+            {"target": int(target[b])},
+            stdev_spread=0.2,
+            nsamples=6,
+            magnitude=variant == "smoothgrad_sq",
+        )
+        monkeypatch.undo()
+        np.testing.assert_allclose(ours[b], mask, rtol=2e-4, atol=1e-6 * np.abs(mask).max())
+
+
+# --------------------------------------------------------------------------- display
+def test_reduce_channels_against_numpy():
+    maps = np.random.default_rng(0).normal(size=(2, 4, 5, 3)).astype(np.float32)
+    expected = {
+        "abs_max": np.abs(maps).max(-1),
+        "max": maps.max(-1),
+        "sum": maps.sum(-1),
+        "abs_sum": np.abs(maps).sum(-1),
+        "sum_abs": np.abs(maps).sum(-1),
+        "mean": maps.mean(-1),
+        "abs_mean": np.abs(maps).mean(-1),
+        "l2": np.sqrt((maps**2).sum(-1)),
+    }
+    assert set(expected) == set(sal.REDUCTIONS)
+    for reduction, ref in expected.items():
+        np.testing.assert_allclose(sal.reduce_channels(maps, reduction), ref, rtol=1e-6)
+
+
+def _captum_normalize(attr, sign, outlier_perc):
+    """Captum's _normalize_attr (visualization.py) for one (H, W, C) map, in numpy."""
+
+    def threshold(values, percentile):
+        ordered = np.sort(values.flatten())
+        cumulative = np.cumsum(ordered)
+        return ordered[np.where(cumulative >= cumulative[-1] * 0.01 * percentile)[0][0]]
+
+    combined = attr.sum(axis=2)
+    if sign == "all":
+        t = threshold(np.abs(combined), 100 - outlier_perc)
+    elif sign == "positive":
+        combined = (combined > 0) * combined
+        t = threshold(combined, 100 - outlier_perc)
+    elif sign == "negative":
+        combined = (combined < 0) * combined
+        t = -threshold(np.abs(combined), 100 - outlier_perc)
+    else:
+        combined = np.abs(combined)
+        t = threshold(combined, 100 - outlier_perc)
+    return np.clip(combined / t, -1, 1)
+
+
+def test_normalizations_match_captum_and_pair():
+    import saliency.core as pair
+
+    maps = np.random.default_rng(1).normal(size=(2, 6, 7, 3))
+    for sign in sal.CAPTUM_SIGNS:
+        ours = sal.normalize_captum(maps.astype(np.float32), outlier_perc=2, sign=sign)
+        for b in range(2):
+            np.testing.assert_allclose(
+                ours[b], _captum_normalize(maps[b], sign, 2), rtol=1e-4, atol=1e-5
+            )
+    ours = sal.normalize_pair(maps.astype(np.float32), percentile=99)
+    ours_div = sal.normalize_pair(maps.astype(np.float32), percentile=95, diverging=True)
+    for b in range(2):
+        gray = pair.VisualizeImageGrayscale(maps[b], percentile=99)
+        np.testing.assert_allclose(ours[b], gray, rtol=1e-4, atol=1e-5)
+        div = pair.VisualizeImageDiverging(maps[b], percentile=95)
+        np.testing.assert_allclose(ours_div[b], div, rtol=1e-4, atol=1e-5)
+    assert ours.min() >= 0 and ours.max() == 1
+
+
+def test_zero_maps_stay_finite():
+    zeros = jnp.zeros((2, 4, 4, 3))
+    for sign in sal.CAPTUM_SIGNS:
+        np.testing.assert_array_equal(sal.normalize_captum(zeros, sign=sign), 0.0)
+    np.testing.assert_array_equal(sal.normalize_pair(zeros), 0.0)
+    np.testing.assert_array_equal(sal.normalize_pair(zeros, diverging=True), 0.5)
+    np.testing.assert_array_equal(sal.normalize_pair(jnp.full((1, 4, 4), 3.0)), 0.0)
+
+
+# --------------------------------------------------------------------------- no retrace
+def test_no_retrace_on_second_call_and_with_new_variables(net):
+    model, variables, x, target = net
+    key = jax.random.key(0)
+    calls = {
+        "gradient": lambda v: sal.gradient(models.apply_fn(model, v), x, target),
+        "smoothgrad": lambda v: sal.smoothgrad(
+            models.apply_fn(model, v), x, target, key, num_samples=6, noise_level=0.2
+        ),
+        "ig": lambda v: sal.integrated_gradients(models.apply_fn(model, v), x, target, num_steps=4),
+        "gradcam": lambda v: sal.gradcam(model, v, x, target, layer="features"),
+        "gradcam_pp": lambda v: sal.gradcam_plus_plus(model, v, x, target, layer="features"),
+    }
+    jitted = {
+        "gradient": sal_gradients._gradient_jit,
+        "smoothgrad": sal_gradients._smoothgrad_jit,
+        "ig": sal_gradients._ig_jit,
+    }
+    new_variables = jax.tree_util.tree_map(lambda a: a * 1.5, variables)
+    for name, call in calls.items():
+        first = call(variables)
+        traces, sizes = TRACES[0], {k: f._cache_size() for k, f in jitted.items()}
+        second = call(variables)
+        other = call(new_variables)
+        assert TRACES[0] == traces, f"{name} retraced the model"
+        assert {k: f._cache_size() for k, f in jitted.items()} == sizes, name
+        np.testing.assert_array_equal(first, second)
+        assert not np.allclose(first, other)  # the new variables were used
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_inputs_raise_clear_errors(net):
+    model, variables, x, target = net
+    fn = models.apply_fn(model, variables)
+    key = jax.random.key(0)
+    bad_x = np.array(x)
+    bad_x[1, 2, 3, 0] = np.nan
+    inf_x = np.array(x)
+    inf_x[0, 0, 0, 0] = np.inf
+    cases = [
+        (lambda: sal.gradient(fn, x[0], None), ValueError, r"rank-4 .* got shape \(16, 16, 3\)"),
+        (lambda: sal.gradient(fn, (x * 255).astype(jnp.uint8), None), TypeError, "uint8"),
+        (lambda: sal.gradient(fn, bad_x, None), ValueError, r"NaN or inf .*\[1\]"),
+        (lambda: sal.smoothgrad(fn, inf_x, None, key), ValueError, "NaN or inf"),
+        (lambda: sal.gradient(fn, x, jnp.array([0, 1])), ValueError, r"shape \(B,\) = \(3,\)"),
+        (lambda: sal.gradient(fn, x, jnp.array([0, 5, 1])), ValueError, r"\[0, 5\).* \[5\]"),
+        (lambda: sal.gradient(fn, x, -1), ValueError, r"\[0, 5\)"),
+        (lambda: sal.gradient(fn, x, jnp.array([0.0, 1.0, 2.0])), TypeError, "integer"),
+        (lambda: sal.gradient("model", x), TypeError, "callable"),
+        (lambda: sal.gradient(lambda z: z.sum(), x), ValueError, r"\(B, K\)"),
+        (lambda: sal.smoothgrad(fn, x, target, key, num_samples=0), ValueError, "num_samples.*0"),
+        (lambda: sal.smoothgrad(fn, x, target, key, num_samples=-3), ValueError, "num_samples"),
+        (lambda: sal.smoothgrad(fn, x, target, key, batch_size=0), ValueError, "batch_size"),
+        (lambda: sal.smoothgrad(fn, x, target, key, variant="var"), ValueError, "'var'.*vargrad"),
+        (lambda: sal.smoothgrad(fn, x, target, key, noise_level=-0.1), ValueError, "noise_level"),
+        (lambda: sal.smoothgrad(fn, x, target, None), ValueError, "key is required"),
+        (lambda: sal.smoothgrad(fn, x, target, jnp.zeros(3)), TypeError, "jax.random.key"),
+        (lambda: sal.integrated_gradients(fn, x, target, num_steps=0), ValueError, "num_steps"),
+        (lambda: sal.integrated_gradients(fn, x, target, method="simpson"), ValueError, "simpson"),
+        (
+            lambda: sal.integrated_gradients(fn, x, target, baseline=np.zeros((5, 5))),
+            ValueError,
+            "baseline",
+        ),
+        (
+            lambda: sal.gradcam(model, variables, x, target, layer="features/conv9"),
+            ValueError,
+            r"unknown layer 'features/conv9'.*features/conv1 .*features/conv2 .*head/dense",
+        ),
+        (
+            lambda: sal.gradcam(model, variables, x, target, layer="head/dense"),
+            ValueError,
+            r"\(B, h, w, C\).*features",
+        ),
+        (
+            lambda: sal.gradcam(
+                model, variables, x, target, layer="features", interpolation="area"
+            ),
+            ValueError,
+            "'area'.*bilinear",
+        ),
+        (
+            lambda: sal.gradcam(model, variables, x, jnp.array([9, 0, 0]), layer="features"),
+            ValueError,
+            r"\[0, 5\)",
+        ),
+        (lambda: sal.reduce_channels(x, "median"), ValueError, "'median'.*abs_max"),
+        (lambda: sal.reduce_channels(x[..., 0], "sum"), ValueError, r"\(B, H, W, C\)"),
+        (lambda: sal.normalize_captum(x, sign="both"), ValueError, "'both'"),
+        (lambda: sal.explain_dataset("occlusion", [x]), ValueError, "'occlusion'.*gradient"),
+        (
+            lambda: sal.explain_dataset("gradient", [np.asarray(x)], fn=fn, num_samples=3),
+            TypeError,
+            "num_samples",
+        ),
+        (
+            lambda: sal.explain_dataset("smoothgrad", [np.asarray(x)], fn=fn, progress=False),
+            ValueError,
+            "key is required",
+        ),
+        (
+            lambda: sal.explain_dataset("gradient", [bad_x], fn=fn, progress=False),
+            ValueError,
+            "batch 0 images contains NaN",
+        ),
+    ]
+    for call, error, pattern in cases:
+        with pytest.raises(error, match=pattern):
+            call()
+
+
+# --------------------------------------------------------------------------- dataset
+def test_explain_dataset_matches_direct_calls(net, tmp_path):
+    model, variables, x, _ = net
+    rng = np.random.default_rng(3)
+    images = rng.uniform(-1, 1, size=(7, 16, 16, 3)).astype(np.float32)
+    labels = rng.integers(0, NUM_CLASSES, size=7)
+    batches = [(images[:3], labels[:3]), (images[3:6], labels[3:6]), (images[6:], labels[6:])]
+    fn = models.apply_fn(model, variables)
+
+    out = sal.explain_dataset(
+        "gradient",
+        batches,
+        model=model,
+        variables=variables,
+        target="label",
+        progress=False,
+        path=tmp_path / "maps.npz",
+    )
+    np.testing.assert_array_equal(out["labels"], labels)
+    np.testing.assert_array_equal(out["targets"], labels)
+    np.testing.assert_array_equal(out["predictions"], np.argmax(fn(images), -1))
+    np.testing.assert_allclose(out["maps"], sal.gradient(fn, images, labels), rtol=1e-5, atol=1e-8)
+    saved = np.load(tmp_path / "maps.npz")
+    np.testing.assert_array_equal(saved["maps"], out["maps"])
+
+    cams = sal.explain_dataset(
+        "gradcam",
+        [{"image": b[0]} for b in batches],
+        model=model,
+        variables=variables,
+        layer="features",
+        progress=False,
+    )
+    assert "labels" not in cams
+    np.testing.assert_allclose(
+        cams["maps"],
+        sal.gradcam(model, variables, images, None, layer="features"),
+        rtol=1e-5,
+        atol=1e-7,
+    )
+    # SmoothGrad: example i uses fold_in(key, i), whatever the batching.
+    key = jax.random.key(5)
+    a = sal.explain_dataset(
+        "smoothgrad", batches, fn=fn, key=key, num_samples=6, noise_level=0.2, progress=False
+    )
+    b = sal.explain_dataset(  # other offsets, same padded size: no new compilation
+        "smoothgrad",
+        [(images[:3], labels[:3]), (images[3:4], labels[3:4]), (images[4:], labels[4:])],
+        fn=fn,
+        key=key,
+        num_samples=6,
+        noise_level=0.2,
+        progress=False,
+    )
+    np.testing.assert_allclose(a["maps"], b["maps"], rtol=1e-5, atol=1e-9)
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(4, 7))
+    direct = sal.smoothgrad(
+        fn, images[4:], a["predictions"][4:], keys, num_samples=6, noise_level=0.2
+    )
+    np.testing.assert_allclose(a["maps"][4:], direct, rtol=1e-5, atol=1e-9)
+
+
+_SHARDED_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh
+    sys.path.insert(0, {tests!r})
+    from test_saliency import SplitNet, _init
+    from jbnn import models, saliency as sal
+
+    assert len(jax.local_devices()) == 4, jax.local_devices()
+    model = SplitNet()
+    variables = _init(model, (1, 16, 16, 3))
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, size=(11, 16, 16, 3)).astype(np.float32)
+    batches = [images[:6], images[6:]]  # 6 -> padded to 8 on 4 devices, then 5 -> 8
+    single = Mesh(np.asarray(jax.local_devices()[:1]), ("batch",))
+    errors = {{}}
+    for method, kw in [
+        ("gradient", dict()),
+        ("smoothgrad", dict(key=jax.random.key(3), num_samples=4, noise_level=0.2)),
+        ("gradcam", dict(layer="features")),
+    ]:
+        sharded = sal.explain_dataset(method, batches, model=model, variables=variables,
+                                      progress=False, **kw)
+        alone = sal.explain_dataset(method, batches, model=model, variables=variables,
+                                    progress=False, mesh=single, **kw)
+        assert sharded["maps"].shape[0] == 11
+        np.testing.assert_array_equal(sharded["predictions"], alone["predictions"])
+        scale = float(np.abs(alone["maps"]).max())
+        assert scale > 0
+        errors[method] = float(np.abs(sharded["maps"] - alone["maps"]).max()) / scale
+    print(json.dumps(errors))
+    """
+)
+
+
+@pytest.mark.slow
+def test_explain_dataset_sharded_over_4_devices_equals_single_device():
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", _SHARDED_SCRIPT.format(tests=tests_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(errors) == {"gradient", "smoothgrad", "gradcam"}
+    for method, error in errors.items():
+        assert error < 1e-5, (method, error)
