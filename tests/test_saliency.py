@@ -613,6 +613,22 @@ def test_no_retrace_on_second_call_and_with_new_variables(net):
         assert {k: f._cache_size() for k, f in jitted.items()} == sizes, name
         np.testing.assert_array_equal(first, second)
         assert not np.allclose(first, other)  # the new variables were used
+    # Any other callable is a static argument: the same function object is not retraced.
+    plain = jax.jit(lambda z: model.apply(variables, z))
+    first = sal.gradient(plain, x, target)
+    traces, size = TRACES[0], sal_gradients._gradient_jit._cache_size()
+    np.testing.assert_array_equal(sal.gradient(plain, x, target), first)
+    assert (TRACES[0], sal_gradients._gradient_jit._cache_size()) == (traces, size)
+
+
+def test_composes_with_the_callers_jit_and_vmap(net):
+    model, variables, x, target = net
+    fn = models.apply_fn(model, variables)
+    direct = sal.gradient(fn, x, target)
+    inside = jax.jit(lambda v, x, t: sal.gradient(models.apply_fn(model, v), x, t))
+    np.testing.assert_allclose(inside(variables, x, target), direct, rtol=1e-6, atol=1e-9)
+    per_example = jax.vmap(lambda xi, ti: sal.gradient(fn, xi[None], ti[None])[0])(x, target)
+    np.testing.assert_allclose(per_example, direct, rtol=1e-5, atol=1e-8)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -774,6 +790,10 @@ _SHARDED_SCRIPT = textwrap.dedent(
     images = rng.uniform(-1, 1, size=(11, 16, 16, 3)).astype(np.float32)
     batches = [images[:6], images[6:]]  # 6 -> padded to 8 on 4 devices, then 5 -> 8
     single = Mesh(np.asarray(jax.local_devices()[:1]), ("batch",))
+    # Record over how many devices each batch is split.
+    from jbnn.saliency import dataset
+    seen, predict = [], dataset._predict
+    dataset._predict = lambda fn, x: seen.append(len(x.sharding.device_set)) or predict(fn, x)
     errors = {{}}
     for method, kw in [
         ("gradient", dict()),
@@ -782,8 +802,12 @@ _SHARDED_SCRIPT = textwrap.dedent(
     ]:
         sharded = sal.explain_dataset(method, batches, model=model, variables=variables,
                                       progress=False, **kw)
+        assert seen == [4, 4], seen
+        seen.clear()
         alone = sal.explain_dataset(method, batches, model=model, variables=variables,
                                     progress=False, mesh=single, **kw)
+        assert seen == [1, 1], seen
+        seen.clear()
         assert sharded["maps"].shape[0] == 11
         np.testing.assert_array_equal(sharded["predictions"], alone["predictions"])
         scale = float(np.abs(alone["maps"]).max())

@@ -67,7 +67,12 @@ _is_finite_jit = jax.jit(_is_finite)
 
 
 def check_images(x: ArrayLike, name: str, arg: str = "x") -> jax.Array | np.ndarray:
-    """Checks that ``x`` is a finite float NHWC batch (B, H, W, C); returns it as an array."""
+    """Checks that ``x`` is a finite float NHWC batch (B, H, W, C); returns it as an array.
+
+    The NaN / inf check runs once here, on concrete values (one reduction and one
+    scalar sync for a device array); a tracer (a call inside the caller's own ``jit``
+    or ``vmap``) gets the shape and dtype checks only.
+    """
     if isinstance(x, list | tuple):
         x = np.asarray(x)
     if not hasattr(x, "dtype") or not hasattr(x, "ndim"):
@@ -86,6 +91,8 @@ def check_images(x: ArrayLike, name: str, arg: str = "x") -> jax.Array | np.ndar
         )
     if x.shape[0] == 0:
         raise ValueError(f"{name}: {arg} is an empty batch (shape {tuple(x.shape)}).")
+    if isinstance(x, jax.core.Tracer):
+        return x  # inside the caller's jit / vmap: values cannot be checked here
     finite = np.isfinite(x).all() if isinstance(x, np.ndarray) else bool(_is_finite_jit(x))
     if not finite:
         xn = np.asarray(x)
@@ -125,6 +132,13 @@ def check_target(target, batch: int, num_classes: int, name: str) -> jax.Array |
         return None
     if isinstance(target, bool):
         raise TypeError(f"{name}: target must be an int or an int array (B,), got {target!r}.")
+    if isinstance(target, jax.core.Tracer):  # inside the caller's jit: shape and dtype only
+        if not jnp.issubdtype(target.dtype, jnp.integer) or target.shape not in ((), (batch,)):
+            raise TypeError(
+                f"{name}: target must be integer class indices of shape ({batch},), got "
+                f"{target.dtype}{list(target.shape)}."
+            )
+        return jnp.broadcast_to(target.astype(jnp.int32), (batch,))
     arr = np.asarray(target)
     if not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(

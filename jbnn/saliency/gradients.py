@@ -361,7 +361,7 @@ def _ig_options(x_shape, baseline, num_steps, method, batch_size, name):
             f"{name}: baseline of shape {tuple(base.shape)} does not broadcast to x's shape "
             f"{tuple(x_shape)}; give a number, an image (H, W, C) or a batch (B, H, W, C)."
         )
-    if not bool(np.isfinite(np.asarray(base)).all()):
+    if not isinstance(base, jax.core.Tracer) and not bool(np.isfinite(np.asarray(base)).all()):
         raise ValueError(f"{name}: baseline contains NaN or inf values.")
     static = dict(num_steps=num_steps, method=method, batch_size=batch_size)
     return jnp.asarray(base), static
