@@ -6,7 +6,9 @@ with ``ste_sign(clip_value=1.25)``, latent weights clipped to [-1.25, 1.25], and
 convolution pads its binary input with +1 (``pad_values=1.0``) so that it stays binary.
 Stages 2-4 start with a real transition: ReLU -> 2x2/1 max-pool -> fixed 3x3/2
 anti-aliasing blur (depthwise [1, 2, 1] x [1, 2, 1] / 16, not trained, as larq-zoo's
-``blurpool_initializer`` with ``trainable=False``) -> real 1x1 conv -> BN. The stem is
+``blurpool_initializer`` with ``trainable=False``) -> real 1x1 conv -> BN (larq-zoo adds
+a transition where the channel count changes, at width 1 exactly there; jbnn keeps them
+at small widths too, where rounding may give two stages the same count). The stem is
 real: 3x3/2 conv (channels / 4) -> BN -> ReLU -> 3x3/2 depthwise conv -> BN (no scale,
 no offset) -> 1x1 conv -> BN. The classifier is ReLU -> global average pooling -> real
 dense layer with bias. BatchNorm momentum 0.9, epsilon 1e-5, except the stem's (Keras'
@@ -232,7 +234,7 @@ class QuickNetSmall(nn.Module, QuantMixin):
             x = QuickNetStage(
                 features,
                 num_blocks,
-                transition=features != x.shape[-1],
+                transition=i > 0,  # larq-zoo: where the channels change, i.e. here
                 block_kwargs=block_kwargs,
                 surrogate=self.surrogate,
                 dtype=self.dtype,

@@ -1,0 +1,419 @@
+"""Acceptance tests for every registered model (jbnn.models.names()).
+
+For each model at 32x32x3 (and 224x224x3 for the ImageNet stem), with small widths:
+init and forward (inference and training mode) work; the BNN and its twin have the
+same parameter tree; the operands that reach each quantized layer's convolution or
+matrix product are captured (by wrapping ``jax.lax.conv_general_dilated`` and
+``jax.lax.dot_general`` while the innermost module, found with
+``nn.intercept_methods``, is a QuantConv / QuantDense) and checked against numpy
+formulas: +-1 inputs and sign / scaled-sign kernels in the BNN, the real input and the
+latent kernel unchanged in the twin. ``with_surrogate`` keeps the forward pass bit for
+bit and changes the input gradient. Bad input raises a clear error. Parameter counts at
+224 px equal larq-zoo's published totals.
+
+Models are compiled with ``jax_disable_most_optimizations`` (restored afterwards):
+compiling, not running, is what these tests spend their time on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jbnn import models
+from jbnn import quantizers as qz
+from jbnn.layers import QuantConv, QuantDense
+
+NUM_CLASSES = 10
+
+# Path fragments of the layers that larq-zoo keeps real-valued (no input and no kernel
+# quantizer in the BNN); every other QuantConv / QuantDense of these models is binary.
+REAL_LAYERS = {
+    "birealnet18": ("stem", "shortcut", "head"),
+    "binary_resnet_e18": ("stem", "shortcut", "head"),
+    "xnornet": ("stem", "head"),
+    "quicknet_small": ("stem", "transition", "head"),
+    "binary_densenet28": ("stem", "transition", "head"),
+}
+
+# Paths the docstrings promise (checked with layer_paths).
+DOCUMENTED_PATHS = {
+    "birealnet18": (
+        "stem",
+        "stage1/block1",
+        "stage4/block1/shortcut_conv",
+        "stage4/block4",
+        "head",
+    ),
+    "binary_resnet_e18": ("stem/conv", "stage2/block1/shortcut_bn", "stage4/block4/conv", "head"),
+    "xnornet": ("stem/conv", "block2/conv", "block5", "fc6/conv", "fc7/bn", "head"),
+    "quicknet_small": ("stem/pointwise", "stage1/block4/conv", "stage2/transition/conv", "head"),
+    "binary_densenet28": ("stem/conv", "stage1/block6/conv", "stage4/block5", "transition3/conv"),
+}
+
+# larq-zoo's published parameter totals (Keras counts BatchNorm running statistics),
+# ImageNet stem, 224 px, 1000 classes, width 1. (QuickNetSmall's published total,
+# 12 655 688, is 5 488 below what its current larq-zoo source builds; not checked.)
+LARQ_ZOO_PARAMS = {
+    "birealnet18": 11_699_112,
+    "binary_resnet_e18": 11_699_368,
+    "xnornet": 62_396_768,
+    "binary_densenet28": 5_150_504,
+}
+
+
+# Models whose 32 px forward test takes over ~5 s (compiling 23 binary dense layers).
+SLOW_TO_COMPILE = ("binary_densenet28",)
+
+
+def _fields(name: str) -> dict:
+    return models._REGISTRY[name].__dataclass_fields__
+
+
+def _small_kwargs(name: str) -> dict:
+    fields = _fields(name)
+    kwargs = {}
+    if "width" in fields:
+        kwargs["width"] = 0.125
+    if "hidden" in fields:
+        kwargs["hidden"] = (64, 64)
+    return kwargs
+
+
+def _cases() -> list:
+    cases = []
+    for name in models.names():
+        marks = [pytest.mark.slow] if name in SLOW_TO_COMPILE else []
+        cases.append(pytest.param(name, "small", 32, id=f"{name}-32", marks=marks))
+        if "stem" in _fields(name):
+            cases.append(pytest.param(name, "imagenet", 224, id=f"{name}-imagenet-224"))
+    return cases
+
+
+def _build(name: str, stem: str, binary: bool = True, **kwargs) -> nn.Module:
+    kw = _small_kwargs(name)
+    if "stem" in _fields(name):
+        kw["stem"] = stem
+    kw.update(kwargs)
+    return models.get(name, binary=binary, num_classes=NUM_CLASSES, **kw)
+
+
+def _images(size: int, batch: int = 2) -> jax.Array:
+    rng = np.random.default_rng(size)
+    return jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compiles():
+    previous = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+# ----------------------------------------------------------------- operand capture
+class _Capture:
+    """Records the operands of every QuantConv / QuantDense MAC op while active.
+
+    ``meta`` gets (path, input_quantizer, kernel_quantizer, kernel_scale) per layer
+    call, ``operands`` the (layer input, lhs, rhs) arrays (tracers under jit: return
+    them).
+    """
+
+    def __init__(self):
+        self.meta: list[tuple] = []
+        self.operands: list[tuple] = []
+        self._stack: list[tuple[nn.Module, object]] = []
+
+    def _interceptor(self, next_fun, args, kwargs, context):
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        self._stack.append((context.module, args[0] if args else None))
+        try:
+            return next_fun(*args, **kwargs)
+        finally:
+            self._stack.pop()
+
+    def _wrap(self, original):
+        def recorder(lhs, rhs, *args, **kwargs):
+            mod, layer_input = self._stack[-1] if self._stack else (None, None)
+            if isinstance(mod, QuantConv | QuantDense):
+                self.meta.append(
+                    (
+                        "/".join(mod.path),
+                        mod.input_quantizer,
+                        mod.kernel_quantizer,
+                        mod.kernel_scale,
+                    )
+                )
+                self.operands.append((layer_input, lhs, rhs))
+            return original(lhs, rhs, *args, **kwargs)
+
+        return recorder
+
+    def __call__(self, fn):
+        conv, dot = jax.lax.conv_general_dilated, jax.lax.dot_general
+        jax.lax.conv_general_dilated, jax.lax.dot_general = self._wrap(conv), self._wrap(dot)
+        try:
+            with nn.intercept_methods(self._interceptor):
+                return fn()
+        finally:
+            jax.lax.conv_general_dilated, jax.lax.dot_general = conv, dot
+
+
+def _np_sign(w: np.ndarray) -> np.ndarray:
+    return np.where(w >= 0, 1.0, -1.0)
+
+
+def _expected_kernel(latent: np.ndarray, spec: str, kernel_scale: bool) -> np.ndarray:
+    """REFERENCE.md's kernel quantizers, in numpy."""
+    name, hparams = qz.parse_spec(spec)
+    axes = tuple(range(latent.ndim - 1))
+    if kernel_scale:  # XNOR-Net: alpha = mean |clip(w, -1, 1)| per output filter
+        clipped = np.clip(latent, -1.0, 1.0)
+        return np.mean(np.abs(clipped), axis=axes, keepdims=True) * _np_sign(clipped)
+    if name == "magnitude_aware_sign":
+        return np.mean(np.abs(latent), axis=axes, keepdims=True) * _np_sign(latent)
+    assert name == "ste_sign", f"no numpy reference for kernel quantizer {spec!r}"
+    return _np_sign(latent)
+
+
+def _crop_padding(lhs: np.ndarray, shape: tuple) -> np.ndarray:
+    """The interior of an input that the layer padded itself (QuickNet pads with +1)."""
+    if lhs.shape == shape:
+        return lhs
+    (top, left) = ((lhs.shape[1] - shape[1]) // 2, (lhs.shape[2] - shape[2]) // 2)
+    interior = lhs[:, top : top + shape[1], left : left + shape[2]]
+    border = np.ones(lhs.shape, bool)
+    border[:, top : top + shape[1], left : left + shape[2]] = False
+    assert np.all(lhs[border] == 1.0), "padding of a binary input is not +1"
+    return interior
+
+
+def _leaf(tree, path: str):
+    for key in path.split("/"):
+        tree = tree[key]
+    return tree
+
+
+def _random_variables(shapes, seed: int = 0):
+    """Variables of the given shapes without running the initializers (cheap to build):
+    kernels N(0, 1 / fan_in), BatchNorm scales near 1, offsets near 0, running
+    statistics 0 and 1."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        key = path[-1].key
+        if key == "kernel":
+            value = rng.normal(size=leaf.shape) / math.sqrt(math.prod(leaf.shape[:-1]))
+        elif key == "scale":
+            value = 1.0 + 0.1 * rng.normal(size=leaf.shape)
+        elif key == "var":
+            value = np.ones(leaf.shape)
+        elif key == "mean":
+            value = np.zeros(leaf.shape)
+        else:
+            value = 0.1 * rng.normal(size=leaf.shape)
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@pytest.mark.parametrize("name,stem,size", _cases())
+def test_forward_and_binarized_operands(name, stem, size):
+    """Init (32 px; the 224 px runs take cheap random variables of the shapes init
+    gives), inference in the BNN and the twin, training mode (32 px), and the operands
+    of every quantized layer's MAC op, checked against numpy."""
+    bnn = _build(name, stem, binary=True)
+    twin = models.twin(bnn)
+    x = _images(size, batch=3 if size < 100 else 1)  # 2 would make BatchNorm degenerate
+    cap_bnn, cap_twin = _Capture(), _Capture()
+    small = size < 100
+
+    def forward(variables, x):
+        y_bnn = cap_bnn(lambda: bnn.apply(variables, x))
+        y_twin = cap_twin(lambda: twin.apply(variables, x))
+        return y_bnn, y_twin, cap_bnn.operands, cap_twin.operands
+
+    if small:  # one compiled program: init, both forwards, a training step's forward
+
+        @jax.jit
+        def run(key, x):
+            variables = bnn.init(key, x)
+            train_out = bnn.apply(variables, x, train=True, mutable=["batch_stats"])
+            return variables, train_out, *forward(variables, x)
+
+        variables, (y_train, state), y_bnn, y_twin, ops_bnn, ops_twin = run(jax.random.key(0), x)
+    else:
+        variables = _random_variables(jax.eval_shape(bnn.init, jax.random.key(0), x))
+        y_bnn, y_twin, ops_bnn, ops_twin = jax.jit(forward)(variables, x)
+
+    # Forward, inference and training mode.
+    for y in (y_bnn, y_twin, *([y_train] if small else [])):
+        assert y.shape == (x.shape[0], NUM_CLASSES) and y.dtype == jnp.float32
+        assert np.all(np.isfinite(y))
+    assert not np.allclose(y_bnn, y_twin), "the BNN and its twin compute the same thing"
+    if small and "batch_stats" in variables:
+        assert jax.tree.structure(state["batch_stats"]) == jax.tree.structure(
+            variables["batch_stats"]
+        )
+        changed = jax.tree.map(
+            lambda a, b: bool(np.any(a != b)), state["batch_stats"], variables["batch_stats"]
+        )
+        assert all(jax.tree.leaves(changed)), "training mode did not update batch_stats"
+
+    # The twin runs the very same layers, in the same order, with quantizers off.
+    assert [m[0] for m in cap_bnn.meta] == [m[0] for m in cap_twin.meta]
+    assert all(m[1] is None and m[2] is None for m in cap_twin.meta)
+    num_binary = 0
+    for (path, in_q, k_q, scale), (inp, lhs, rhs), (t_inp, t_lhs, t_rhs) in zip(
+        cap_bnn.meta, ops_bnn, ops_twin, strict=True
+    ):
+        latent = np.asarray(_leaf(variables["params"], path)["kernel"])
+        inp, lhs, rhs, t_inp, t_lhs, t_rhs = map(np.asarray, (inp, lhs, rhs, t_inp, t_lhs, t_rhs))
+        # Twin: the layer's input and latent kernel reach the MAC op unchanged.
+        np.testing.assert_array_equal(t_lhs, t_inp, err_msg=f"twin input of {path}")
+        np.testing.assert_array_equal(t_rhs, latent, err_msg=f"twin kernel of {path}")
+        if k_q is None:
+            np.testing.assert_array_equal(rhs, latent, err_msg=f"real kernel of {path}")
+        else:
+            # One magnitude per output channel, exactly; the value as the formula says
+            # (to float32 rounding: the mean is summed in another order).
+            magnitude = np.abs(rhs).reshape(-1, rhs.shape[-1])
+            assert np.all(magnitude == magnitude[:1]) and np.all(magnitude > 0), path
+            np.testing.assert_allclose(
+                rhs,
+                _expected_kernel(latent, k_q, scale),
+                rtol=1e-5,
+                atol=0,
+                err_msg=f"binary kernel of {path}",
+            )
+        if in_q is not None:
+            num_binary += 1
+            assert set(np.unique(lhs)) <= {-1.0, 1.0}, f"{path}: BNN input is not +-1"
+            np.testing.assert_array_equal(
+                _crop_padding(lhs, inp.shape), _np_sign(inp), err_msg=f"BNN input of {path}"
+            )
+            assert np.any(np.abs(t_lhs) < 1.0), f"{path}: the twin's input is all +-1"
+        else:
+            np.testing.assert_array_equal(lhs, inp, err_msg=f"real input of {path}")
+        if name in REAL_LAYERS:
+            real = any(part in path for part in REAL_LAYERS[name])
+            assert (in_q is None and k_q is None) == real, f"{path}: {in_q=}, {k_q=}"
+    assert num_binary > 0, f"{name} has no layer with a binarized input"
+
+
+@pytest.mark.parametrize("name,stem,size", _cases())
+def test_twin_has_the_same_parameter_tree(name, stem, size):
+    bnn = _build(name, stem, binary=True)
+    twin = _build(name, stem, binary=False)
+    assert models.twin(bnn) == twin
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    key = jax.random.key(0)
+    v_bnn = jax.eval_shape(bnn.init, key, x)
+    v_twin = jax.eval_shape(twin.init, key, x)
+    assert jax.tree.structure(v_bnn) == jax.tree.structure(v_twin)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), v_bnn) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), v_twin
+    )
+    if name in DOCUMENTED_PATHS and stem == "small":
+        paths = models.layer_paths(bnn, (1, size, size, 3))
+        missing = [p for p in DOCUMENTED_PATHS[name] if p not in paths]
+        assert not missing, f"{name}: documented paths missing: {missing}"
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_surrogate_and_dtype_reach_every_quantized_layer(name):
+    spec = "swish_sign(beta=2.0)"
+    model = models.with_surrogate(_build(name, "small", dtype=jnp.bfloat16), spec)
+    seen = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        if isinstance(context.module, QuantConv | QuantDense):
+            seen.append((context.module.surrogate, context.module.dtype))
+        return next_fun(*args, **kwargs)
+
+    def init(key):
+        with nn.intercept_methods(interceptor):
+            return model.init_with_output(key, jnp.zeros((1, 32, 32, 3)))
+
+    logits, _ = jax.eval_shape(init, jax.random.key(0))
+    assert seen and all(s == (spec, jnp.bfloat16) for s in seen), seen
+    assert logits.dtype == jnp.float32  # logits in float32 whatever the compute dtype
+
+
+@pytest.mark.parametrize("name", ["mlp", "birealnet18"])
+def test_with_surrogate_keeps_forward_and_changes_gradient(name):
+    """Inference output bit for bit; the input gradient (taken in training mode, where
+    BatchNorm normalises the untrained network's pre-activations into the clip range of
+    the straight-through estimators) changes."""
+    model = _build(name, "small")
+    other = models.with_surrogate(model, "identity")
+    x = _images(32)
+
+    variables = _random_variables(jax.eval_shape(model.init, jax.random.key(0), x))
+
+    @jax.jit
+    def run(variables, x):
+        def loss(m):
+            def f(x):
+                y, _ = m.apply(variables, x, train=True, mutable=["batch_stats"])
+                return jnp.sum(y**2)
+
+            return f
+
+        g1, g2 = (jax.grad(loss(m))(x) for m in (model, other))
+        return model.apply(variables, x), other.apply(variables, x), g1, g2
+
+    y1, y2, g1, g2 = map(np.asarray, run(variables, x))
+    np.testing.assert_array_equal(y1, y2)  # bit for bit
+    assert np.all(np.isfinite(g1)) and np.all(np.isfinite(g2))
+    assert np.any(g1 != 0) and np.any(g2 != 0)
+    assert not np.allclose(g1, g2), "the surrogate did not change the input gradient"
+    assert models.with_surrogate(other, None).surrogate is None
+
+
+# ----------------------------------------------------------------- bad input
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match=r"Unknown model 'resnet1000'.*birealnet18"):
+        models.get("resnet1000", binary=True, num_classes=10)
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_bad_images_raise_clear_errors(name):
+    model = _build(name, "small")
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match=r"rank-4.*\(32, 32, 3\)"):
+        jax.eval_shape(model.init, key, jnp.zeros((32, 32, 3)))
+    with pytest.raises(TypeError, match="int32"):
+        jax.eval_shape(model.init, key, jnp.zeros((1, 32, 32, 3), jnp.int32))
+
+
+@pytest.mark.parametrize("name", [n for n in models.names() if "stem" in _fields(n)])
+def test_bad_stem_and_width(name):
+    key, x = jax.random.key(0), jnp.zeros((1, 32, 32, 3))
+    with pytest.raises(ValueError, match="'cifar'"):
+        jax.eval_shape(_build(name, "cifar").init, key, x)
+    if name in REAL_LAYERS:
+        with pytest.raises(ValueError, match="width must be a positive number, got -1"):
+            jax.eval_shape(_build(name, "small", width=-1).init, key, x)
+
+
+def test_xnornet_too_small_input():
+    model = _build("xnornet", "imagenet")
+    with pytest.raises(ValueError, match=r"\(1, 32, 32, 3\) is too small"):
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+# ----------------------------------------------------------------- larq-zoo sizes
+@pytest.mark.parametrize("name", sorted(LARQ_ZOO_PARAMS))
+def test_parameter_count_matches_larq_zoo(name):
+    model = models.get(name, binary=True, num_classes=1000, stem="imagenet")
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+    count = sum(math.prod(a.shape) for a in jax.tree.leaves(shapes))  # params + batch_stats
+    assert count == LARQ_ZOO_PARAMS[name]
