@@ -1,0 +1,182 @@
+"""Saliency throughput on CPU: jbnn against Captum on the same architecture and weights.
+
+For each model (``birealnet18``, ``binary_resnet_e18``; BNN and full-precision twin,
+ImageNet stem) the Flax variables (BatchNorm statistics calibrated on the batch) are
+copied into a PyTorch port of the same architecture (:mod:`torch_port`; logits are
+checked to agree before anything is timed), then every method is timed alternately,
+jbnn, Captum, jbnn, Captum, ..., after a warm-up of each:
+
+* Gradient: ``jbnn.saliency.gradient`` vs ``captum.attr.Saliency(abs=False)``;
+* SmoothGrad: ``jbnn.saliency.smoothgrad(noise_sigma=s, num_samples=n)`` (all samples
+  in one batch) vs ``NoiseTunnel(Saliency).attribute(nt_type="smoothgrad",
+  nt_samples=n, stdevs=s)`` (Captum's default: all samples in one batch too);
+* GradCAM at ``stage4``, ReLU, bilinear upsampling: ``jbnn.saliency.gradcam`` vs
+  ``LayerGradCam(relu_attributions=True)`` + ``LayerAttribution.interpolate``.
+
+Gradient and GradCAM maps are also compared (same weights, same targets: they must
+agree to float rounding). Prints images/s (median over rounds), the spread of the
+rounds and the speed ratio jbnn/Captum (> 1: jbnn faster).
+
+Usage (repository root):
+  python benchmarks/saliency_cpu.py                       # 112 px, batch 4, 16 samples
+  python benchmarks/saliency_cpu.py --size 224 --samples 50
+  python benchmarks/saliency_cpu.py --models birealnet18 --variants bnn --methods smoothgrad
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jbnn import models, saliency  # noqa: E402
+
+METHODS = ("gradient", "smoothgrad", "gradcam")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", default="birealnet18,binary_resnet_e18")
+    p.add_argument("--variants", default="bnn,twin", help="bnn, twin or both")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--size", type=int, default=112, help="image size (112; 224 for ImageNet)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--samples", type=int, default=16, help="SmoothGrad samples")
+    p.add_argument("--noise-sigma", type=float, default=0.15, help="absolute SmoothGrad sigma")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument(
+        "--torch-layout",
+        default="both",
+        choices=("nchw", "channels_last", "both"),
+        help="Captum's memory format; with both, the faster one is the reference",
+    )
+    return p.parse_args(argv)
+
+
+def build(name: str, binary: bool, size: int, batch: int, num_classes: int):
+    """Model, calibrated variables, images (B, size, size, 3) and targets (B,)."""
+    model = models.get(name, binary=binary, num_classes=num_classes, stem="imagenet")
+    x = common.random_images(jax.random.key(1), batch, size)
+    variables = model.init(jax.random.key(0), x[:1])
+    variables = common.calibrated(model, variables, x)
+    target = jnp.argmax(model.apply(variables, x), axis=-1).astype(jnp.int32)
+    return model, variables, x, target
+
+
+def contestants(method, args, model, variables, x, target, torch_models):
+    """name -> zero-argument callable, plus a function comparing the maps."""
+    import torch
+    import torch_port
+    from captum.attr import LayerAttribution, LayerGradCam, NoiseTunnel, Saliency
+
+    fn = models.apply_fn(model, variables)
+    key = jax.random.key(42)
+    tgt = torch.from_numpy(np.asarray(target)).long()
+    runs, maps = {}, {}
+    if method == "gradient":
+        runs["jbnn"] = lambda: saliency.gradient(fn, x, target)
+    elif method == "smoothgrad":
+        runs["jbnn"] = lambda: saliency.smoothgrad(
+            fn, x, target, key, num_samples=args.samples, noise_sigma=args.noise_sigma
+        )
+    else:
+        runs["jbnn"] = lambda: saliency.gradcam(model, variables, x, target, layer="stage4")
+    for layout, tm in torch_models.items():
+        xt = torch_port.to_torch_images(x, channels_last=layout == "channels_last")
+        name = f"captum_{layout}"
+        if method == "gradient":
+            sal = Saliency(tm)
+            runs[name] = lambda sal=sal, xt=xt: sal.attribute(xt, target=tgt, abs=False)
+        elif method == "smoothgrad":
+            nt = NoiseTunnel(Saliency(tm))
+            runs[name] = lambda nt=nt, xt=xt: nt.attribute(
+                xt,
+                nt_type="smoothgrad",
+                nt_samples=args.samples,
+                stdevs=args.noise_sigma,
+                target=tgt,
+                abs=False,
+            )
+        else:
+            cam = LayerGradCam(tm, tm.stage4)
+
+            def run(cam=cam, xt=xt):
+                low = cam.attribute(xt, target=tgt, relu_attributions=True)
+                return LayerAttribution.interpolate(low, tuple(xt.shape[2:]), "bilinear")
+
+            runs[name] = run
+    if method != "smoothgrad":  # same weights, same targets: same maps
+        ref = np.asarray(runs["jbnn"]())
+        for name in runs:
+            if name != "jbnn":
+                got = runs[name]().detach().numpy()
+                got = got.transpose(0, 2, 3, 1) if method == "gradient" else got[:, 0]
+                maps[name] = common.rel_error(ref, got)
+    return runs, maps
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    common.set_threads(args.threads)
+    import torch_port
+
+    print(f"# saliency_cpu: {common.machine()}")
+    print(
+        f"# size {args.size} px, batch {args.batch}, SmoothGrad {args.samples} samples "
+        f"(sigma {args.noise_sigma}), {args.rounds} alternating rounds, torch threads "
+        f"{args.threads}"
+    )
+    layouts = ("nchw", "channels_last") if args.torch_layout == "both" else (args.torch_layout,)
+    rows = []
+    for name in args.models.split(","):
+        for variant in args.variants.split(","):
+            binary = {"bnn": True, "twin": False}[variant]
+            model, variables, x, target = build(
+                name, binary, args.size, args.batch, args.num_classes
+            )
+            torch_models = {
+                layout: torch_port.port(name, model, variables, layout == "channels_last")
+                for layout in layouts
+            }
+            err = torch_port.max_logit_error(model, variables, torch_models[layouts[0]], x)
+            print(f"{name} {variant}: torch port max relative logit error {err:.2e}")
+            if err > 1e-4:
+                raise SystemExit(f"{name} {variant}: the torch port disagrees ({err:.2e})")
+            for method in args.methods.split(","):
+                runs, maps = contestants(method, args, model, variables, x, target, torch_models)
+                for k, e in maps.items():
+                    print(f"  {method}: max relative difference of the maps, jbnn vs {k}: {e:.1e}")
+                t = common.alternate(runs, args.rounds)
+                best = min((n for n in t if n != "jbnn"), key=lambda n: t[n].median)
+                ratio = t[best].median / t["jbnn"].median
+                fmt = lambda n, t=t: f"{args.batch / t[n].median:.2f} (±{50 * t[n].spread:.0f}%)"
+                others = ", ".join(f"{n} {fmt(n)}" for n in t if n != "jbnn")
+                print(f"  {method}: jbnn {fmt('jbnn')} img/s; {others}; jbnn/captum {ratio:.2f}x")
+                rows.append(
+                    [
+                        name,
+                        variant,
+                        method,
+                        f"{args.batch / t['jbnn'].median:.2f}",
+                        f"{args.batch / t[best].median:.2f} ({best.removeprefix('captum_')})",
+                        f"{ratio:.2f}x",
+                        f"{100 * max(t[n].spread for n in t):.0f}%",
+                    ]
+                )
+    header = ["model", "variant", "method", "jbnn img/s", "Captum img/s", "jbnn/Captum", "spread"]
+    print()
+    print(common.fmt_table(rows, header))
+
+
+if __name__ == "__main__":
+    main()
