@@ -41,6 +41,16 @@ REAL_LAYERS = {
     "binary_densenet28": ("stem", "transition", "head"),
 }
 
+# (input quantizer, kernel quantizer, XNOR kernel scale, latent clip) of their binary
+# layers, as REFERENCE.md section 2 / larq-zoo define them.
+BINARY_DESIGN = {
+    "birealnet18": ("approx_sign", "magnitude_aware_sign", False, 1.0),
+    "binary_resnet_e18": ("ste_sign(clip_value=1.25)", "ste_sign(clip_value=1.25)", False, 1.25),
+    "xnornet": ("ste_sign", "ste_sign", True, 1.0),
+    "quicknet_small": ("ste_sign(clip_value=1.25)", "ste_sign(clip_value=1.25)", False, 1.25),
+    "binary_densenet28": ("ste_sign(clip_value=1.3)", "ste_sign(clip_value=1.3)", False, 1.3),
+}
+
 # Paths the docstrings promise (checked with layer_paths).
 DOCUMENTED_PATHS = {
     "birealnet18": (
@@ -120,7 +130,7 @@ def _fast_compiles():
 class _Capture:
     """Records the operands of every QuantConv / QuantDense MAC op while active.
 
-    ``meta`` gets (path, input_quantizer, kernel_quantizer, kernel_scale) per layer
+    ``meta`` gets (path, input_quantizer, kernel_quantizer, kernel_scale, kernel_clip) per layer
     call, ``operands`` the (layer input, lhs, rhs) arrays (tracers under jit: return
     them).
     """
@@ -149,6 +159,7 @@ class _Capture:
                         mod.input_quantizer,
                         mod.kernel_quantizer,
                         mod.kernel_scale,
+                        mod.kernel_clip,
                     )
                 )
                 self.operands.append((layer_input, lhs, rhs))
@@ -271,7 +282,7 @@ def test_forward_and_binarized_operands(name, stem, size):
     assert [m[0] for m in cap_bnn.meta] == [m[0] for m in cap_twin.meta]
     assert all(m[1] is None and m[2] is None for m in cap_twin.meta)
     num_binary = 0
-    for (path, in_q, k_q, scale), (inp, lhs, rhs), (t_inp, t_lhs, t_rhs) in zip(
+    for (path, in_q, k_q, scale, clip), (inp, lhs, rhs), (t_inp, t_lhs, t_rhs) in zip(
         cap_bnn.meta, ops_bnn, ops_twin, strict=True
     ):
         latent = np.asarray(_leaf(variables["params"], path)["kernel"])
@@ -300,11 +311,16 @@ def test_forward_and_binarized_operands(name, stem, size):
                 _crop_padding(lhs, inp.shape), _np_sign(inp), err_msg=f"BNN input of {path}"
             )
             assert np.any(np.abs(t_lhs) < 1.0), f"{path}: the twin's input is all +-1"
+            # Where the BNN binarizes, the twin applies fp_activation (hard_tanh).
+            assert np.all(np.abs(t_lhs) <= 1.0), f"{path}: no hard_tanh before it in the twin"
         else:
             np.testing.assert_array_equal(lhs, inp, err_msg=f"real input of {path}")
         if name in REAL_LAYERS:
             real = any(part in path for part in REAL_LAYERS[name])
             assert (in_q is None and k_q is None) == real, f"{path}: {in_q=}, {k_q=}"
+            design = (None, None, False, None) if real else BINARY_DESIGN[name]
+            assert (in_q, k_q, scale, clip) == design, f"{path} is not as larq-zoo builds it"
+    assert all(m[4] is None for m in cap_twin.meta), "the twin has latent-weight clips"
     assert num_binary > 0, f"{name} has no layer with a binarized input"
 
 
