@@ -130,20 +130,45 @@ def _fast_compiles():
 class _Capture:
     """Records the operands of every QuantConv / QuantDense MAC op while active.
 
-    ``meta`` gets (path, input_quantizer, kernel_quantizer, kernel_scale, kernel_clip) per layer
-    call, ``operands`` the (layer input, lhs, rhs) arrays (tracers under jit: return
-    them).
+    ``meta`` gets (path, input_quantizer, kernel_quantizer, kernel_scale, kernel_clip)
+    per quantized layer call, at trace time; ``values[k]`` the k-th call's input
+    (``"input"``) and the (lhs, rhs) operands of the MAC ops it ran (``"ops"``), sent
+    to the host with ``jax.debug.callback`` when the compiled program runs (so that it
+    also works where the op is traced inside a ``custom_vjp``).
     """
 
     def __init__(self):
         self.meta: list[tuple] = []
-        self.operands: list[tuple] = []
-        self._stack: list[tuple[nn.Module, object]] = []
+        self.values: dict[int, dict] = {}
+        self._stack: list[tuple[nn.Module, int | None]] = []
+
+    def _store(self, index: int, what: str):
+        def store(*arrays):
+            entry = self.values.setdefault(index, {"ops": []})
+            if what == "input":
+                entry["input"] = np.asarray(arrays[0])
+            else:
+                entry["ops"].append(tuple(np.asarray(a) for a in arrays))
+
+        return store
 
     def _interceptor(self, next_fun, args, kwargs, context):
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
-        self._stack.append((context.module, args[0] if args else None))
+        mod, index = context.module, None
+        if isinstance(mod, QuantConv | QuantDense):
+            index = len(self.meta)
+            self.meta.append(
+                (
+                    "/".join(mod.path),
+                    mod.input_quantizer,
+                    mod.kernel_quantizer,
+                    mod.kernel_scale,
+                    mod.kernel_clip,
+                )
+            )
+            jax.debug.callback(self._store(index, "input"), args[0])
+        self._stack.append((mod, index))
         try:
             return next_fun(*args, **kwargs)
         finally:
@@ -151,18 +176,9 @@ class _Capture:
 
     def _wrap(self, original):
         def recorder(lhs, rhs, *args, **kwargs):
-            mod, layer_input = self._stack[-1] if self._stack else (None, None)
-            if isinstance(mod, QuantConv | QuantDense):
-                self.meta.append(
-                    (
-                        "/".join(mod.path),
-                        mod.input_quantizer,
-                        mod.kernel_quantizer,
-                        mod.kernel_scale,
-                        mod.kernel_clip,
-                    )
-                )
-                self.operands.append((layer_input, lhs, rhs))
+            _, index = self._stack[-1] if self._stack else (None, None)
+            if index is not None:  # the innermost module is a quantized layer
+                jax.debug.callback(self._store(index, "ops"), lhs, rhs)
             return original(lhs, rhs, *args, **kwargs)
 
         return recorder
@@ -175,6 +191,19 @@ class _Capture:
                 return fn()
         finally:
             jax.lax.conv_general_dilated, jax.lax.dot_general = conv, dot
+
+    def operands(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(layer input, lhs, rhs) per quantized layer call, after the program ran."""
+        jax.effects_barrier()
+        out = []
+        for index, meta in enumerate(self.meta):
+            entry = self.values.get(index, {"ops": []})
+            assert len(entry["ops"]) == 1, (
+                f"{meta[0]}: captured {len(entry['ops'])} MAC ops, expected one; does the "
+                "layer still call jax.lax.conv_general_dilated / dot_general?"
+            )
+            out.append((entry["input"], *entry["ops"][0]))
+        return out
 
 
 def _np_sign(w: np.ndarray) -> np.ndarray:
@@ -249,7 +278,7 @@ def test_forward_and_binarized_operands(name, stem, size):
     def forward(variables, x):
         y_bnn = cap_bnn(lambda: bnn.apply(variables, x))
         y_twin = cap_twin(lambda: twin.apply(variables, x))
-        return y_bnn, y_twin, cap_bnn.operands, cap_twin.operands
+        return y_bnn, y_twin
 
     if small:  # one compiled program: init, both forwards, a training step's forward
 
@@ -259,10 +288,11 @@ def test_forward_and_binarized_operands(name, stem, size):
             train_out = bnn.apply(variables, x, train=True, mutable=["batch_stats"])
             return variables, train_out, *forward(variables, x)
 
-        variables, (y_train, state), y_bnn, y_twin, ops_bnn, ops_twin = run(jax.random.key(0), x)
+        variables, (y_train, state), y_bnn, y_twin = run(jax.random.key(0), x)
     else:
         variables = _random_variables(jax.eval_shape(bnn.init, jax.random.key(0), x))
-        y_bnn, y_twin, ops_bnn, ops_twin = jax.jit(forward)(variables, x)
+        y_bnn, y_twin = jax.jit(forward)(variables, x)
+    ops_bnn, ops_twin = cap_bnn.operands(), cap_twin.operands()
 
     # Forward, inference and training mode.
     for y in (y_bnn, y_twin, *([y_train] if small else [])):
