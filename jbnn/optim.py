@@ -244,6 +244,8 @@ def make_schedule(
             f"total_steps={total_steps}, warmup_steps={warmup_steps}"
         )
     if schedule == "cosine":
+        if warmup_steps == 0:
+            return optax.cosine_decay_schedule(learning_rate, total_steps)
         return optax.warmup_cosine_decay_schedule(
             0.0, learning_rate, warmup_steps, total_steps, end_value=0.0
         )

@@ -76,7 +76,9 @@ __all__ = [
     "NonFiniteLossError",
     "RunSpec",
     "TrainState",
+    "build_model",
     "create_train_state",
+    "evaluate",
     "load_run",
     "make_eval_step",
     "make_mesh",
@@ -666,7 +668,7 @@ def _train_run(run: _Run, on_step: Callable[[str, int], None] | None) -> dict[st
         dynamic_ncols=True,
         disable=(None if config.get("progress_bar", True) else True) if is_main else True,
     )
-    step = start
+    step, record = start, None
     with open(metrics_path, "a") if is_main else open(os.devnull, "w") as metrics_file:
         for epoch in range(start // spe, config.num_epochs):
             skip = start - epoch * spe if epoch == start // spe else 0
@@ -717,6 +719,21 @@ def _train_run(run: _Run, on_step: Callable[[str, int], None] | None) -> dict[st
                         os.fsync(metrics_file.fileno())
                     manager.save(step, args=_standard_save(state), force=step == total)
                     manager.wait_until_finished()
+            if record is not None and is_main:  # one line per epoch for non-TTY logs
+                rate = (step - start) / max(time.perf_counter() - t_start, 1e-9)
+                log.info(
+                    "%s: epoch %d/%d, step %d/%d, loss %.4f, accuracy %.4f, %.0f examples/s, "
+                    "ETA %.0f s",
+                    spec.name,
+                    epoch + 1,
+                    config.num_epochs,
+                    step,
+                    total,
+                    record["loss"],
+                    record["accuracy"],
+                    record["examples_per_sec"],
+                    (total - step) / max(rate, 1e-9),
+                )
     bar.close()
     _check_finite(state, spec, run_dir, manager.latest_step())
     manager.close()

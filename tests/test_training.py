@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import jax
@@ -251,6 +252,48 @@ def test_a_killed_save_leaves_the_previous_checkpoint(tmp_path):
         assert resumed[name]["test_loss"] == reference[name]["test_loss"]
         assert deterministic(read_lines(work / name / "metrics.jsonl")) == deterministic(
             read_lines(tmp_path / "ref" / name / "metrics.jsonl")
+        )
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    import ml_collections
+    from jbnn import training
+
+    config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
+    training.train_and_evaluate(config, sys.argv[2], on_step=lambda run, step: time.sleep(0.05))
+    """
+)
+
+
+@pytest.mark.slow
+def test_sigkilled_process_resumes_to_the_uninterrupted_result(trained, tmp_path):
+    reference_dir, _, reference, _, _ = trained
+    config = tiny_config()
+    work = tmp_path / "w"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, json.dumps(config.to_dict()), str(work)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (work / "bnn" / "checkpoints" / "20").exists():
+            assert proc.poll() is None, "the training process ended before it was killed"
+            assert time.monotonic() < deadline, "no checkpoint of step 20 within 240 s"
+            time.sleep(0.02)
+    finally:
+        proc.kill()  # SIGKILL: no cleanup, no exception handler runs
+        proc.wait()
+    assert not (work / "bnn" / "results.json").exists()
+    resumed = training.train_and_evaluate(config, work)
+    for name in ("bnn", "fp"):
+        for key in ("test_accuracy", "test_loss", "final_train_loss", "steps"):
+            assert resumed[name][key] == reference[name][key], (name, key)
+        assert deterministic(read_lines(work / name / "metrics.jsonl")) == deterministic(
+            read_lines(reference_dir / name / "metrics.jsonl")
         )
 
 
