@@ -57,12 +57,13 @@ def _explicit_pads(
 ) -> tuple[tuple[int, int], tuple[int, int]]:
     """'SAME' / 'VALID' / ((top, bottom), (left, right)) as explicit (lo, hi) pairs."""
     if isinstance(padding, str):
-        if padding.upper() not in ("SAME", "VALID"):
+        try:
+            return tuple(tuple(p) for p in lax.padtype_to_pads(in_hw, window, strides, padding))
+        except (ValueError, RuntimeError) as e:
             raise ValueError(
                 f"{name}: padding must be 'SAME', 'VALID' or ((top, bottom), (left, right)), "
                 f"got {padding!r}."
-            )
-        return tuple(lax.padtype_to_pads(in_hw, window, strides, padding.upper()))
+            ) from e
     pads = tuple(tuple(int(v) for v in p) for p in padding)
     if len(pads) != 2 or any(len(p) != 2 for p in pads):
         raise ValueError(
@@ -111,9 +112,9 @@ def max_pool(
 
 
 def _reduce_window_max(x, window, strides, pads):
-    return lax.reduce_window(
+    return lax.reduce_window(  # as flax.linen.max_pool: reduce_window_max
         x,
-        jnp.array(-jnp.inf, x.dtype),
+        -jnp.inf,
         lax.max,
         (1, *window, 1),
         (1, *strides, 1),

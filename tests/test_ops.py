@@ -1,0 +1,210 @@
+"""jbnn.ops against the plain JAX ops: same values and same gradients, bit for bit."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jbnn import ops
+
+POOLS = [
+    # (input shape, window, strides, padding)
+    ((2, 8, 8, 3), (3, 3), (2, 2), "SAME"),  # ResNet stem, even size: pads (0, 1)
+    ((2, 7, 9, 3), (3, 3), (2, 2), "SAME"),  # odd sizes: pads (1, 1)
+    ((2, 8, 8, 3), (2, 2), (2, 2), "VALID"),  # BinaryNet, non-overlapping
+    ((2, 9, 8, 3), (2, 2), (2, 2), "VALID"),  # a row left out
+    ((2, 7, 9, 3), (3, 3), (1, 1), "SAME"),  # stride 1, every input in 9 windows
+    ((2, 6, 6, 2), (2, 2), (1, 1), "VALID"),  # QuickNet's transition
+    ((2, 7, 9, 3), (2, 3), (2, 1), ((1, 0), (2, 1))),  # explicit, asymmetric
+    ((2, 8, 10, 3), (2, 2), (3, 3), "VALID"),  # stride > window: some inputs in no window
+]
+
+
+def _inputs(shape, ties: bool, seed: int = 0):
+    x = jax.random.normal(jax.random.key(seed), shape)
+    return jnp.round(2 * x) / 2 if ties else x  # ties: many equal values per window
+
+
+def _pool_grads(x, cotangent, window, strides, padding):
+    plain = jax.grad(lambda x: jnp.sum(cotangent * nn.max_pool(x, window, strides, padding)))
+    fast = jax.grad(lambda x: jnp.sum(cotangent * ops.max_pool(x, window, strides, padding)))
+    return jax.jit(plain)(x), jax.jit(fast)(x)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("shape,window,strides,padding", POOLS)
+def test_max_pool_equals_flax(shape, window, strides, padding, ties):
+    x = _inputs(shape, ties)
+    y = ops.max_pool(x, window, strides, padding)
+    np.testing.assert_array_equal(y, nn.max_pool(x, window, strides, padding))
+    cotangent = jax.random.normal(jax.random.key(1), y.shape)
+    plain, fast = _pool_grads(x, cotangent, window, strides, padding)
+    np.testing.assert_array_equal(fast, plain)  # bit for bit, ties included
+
+
+def test_max_pool_ties_go_to_the_first_maximum():
+    # all-equal windows: JAX's select_and_scatter_add (select ge) picks the first
+    # element in row-major order; so must the fast backward pass.
+    x = jnp.zeros((1, 4, 4, 1))
+    grad = jax.grad(lambda x: jnp.sum(ops.max_pool(x, (3, 3), (2, 2), "SAME")))(x)[0, :, :, 0]
+    expected = np.zeros((4, 4))
+    expected[0, 0] = expected[0, 2] = expected[2, 0] = expected[2, 2] = 1.0
+    np.testing.assert_array_equal(grad, expected)
+    x = jnp.array([[1.0, 2, 2, 1], [2, 2, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]])[None, :, :, None]
+    grad = jax.grad(lambda x: jnp.sum(ops.max_pool(x, (3, 3), (2, 2), "SAME")))(x)[0, :, :, 0]
+    expected = np.zeros((4, 4))
+    expected[0, 1] = expected[0, 2] = expected[3, 0] = expected[3, 2] = 1.0
+    np.testing.assert_array_equal(grad, expected)
+
+
+def test_max_pool_default_strides_and_bfloat16():
+    x = _inputs((2, 6, 6, 4), ties=True).astype(jnp.bfloat16)
+    y = ops.max_pool(x, (2, 2))  # strides None -> (1, 1), padding VALID, as in Flax
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(y, nn.max_pool(x, (2, 2)))
+    ct = jnp.ones(y.shape, jnp.bfloat16)
+    plain = jax.grad(lambda x: jnp.sum(ct * nn.max_pool(x, (2, 2))).astype(jnp.float32))(x)
+    fast = jax.grad(lambda x: jnp.sum(ct * ops.max_pool(x, (2, 2))).astype(jnp.float32))(x)
+    assert fast.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(fast, plain)
+
+
+def test_max_pool_under_vmap_and_scan():
+    x = _inputs((3, 2, 8, 8, 3), ties=True)  # (S, B, H, W, C)
+
+    def loss(pool, x):
+        return jnp.sum(jnp.sin(pool(x, (3, 3), (2, 2), "SAME")))
+
+    def scanned(pool):
+        def body(total, xs):
+            return total + jax.grad(lambda x: loss(pool, x))(xs), None
+
+        return jax.lax.scan(body, jnp.zeros(x.shape[1:]), x)[0]
+
+    vmapped = lambda pool: jax.vmap(jax.grad(lambda x: loss(pool, x)))(x)
+    np.testing.assert_array_equal(
+        jax.jit(lambda: vmapped(ops.max_pool))(), jax.jit(lambda: vmapped(nn.max_pool))()
+    )
+    np.testing.assert_allclose(
+        jax.jit(lambda: scanned(ops.max_pool))(),
+        jax.jit(lambda: scanned(nn.max_pool))(),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+
+
+CONVS = [
+    # (input shape, kernel shape, strides, padding, groups)
+    ((2, 8, 8, 4), (3, 3, 4, 5), (1, 1), "SAME", 1),
+    ((2, 8, 8, 4), (3, 3, 4, 5), (2, 2), "SAME", 1),  # pads (0, 1)
+    ((2, 9, 11, 4), (3, 3, 4, 5), (2, 2), "SAME", 1),  # pads (1, 1)
+    ((2, 12, 10, 3), (7, 7, 3, 4), (2, 2), "SAME", 1),  # ImageNet stem
+    ((2, 9, 9, 4), (1, 1, 4, 6), (2, 2), "SAME", 1),  # ResNet downsampling shortcut
+    ((2, 9, 9, 4), (3, 3, 4, 6), (3, 2), ((2, 0), (1, 3)), 1),
+    ((2, 9, 9, 4), (2, 2, 4, 6), (3, 3), "VALID", 1),  # stride > kernel
+    ((2, 9, 9, 4), (3, 3, 4, 6), (1, 1), ((3, 0), (0, 2)), 1),
+    ((2, 9, 9, 4), (3, 3, 2, 6), (2, 2), "SAME", 2),  # grouped: the plain op
+    ((2, 9, 9, 4), (3, 3, 1, 4), (1, 1), "SAME", 4),  # depthwise
+]
+
+
+def _lax_conv(x, w, strides, padding, groups):
+    return jax.lax.conv_general_dilated(
+        x,
+        w,
+        strides,
+        padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+    )
+
+
+@pytest.mark.parametrize("shape,kernel,strides,padding,groups", CONVS)
+def test_conv_equals_lax(shape, kernel, strides, padding, groups):
+    x = jax.random.normal(jax.random.key(0), shape)
+    w = jax.random.normal(jax.random.key(1), kernel)
+    y = ops.conv(x, w, strides, padding, groups)
+    np.testing.assert_array_equal(y, _lax_conv(x, w, strides, padding, groups))
+    ct = jax.random.normal(jax.random.key(2), y.shape)
+    loss = lambda conv: lambda x, w: jnp.sum(ct * conv(x, w, strides, padding, groups))
+    plain = jax.jit(jax.grad(loss(_lax_conv), (0, 1)))(x, w)
+    fast = jax.jit(jax.grad(loss(ops.conv), (0, 1)))(x, w)
+    np.testing.assert_array_equal(fast[0], plain[0])  # input gradient, bit for bit
+    np.testing.assert_array_equal(fast[1], plain[1])  # kernel gradient
+
+
+def test_conv_bfloat16_and_second_order():
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    np.testing.assert_array_equal(ops.conv(xb, wb, (2, 2)), _lax_conv(xb, wb, (2, 2), "SAME", 1))
+    gb = jax.grad(lambda x: jnp.sum(ops.conv(x, wb, (2, 2))).astype(jnp.float32))(xb)
+    ref = jax.grad(lambda x: jnp.sum(_lax_conv(x, wb, (2, 2), "SAME", 1)).astype(jnp.float32))(xb)
+    assert gb.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(gb, ref)
+
+    # reverse over reverse: d/dw of |d/dx f|^2 goes through the custom backward pass
+    def second(conv):
+        inner = lambda w: jax.grad(lambda x: jnp.sum(jnp.tanh(conv(x, w, (2, 2), "SAME", 1))))(x)
+        return jax.grad(lambda w: jnp.sum(inner(w) ** 2))(w)
+
+    np.testing.assert_allclose(second(ops.conv), second(_lax_conv), rtol=1e-5, atol=1e-6)
+
+
+def test_conv_input_gradient_keeps_an_hwio_kernel_inside_scan():
+    # The reason for ops.conv: inside a loop body XLA keeps JAX's relabelled (O <-> I)
+    # kernel and runs the input gradient in a generic convolution; ops.conv transposes
+    # the kernel explicitly, so every convolution of the loop has an HWIO kernel.
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 4, 4))
+
+    def summed(conv):
+        def body(total, i):
+            g = jax.grad(lambda x: jnp.sum(jnp.tanh(conv(x + i, w, (1, 1), "SAME", 1))))(x)
+            return total + g, None
+
+        return jax.jit(lambda: jax.lax.scan(body, jnp.zeros_like(x), jnp.arange(3.0))[0])
+
+    hlo = summed(ops.conv).lower().compile().as_text()
+    labels = [
+        line.split("dim_labels=")[1].split(",")[0]
+        for line in hlo.split("\n")
+        if "dim_labels=" in line
+    ]
+    assert labels and all("_01io->" in lab for lab in labels), labels
+    np.testing.assert_allclose(summed(ops.conv)(), summed(_lax_conv)(), rtol=1e-5, atol=1e-5)
+
+
+def test_models_use_the_fast_ops():
+    from jbnn import models
+
+    model = models.get("binarynet", binary=True, num_classes=3, width=0.0625)
+    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    grad = jax.grad(lambda v, x: jnp.sum(model.apply(v, x)), argnums=1)
+    jaxpr = str(jax.make_jaxpr(grad)(variables, x))
+    assert "reduce_window_max" in jaxpr  # the model max-pools...
+    assert "select_and_scatter_add" not in jaxpr  # ...without nn.max_pool's slow backward
+    assert "permutation=(0, 1, 3, 2)" in jaxpr  # ops.conv's explicit HWIO -> HWOI
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: ops.max_pool(jnp.zeros((4, 4, 3)), (2, 2)), "rank-4"),
+        (lambda: ops.max_pool(jnp.zeros((1, 4, 4, 3), jnp.int32), (2, 2)), "floating"),
+        (lambda: ops.max_pool(jnp.zeros((1, 4, 4, 3)), (2, 0)), "window_shape"),
+        (lambda: ops.max_pool(jnp.zeros((1, 4, 4, 3)), (2, 2), (1, 1, 1)), "strides"),
+        (lambda: ops.max_pool(jnp.zeros((1, 4, 4, 3)), (2, 2), padding="FULL"), "padding"),
+        (lambda: ops.max_pool(jnp.zeros((1, 4, 4, 3)), (2, 2), padding=((1, 1),)), "padding"),
+        (lambda: ops.conv(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3))), "HWIO"),
+        (lambda: ops.conv(jnp.zeros((4, 4, 3)), jnp.zeros((3, 3, 3, 2))), "rank-4"),
+        (lambda: ops.conv(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 2)), (0, 1)), "strides"),
+    ],
+)
+def test_bad_input_raises_clear_errors(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
