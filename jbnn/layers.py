@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen import initializers
 
+from jbnn import ops
 from jbnn import quantizers as qz
 
 QuantizerSpec = str | None
@@ -182,13 +183,14 @@ class QuantConv(nn.Module):
                 constant_values=jnp.asarray(self.pad_values, x.dtype),
             )
             padding = "VALID"
-        y = jax.lax.conv_general_dilated(
+        # lax.conv_general_dilated (NHWC, HWIO) with an input gradient that stays on
+        # XLA's fast CPU kernels inside loops; same values and gradients (jbnn.ops).
+        y = ops.conv(
             x,
             kernel,
-            window_strides=tuple(self.strides),
-            padding=padding if isinstance(padding, str) else tuple(map(tuple, padding)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=self.feature_group_count,
+            tuple(self.strides),
+            padding if isinstance(padding, str) else tuple(map(tuple, padding)),
+            self.feature_group_count,
         )
         if bias is not None:
             y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jbnn import ops
 from jbnn.layers import QuantConv, QuantDense
 from jbnn.models import _zoo
 from jbnn.models.common import QuantMixin, batch_norm, check_images
@@ -195,5 +196,5 @@ class _Stem(nn.Module):
         )(x)
         x = batch_norm(train, name="bn", **self.bn_kwargs)(x)
         if imagenet:
-            x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+            x = ops.max_pool(x, (3, 3), (2, 2), padding="SAME")
         return x

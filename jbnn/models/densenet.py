@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jbnn import ops
 from jbnn.layers import QuantConv, QuantDense
 from jbnn.models import _zoo
 from jbnn.models.common import QuantMixin, batch_norm, check_images
@@ -79,7 +80,7 @@ class DenseTransition(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = batch_norm(train, name="bn", dtype=self.dtype)(x)
-        x = nn.relu(nn.max_pool(x, (2, 2), (2, 2)))
+        x = nn.relu(ops.max_pool(x, (2, 2), (2, 2)))
         return QuantConv(
             self.features,
             (1, 1),
@@ -114,7 +115,7 @@ class _DenseNetStem(nn.Module):
         )(x)
         if imagenet:
             x = nn.relu(batch_norm(train, name="bn", dtype=self.dtype)(x))
-            x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+            x = ops.max_pool(x, (3, 3), (2, 2), padding="SAME")
         return x
 
 

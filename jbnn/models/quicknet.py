@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jbnn import ops
 from jbnn.layers import QuantConv, QuantDense
 from jbnn.models import _zoo
 from jbnn.models.common import QuantMixin, batch_norm, check_images
@@ -101,7 +102,7 @@ class QuickNetTransition(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = nn.max_pool(nn.relu(x), (2, 2), (1, 1), padding="VALID")
+        x = ops.max_pool(nn.relu(x), (2, 2), (1, 1), padding="VALID")
         x = blur_pool(x, 2)
         x = QuantConv(
             self.features,

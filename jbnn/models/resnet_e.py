@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jbnn import ops
 from jbnn.layers import QuantConv, QuantDense
 from jbnn.models import _zoo
 from jbnn.models.birealnet import ShortcutStage
@@ -53,7 +54,7 @@ class _ResNetEStem(nn.Module):
         if imagenet:
             x = batch_norm(train, name="bn", dtype=self.dtype)(x)
             x = nn.relu(x)
-            x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+            x = ops.max_pool(x, (3, 3), (2, 2), padding="SAME")
             x = batch_norm(train, name="bn2", dtype=self.dtype)(x)
         return x
 

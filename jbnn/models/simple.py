@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jbnn import ops
 from jbnn.layers import QuantConv, QuantDense
 from jbnn.models.common import QuantMixin, batch_norm, check_images
 
@@ -48,7 +49,7 @@ class ConvBlock(nn.Module, QuantMixin):
             name="conv",
         )(x)
         if self.pool:
-            x = nn.max_pool(x, (2, 2), (2, 2))
+            x = ops.max_pool(x, (2, 2), (2, 2))
         return batch_norm(train, name="bn", dtype=self.dtype, use_scale=False)(x)
 
 
@@ -129,7 +130,7 @@ class BinaryNet(nn.Module, QuantMixin):
         if self.stem == "imagenet":
             x = QuantConv(w(64), (7, 7), (2, 2), use_bias=False, dtype=self.dtype, name="stem")(x)
             x = batch_norm(train, name="stem_bn", dtype=self.dtype)(x)
-            x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+            x = ops.max_pool(x, (3, 3), (2, 2), padding="SAME")
         elif self.stem != "small":
             raise ValueError(f"binarynet: stem must be 'small' or 'imagenet', got {self.stem!r}")
         channels = (128, 128, 256, 256, 512, 512)

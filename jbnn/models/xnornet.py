@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jbnn import ops
 from jbnn.layers import QuantConv, QuantDense
 from jbnn.models import _zoo
 from jbnn.models.common import QuantMixin, batch_norm, check_images
@@ -62,7 +63,7 @@ class XNORBlock(nn.Module, QuantMixin):
             name="conv",
         )(self.twin_act(x))
         if self.pool:
-            x = nn.max_pool(x, (3, 3), (2, 2))
+            x = ops.max_pool(x, (3, 3), (2, 2))
         return batch_norm(
             train, name="bn", dtype=self.dtype, use_scale=False, epsilon=self.bn_epsilon
         )(x)
@@ -90,7 +91,7 @@ class _XNORStem(nn.Module):
             name="conv",
         )(x)
         x = batch_norm(train, name="bn", dtype=self.dtype, use_scale=False, epsilon=1e-5)(x)
-        x = nn.max_pool(nn.relu(x), (3, 3), (2, 2))
+        x = ops.max_pool(nn.relu(x), (3, 3), (2, 2))
         return batch_norm(train, name="bn2", dtype=self.dtype, use_scale=False, epsilon=1e-4)(x)
 
 
