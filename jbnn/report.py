@@ -91,7 +91,8 @@ class FigureData:
       per_image: name -> (num_images,) per-image metric values for the distributions,
         keyed "<method>/<metric>/<series>" (e.g. "gradient/spearman_abs/bnn_vs_twin").
       curves: "deletion"|"insertion" -> method -> model -> (num_steps + 1,) mean curve.
-      surrogate_maps: surrogate -> (N, H, W) Gradient maps of the BNN under it.
+      surrogate_maps: surrogate -> (N, H, W) maps of the BNN under it.
+      surrogate_method: the method of ``surrogate_maps``.
     """
 
     images: np.ndarray
@@ -100,6 +101,7 @@ class FigureData:
     per_image: Mapping[str, np.ndarray]
     curves: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]]
     surrogate_maps: Mapping[str, np.ndarray]
+    surrogate_method: str = "gradient"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -403,11 +405,11 @@ def figure_deletion_insertion(
 
 
 def figure_surrogates(data: FigureData, results: Mapping, path: str | Path) -> Path:
-    """The surrogate ablation: example BNN Gradient maps under each backward surrogate
+    """The surrogate ablation: example BNN maps under each backward surrogate
     next to the twin's, and bars of similarity to the twin's maps per surrogate and method.
 
     Args:
-      data: ``data.surrogate_maps`` and ``data.maps["gradient"]["twin"]``.
+      data: ``data.surrogate_maps`` and the twin's maps of ``data.surrogate_method``.
       results: the study results (``results["surrogates"]``).
       path: where to write the PNG.
 
@@ -418,6 +420,8 @@ def figure_surrogates(data: FigureData, results: Mapping, path: str | Path) -> P
     sur = results["surrogates"]
     names = list(sur["rows"])
     methods = list(next(iter(sur["rows"].values())))
+    method_shown = data.surrogate_method
+    shown = _label(METHOD_LABELS, method_shown)
     n_show = min(3, len(data.images))
     cols = 2 + len(names)
     fig = _new_figure(max(1.35 * cols, 7.5), 1.35 * n_show + 3.6)
@@ -428,7 +432,7 @@ def figure_surrogates(data: FigureData, results: Mapping, path: str | Path) -> P
         img = np.clip(data.images[row], 0.0, 1.0)
         axes[row, 0].imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
         image = axes[row, 1].imshow(
-            display_map(data.maps["gradient"]["twin"][row]), cmap=SALIENCY_CMAP, vmin=0, vmax=1
+            display_map(data.maps[method_shown]["twin"][row]), cmap=SALIENCY_CMAP, vmin=0, vmax=1
         )
         for k, name in enumerate(names):
             axes[row, 2 + k].imshow(
@@ -443,8 +447,8 @@ def figure_surrogates(data: FigureData, results: Mapping, path: str | Path) -> P
         ax.set_yticks([])
     if image is not None:
         bar = top.colorbar(image, ax=axes, shrink=0.7, pad=0.01)
-        bar.set_label("|Gradient| (normalised)", fontsize=8)
-    top.suptitle("BNN Gradient maps under each backward surrogate (forward pass unchanged)")
+        bar.set_label(f"|{shown}| (normalised)", fontsize=8)
+    top.suptitle(f"BNN {shown} maps under each backward surrogate (forward pass unchanged)")
 
     ax = bottom.subplots()
     width = 0.8 / max(len(methods), 1)
@@ -474,20 +478,47 @@ def figure_surrogates(data: FigureData, results: Mapping, path: str | Path) -> P
 
 
 # --------------------------------------------------------------------------- markdown
+def _row(cells: Sequence[object]) -> str:
+    """One markdown table row; a ``|`` inside a cell is escaped."""
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
+def _header(cells: Sequence[str]) -> list[str]:
+    return [_row(cells), "|" + "---|" * len(cells)]
+
+
 def _finding_table(finding: Mapping, rows_key: str = "rows") -> list[str]:
     rows = finding.get(rows_key) or []
     if not rows:
         return []
-    lines = [
-        "| maps | metric | series A | mean A [95% CI] | series B | mean B [95% CI] "
-        "| A − B [95% CI] | Wilcoxon p | verdict |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = _header(
+        [
+            "maps",
+            "metric",
+            "series A",
+            "mean A [95% CI]",
+            "series B",
+            "mean B [95% CI]",
+            "A − B [95% CI]",
+            "Wilcoxon p",
+            "verdict",
+        ]
+    )
     for r in rows:
         lines.append(
-            f"| {r['group']} | {r['label']} | {r['a_name']} | {format_ci(r['a'])} | "
-            f"{r['b_name']} | {format_ci(r['b'])} | {format_ci(r['difference'])} | "
-            f"{_format_p(r['wilcoxon']['p_value'])} | {r.get('verdict', '')} |"
+            _row(
+                [
+                    r["group"],
+                    r["label"],
+                    r["a_name"],
+                    format_ci(r["a"]),
+                    r["b_name"],
+                    format_ci(r["b"]),
+                    format_ci(r["difference"]),
+                    _format_p(r["wilcoxon"]["p_value"]),
+                    r.get("verdict", ""),
+                ]
+            )
         )
     return lines
 
@@ -498,19 +529,82 @@ def headline_table(results: Mapping) -> list[str]:
     One row per finding: the claim, the main metric with both series and their
     difference, the Wilcoxon p-value and the verdict decided from these numbers.
     """
-    lines = [
-        "| finding (paper) | metric | A | B | A − B [95% CI] | Wilcoxon p | on this data |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    lines = _header(
+        ["finding (paper)", "metric", "A", "B", "A − B [95% CI]", "Wilcoxon p", "on this data"]
+    )
     for finding in results["findings"].values():
         r = finding["rows"][0]
         lines.append(
-            f"| {finding['claim']} | {r['group']}: {r['label']} | "
-            f"{r['a_name']} {format_ci(r['a'], 2)} | {r['b_name']} {format_ci(r['b'], 2)} | "
-            f"{format_ci(r['difference'], 3)} | {_format_p(r['wilcoxon']['p_value'])} | "
-            f"**{finding['verdict']}** |"
+            _row(
+                [
+                    finding["claim"],
+                    f"{r['group']}: {r['label']}",
+                    f"{r['a_name']} {format_ci(r['a'], 2)}",
+                    f"{r['b_name']} {format_ci(r['b'], 2)}",
+                    format_ci(r["difference"], 3),
+                    _format_p(r["wilcoxon"]["p_value"]),
+                    f"**{finding['verdict']}**",
+                ]
+            )
         )
     return lines
+
+
+def _model_label(key: str) -> str:
+    return MODEL_LABELS.get(key, key)
+
+
+def _overview_tables(results: Mapping) -> list[str]:
+    """Similarity and noise of every method (means with 95% intervals)."""
+    out: list[str] = []
+    similarity = results.get("similarity")
+    if similarity:
+        out += ["## Similarity of every method", ""]
+        out.append(
+            "Mean similarity per image (95% interval) of the BNN's maps to the twin's, and of "
+            "the twin's to the control's (the seed-to-seed reference)."
+        )
+        out.append("")
+        metrics = [
+            m
+            for m in ("spearman_abs", "ssim", "spearman_signed")
+            if any(m in entry for entry in similarity.values())
+        ]
+        out += _header(
+            ["method"]
+            + [
+                f"{_label(METRIC_LABELS, m)}: {p}"
+                for m in metrics
+                for p in ("BNN–twin", "twin–control")
+            ]
+        )
+        for method, entry in similarity.items():
+            cells = [_label(METHOD_LABELS, method)]
+            for m in metrics:
+                for pair in ("bnn_vs_twin", "twin_vs_control"):
+                    cells.append(format_ci(entry[m][pair], 3) if m in entry else "—")
+            out.append(_row(cells))
+        out.append("")
+    noise = results.get("noise")
+    if noise:
+        out += ["## Noise of every method", ""]
+        out.append(
+            "Total variation and complexity grow with noise, sparseness falls with it; each map "
+            "is normalised by its own max |value| first."
+        )
+        out.append("")
+        metrics = list(next(iter(noise.values())))
+        models = list(next(iter(next(iter(noise.values())).values())))
+        out += _header(
+            ["method"]
+            + [f"{_label(METRIC_LABELS, m)}: {_model_label(k)}" for m in metrics for k in models]
+        )
+        for method, entry in noise.items():
+            cells = [_label(METHOD_LABELS, method)]
+            cells += [format_ci(entry[m][k], 3) for m in metrics for k in models]
+            out.append(_row(cells))
+        out.append("")
+    return out
 
 
 def render_markdown(results: Mapping, figures: Mapping[str, str]) -> str:
@@ -529,8 +623,15 @@ def render_markdown(results: Mapping, figures: Mapping[str, str]) -> str:
     out.append(f"# BNN vs full-precision twin: saliency study on `{meta['dataset']}`")
     out.append("")
     acc = ", ".join(
-        f"{MODEL_LABELS.get(k, k)} {v['test_accuracy']:.4f}" for k, v in meta["models"].items()
+        f"{_model_label(k)} {v['test_accuracy']:.4f}" for k, v in meta["models"].items()
     )
+    study_acc = meta.get("study_accuracy")
+    if study_acc:
+        acc += (
+            " (on the study images: "
+            + ", ".join(f"{_model_label(k)} {v:.3f}" for k, v in study_acc.items())
+            + ")"
+        )
     out.append(
         f"Model `{meta['model']}`; test accuracy: {acc}. "
         f"{meta['num_images']} test images of shape {tuple(meta['image_shape'])}, "
@@ -545,6 +646,19 @@ def render_markdown(results: Mapping, figures: Mapping[str, str]) -> str:
         f"({meta['bootstrap_samples']} resamples); p-values are from a paired, two-sided "
         "Wilcoxon signed-rank test over the same images."
     )
+    zero = meta.get("zero_maps") or {}
+    flat = [
+        f"{_label(METHOD_LABELS, m)} {_model_label(k)} {c}"
+        for m, per in zero.items()
+        for k, c in per.items()
+        if c
+    ]
+    if flat:
+        out.append("")
+        out.append(
+            "All-zero maps (no gradient reaches the input, e.g. every binarised unit "
+            "saturated): " + ", ".join(flat) + " of the images."
+        )
     out.append("")
     out.append("## Summary")
     out.append("")
@@ -574,61 +688,51 @@ def render_markdown(results: Mapping, figures: Mapping[str, str]) -> str:
     if "distributions" in figures:
         out.append(f"![Per-image metric distributions]({figures['distributions']})")
         out.append("")
+    out.extend(_overview_tables(results))
 
     if results.get("localisation"):
         out.append("## Localisation (ground-truth object masks)")
         out.append("")
         out.append(
             "Pointing game: fraction of images whose map peaks inside the object mask. "
-            "Relevance mass: share of the map's positive mass inside the mask "
+            "Relevance mass: share of the map's mass inside the mask "
             f"(the mask covers {format_ci(meta.get('mask_fraction'), 3)} of the image "
             "on average, the value a uniform map would get)."
         )
         out.append("")
         models = list(next(iter(results["localisation"].values())))
-        out.append(
-            "| method | "
-            + " | ".join(
-                f"{MODEL_LABELS.get(m, m)} {w}" for m in models for w in ("pointing", "mass")
-            )
-            + " |"
+        out += _header(
+            ["method"] + [f"{_model_label(m)} {w}" for m in models for w in ("pointing", "mass")]
         )
-        out.append("|---|" + "---|" * (2 * len(models)))
         for method, entry in results["localisation"].items():
             cells = [
                 format_ci(entry[m][w], 2)
                 for m in models
                 for w in ("pointing_game", "relevance_mass")
             ]
-            out.append(f"| {_label(METHOD_LABELS, method)} | " + " | ".join(cells) + " |")
+            out.append(_row([_label(METHOD_LABELS, method), *cells]))
         out.append("")
 
     out.append("## Faithfulness (deletion and insertion)")
     out.append("")
     fa = meta["faithfulness"]
     out.append(
-        f"Pixels are removed (deletion: replaced by the {fa['substrate']} substrate) or "
-        f"revealed (insertion: on a {fa['insertion_substrate']} image) most salient first in "
+        f"Pixels are deleted (replaced by the `{fa['substrate']}` substrate) or inserted "
+        f"(revealed on a `{fa['insertion_substrate']}` start image) most salient first, in "
         f"{fa['num_steps']} steps; the curve is the softmax probability of the true class, "
-        "the AUC its mean over the steps. Lower deletion AUC and higher insertion AUC mean "
-        "a more faithful map."
+        "the AUC the area under it over the fraction of pixels. Lower deletion AUC and "
+        "higher insertion AUC mean a more faithful map."
     )
     out.append("")
     models = list(next(iter(results["faithfulness"].values())))
-    out.append(
-        "| method | "
-        + " | ".join(
-            f"{MODEL_LABELS.get(m, m)} deletion | {MODEL_LABELS.get(m, m)} insertion"
-            for m in models
-        )
-        + " |"
+    out += _header(
+        ["method"] + [f"{_model_label(m)} {k}" for m in models for k in ("deletion", "insertion")]
     )
-    out.append("|---|" + "---|" * (2 * len(models)))
     for method, entry in results["faithfulness"].items():
         cells = [
             format_ci(entry[m][k], 3) for m in models for k in ("deletion_auc", "insertion_auc")
         ]
-        out.append(f"| {_label(METHOD_LABELS, method)} | " + " | ".join(cells) + " |")
+        out.append(_row([_label(METHOD_LABELS, method), *cells]))
     out.append("")
     if "deletion_insertion" in figures:
         out.append(f"![Deletion and insertion curves]({figures['deletion_insertion']})")
@@ -639,19 +743,24 @@ def render_markdown(results: Mapping, figures: Mapping[str, str]) -> str:
     mp = meta["mprt"]
     out.append(
         f"On {mp['num_images']} images, the layers are re-initialised cumulatively from the "
-        "logits down (Adebayo et al. 2018); a method that depends on the model should give "
-        "maps whose similarity to the original falls as more layers are randomised. "
-        "Values: Spearman ρ of |maps| after all listed layers are randomised."
+        "logits down (Adebayo et al. 2018), with the same random weights for both twins; a "
+        "method that depends on the model gives maps whose similarity to the original falls "
+        "as more layers are randomised. Spearman ρ of |maps| to the original maps:"
     )
     out.append("")
-    out.append("| method | model | first layer randomised | all layers randomised |")
-    out.append("|---|---|---|---|")
+    out += _header(["method", "model", "first layer randomised", "all layers randomised"])
     for method, entry in results["mprt"].items():
         for model, curve in entry.items():
             s = curve["spearman_abs"]
             out.append(
-                f"| {_label(METHOD_LABELS, method)} | {MODEL_LABELS.get(model, model)} | "
-                f"{format_ci(s[1], 3)} | {format_ci(s[-1], 3)} |"
+                _row(
+                    [
+                        _label(METHOD_LABELS, method),
+                        _model_label(model),
+                        f"{format_ci(s[1], 3)} ({curve['layers'][0]})",
+                        f"{format_ci(s[-1], 3)} (down to {curve['layers'][-1]})",
+                    ]
+                )
             )
     out.append("")
     if "mprt" in figures:
@@ -662,24 +771,21 @@ def render_markdown(results: Mapping, figures: Mapping[str, str]) -> str:
     out.append("## Surrogate ablation")
     out.append("")
     out.append(
-        f"The same trained BNN (trained with `{sur['trained']}`) explained with each "
-        "backward surrogate for its input binarisation: the forward pass and the "
-        "prediction are unchanged, only the gradients differ. Similarity is Spearman ρ "
-        f"on |maps|; `vs {sur['reference']}` compares with the BNN's maps under "
-        f"`{sur['reference']}`."
+        f"The same trained BNN (its input binarisation trained with `{sur['trained']}`) "
+        "explained with each backward surrogate: the forward pass and the predictions are "
+        "unchanged, only the gradients differ. The columns compare its maps with the "
+        f"twin's and with {sur['reference']}, and give their total variation."
     )
     out.append("")
     metric_names = list(next(iter(next(iter(sur["rows"].values())).values())))
-    out.append(
-        "| surrogate | method | " + " | ".join(sur["metric_labels"][m] for m in metric_names) + " |"
-    )
-    out.append("|---|---|" + "---|" * len(metric_names))
+    out += _header(["surrogate", "method"] + [sur["metric_labels"][m] for m in metric_names])
     for name, entry in sur["rows"].items():
         for method, values in entry.items():
             out.append(
-                f"| {name} | {_label(METHOD_LABELS, method)} | "
-                + " | ".join(format_ci(values[m], 3) for m in metric_names)
-                + " |"
+                _row(
+                    [name, _label(METHOD_LABELS, method)]
+                    + [format_ci(values[m], 3) for m in metric_names]
+                )
             )
     out.append("")
     if "surrogates" in figures:
@@ -687,6 +793,8 @@ def render_markdown(results: Mapping, figures: Mapping[str, str]) -> str:
         out.append("")
 
     out.append("## Settings")
+    out.append("")
+    out.append("`config.explain` of this run:")
     out.append("")
     out.append("```")
     for key, value in sorted(meta["explain_config"].items()):

@@ -1,0 +1,1427 @@
+"""The BNN-versus-twin saliency study (Widdicombe & Julier 2021), measured.
+
+``run_study(config, workdir)`` reads the three models that :mod:`jbnn.training` left
+in ``workdir`` (``bnn``, its full-precision twin ``fp`` and a second full-precision
+``control`` trained with another seed), explains ``config.explain.num_images`` test
+images with every method for every model, turns the paper's three findings into
+numbers with 95% bootstrap intervals and paired Wilcoxon tests, and writes
+``workdir/report/`` (``report.md``, ``results.json``, PNG figures).
+
+The decision rules that turn numbers into a verdict are pure functions of per-image
+values (:func:`similarity_finding`, :func:`noise_finding`), stated here once:
+
+* similarity (Gradient "alike", GradCAM "differ"): for each image, ``d = s(BNN, twin)
+  - s(twin, control)``. With the margin ``m = similarity_margin * |mean s(twin,
+  control)|``, a metric says **alike** when the lower end of the 95% interval of mean
+  ``d`` is above ``-m`` (the BNN is as close to its twin as a second full-precision seed
+  is, up to the margin), **less similar** when the upper end is below ``-m`` and the
+  Wilcoxon test rejects at ``alpha``, and **inconclusive** otherwise.
+* noise (SmoothGrad "noisier for BNNs"): ``d = noise(BNN) - noise(twin)`` per image,
+  with total variation and complexity growing and sparseness falling with noise. A
+  metric says **noisier** when the interval of mean ``d`` excludes 0 in the noisy
+  direction, Wilcoxon rejects at ``alpha`` and ``|mean d|`` exceeds the seed-to-seed
+  difference ``|mean(noise(control) - noise(twin))|``; **less noisy** in the mirrored
+  case; **no clear difference** otherwise.
+* a finding **holds** when every metric supports it, **does not hold** when none does,
+  is **mixed** otherwise (and **inconclusive** when no metric decides either way).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _ci_dict(values: np.ndarray, key: int, num_bootstrap: int, confidence: float) -> dict:
+    from jbnn import stats
+
+    mean, lo, hi = stats.bootstrap_ci(
+        np.asarray(values, np.float64),
+        key_or_seed=key,
+        num_resamples=num_bootstrap,
+        confidence=confidence,
+    )
+    return {"mean": float(mean), "lo": float(lo), "hi": float(hi)}
+
+
+def _wilcoxon_dict(a: np.ndarray, b: np.ndarray) -> dict:
+    from jbnn import stats
+
+    statistic, p_value = stats.wilcoxon(np.asarray(a, np.float64), np.asarray(b, np.float64))
+    return {"statistic": float(statistic), "p_value": float(p_value)}
+
+
+def compare(
+    a: np.ndarray,
+    b: np.ndarray,
+    *,
+    seed: int,
+    num_bootstrap: int = 2000,
+    confidence: float = 0.95,
+) -> dict:
+    """Means of two paired per-image series, their difference and a Wilcoxon test.
+
+    Args:
+      a: (N,) per-image values of series A.
+      b: (N,) per-image values of series B, paired with A image by image.
+      seed: seed of the bootstrap resampling (the three intervals use seed, seed + 1,
+        seed + 2).
+      num_bootstrap: bootstrap resamples.
+      confidence: coverage of the intervals.
+
+    Returns:
+      ``{"a": CI, "b": CI, "difference": CI, "wilcoxon": {"statistic", "p_value"}}``,
+      each CI a ``{"mean", "lo", "hi"}`` dict; the difference is ``mean(a - b)`` with the
+      interval of the paired differences.
+
+    Raises:
+      ValueError: if the series are not 1-D of the same length or hold a non-finite value.
+    """
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    if a.ndim != 1 or a.shape != b.shape or a.size == 0:
+        raise ValueError(
+            f"compare expects two non-empty 1-D series of the same length, got shapes "
+            f"{a.shape} and {b.shape}"
+        )
+    for name, v in (("a", a), ("b", b)):
+        if not np.isfinite(v).all():
+            raise ValueError(
+                f"compare: series {name} holds {int((~np.isfinite(v)).sum())} non-finite "
+                "value(s); the metric that produced it must return finite values"
+            )
+    return {
+        "a": _ci_dict(a, seed, num_bootstrap, confidence),
+        "b": _ci_dict(b, seed + 1, num_bootstrap, confidence),
+        "difference": _ci_dict(a - b, seed + 2, num_bootstrap, confidence),
+        "wilcoxon": _wilcoxon_dict(a, b),
+    }
+
+
+# --------------------------------------------------------------------------- verdicts
+ALIKE, LESS_SIMILAR, INCONCLUSIVE = "alike", "less similar", "inconclusive"
+NOISIER, LESS_NOISY, NO_DIFFERENCE = "noisier", "less noisy", "no clear difference"
+HOLDS, DOES_NOT_HOLD, MIXED = "holds", "does not hold", "mixed"
+
+# +1: the metric grows with noise; -1: it falls with noise.
+NOISE_DIRECTION: dict[str, int] = {"total_variation": +1, "complexity": +1, "sparseness": -1}
+
+
+def similarity_verdict(row: Mapping, margin: float, alpha: float) -> str:
+    """``alike`` / ``less similar`` / ``inconclusive`` for one similarity row.
+
+    Args:
+      row: a :func:`compare` result with A = s(BNN, twin) and B = s(twin, control).
+      margin: the relative equivalence margin (a fraction of ``|mean B|``).
+      alpha: the level of the Wilcoxon test.
+
+    Returns:
+      The row's verdict (see the module docstring for the rule).
+    """
+    m = margin * abs(row["b"]["mean"])
+    d = row["difference"]
+    if d["lo"] >= -m:
+        return ALIKE
+    if d["hi"] < -m and row["wilcoxon"]["p_value"] < alpha:
+        return LESS_SIMILAR
+    return INCONCLUSIVE
+
+
+def noise_verdict(row: Mapping, metric: str, seed_difference: float, alpha: float) -> str:
+    """``noisier`` / ``less noisy`` / ``no clear difference`` for one noise row.
+
+    Args:
+      row: a :func:`compare` result with A = noise(BNN), B = noise(twin).
+      metric: one of :data:`NOISE_DIRECTION`.
+      seed_difference: mean noise(control) - noise(twin), the seed-to-seed effect.
+      alpha: the level of the Wilcoxon test.
+
+    Returns:
+      The row's verdict (see the module docstring for the rule).
+    """
+    if metric not in NOISE_DIRECTION:
+        raise ValueError(f"Unknown noise metric {metric!r}; known: {sorted(NOISE_DIRECTION)}")
+    sign = NOISE_DIRECTION[metric]
+    d = row["difference"]
+    significant = row["wilcoxon"]["p_value"] < alpha
+    beyond_seed = abs(d["mean"]) > abs(seed_difference)
+    lo, hi = (d["lo"], d["hi"]) if sign > 0 else (-d["hi"], -d["lo"])
+    if lo > 0 and significant and beyond_seed:
+        return NOISIER
+    if hi < 0 and significant and beyond_seed:
+        return LESS_NOISY
+    return NO_DIFFERENCE
+
+
+def combine(supports: Sequence[bool | None]) -> str:
+    """A finding's verdict from its metrics' support (True / False / None: undecided)."""
+    if not supports:
+        raise ValueError("combine needs at least one metric")
+    if all(s is True for s in supports):
+        return HOLDS
+    if all(s is False for s in supports):
+        return DOES_NOT_HOLD
+    if all(s is None for s in supports):
+        return INCONCLUSIVE
+    return MIXED
+
+
+def _fmt(ci: Mapping, digits: int = 3) -> str:
+    return f"{ci['mean']:.{digits}f} [{ci['lo']:.{digits}f}, {ci['hi']:.{digits}f}]"
+
+
+_CONCLUSION = {
+    HOLDS: "holds on this data",
+    DOES_NOT_HOLD: "does not hold on this data",
+    MIXED: "holds on some metrics and not on others",
+    INCONCLUSIVE: "cannot be decided on this data (the intervals are too wide)",
+}
+
+
+def similarity_finding(
+    *,
+    title: str,
+    claim: str,
+    expect: str,
+    group: str,
+    series: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    labels: Mapping[str, str],
+    num_images: int,
+    margin: float,
+    alpha: float,
+    seed: int,
+    num_bootstrap: int,
+    confidence: float,
+) -> dict:
+    """A similarity finding (Gradient "alike" or GradCAM "differ") from per-image values.
+
+    Args:
+      title: the section title.
+      claim: the paper's claim in a few words (headline table).
+      expect: ``"alike"`` (the claim is that the maps look alike) or ``"differ"``.
+      group: the maps compared, for the table (e.g. "Gradient").
+      series: metric -> (s(BNN, twin), s(twin, control)), each (N,) per image.
+      labels: metric -> display label.
+      num_images: the number of images (for the sentence).
+      margin: relative equivalence margin (see :func:`similarity_verdict`).
+      alpha: level of the Wilcoxon tests.
+      seed: seed of the bootstrap (each metric gets its own offset).
+      num_bootstrap: bootstrap resamples.
+      confidence: coverage of the intervals.
+
+    Returns:
+      The finding: ``{title, claim, verdict, sentence, method_note, rows}``.
+    """
+    if expect not in ("alike", "differ"):
+        raise ValueError(f"expect must be 'alike' or 'differ', got {expect!r}")
+    rows, supports, parts = [], [], []
+    for i, (metric, (a, b)) in enumerate(series.items()):
+        row = compare(a, b, seed=seed + 10 * i, num_bootstrap=num_bootstrap, confidence=confidence)
+        verdict = similarity_verdict(row, margin, alpha)
+        row.update(
+            group=group,
+            metric=metric,
+            label=labels.get(metric, metric),
+            a_name="BNN vs twin",
+            b_name="twin vs control",
+            verdict=verdict,
+        )
+        rows.append(row)
+        if verdict == INCONCLUSIVE:
+            supports.append(None)
+        else:
+            supports.append((verdict == ALIKE) == (expect == "alike"))
+        relation = {
+            ALIKE: "at least about as similar as two full-precision seeds",
+            LESS_SIMILAR: "less similar than two full-precision seeds",
+            INCONCLUSIVE: "neither clearly as similar as nor clearly less similar than "
+            "two full-precision seeds",
+        }[verdict]
+        parts.append(
+            f"by {row['label']} they are {relation} ({row['a']['mean']:.3f} vs "
+            f"{row['b']['mean']:.3f}; difference {_fmt(row['difference'])}, Wilcoxon "
+            f"p = {row['wilcoxon']['p_value']:.2g})"
+        )
+    verdict = combine(supports)
+    sentence = (
+        f"The paper's finding “{claim}” {_CONCLUSION[verdict]}: on "
+        f"{num_images} test images, comparing BNN–twin {group} maps with twin–control maps, "
+        + "; ".join(parts)
+        + "."
+    )
+    note = (
+        f"Similarity of {group} maps, image by image: A = s(BNN, twin), B = s(twin, "
+        "control). A metric calls the maps *alike* when the 95% interval of A − B lies "
+        f"above −{margin:g} × |B| (the BNN is as close to its twin as a second "
+        "full-precision seed is, within that margin), *less similar* when it lies below "
+        f"and Wilcoxon p < {alpha:g}."
+    )
+    return {
+        "title": title,
+        "claim": claim,
+        "verdict": verdict,
+        "sentence": sentence,
+        "method_note": note,
+        "rows": rows,
+    }
+
+
+def noise_finding(
+    *,
+    title: str,
+    claim: str,
+    group: str,
+    noise: Mapping[str, Mapping[str, np.ndarray]],
+    reduction: Mapping[str, np.ndarray],
+    labels: Mapping[str, str],
+    num_images: int,
+    alpha: float,
+    seed: int,
+    num_bootstrap: int,
+    confidence: float,
+) -> dict:
+    """The SmoothGrad finding ("noisier for BNNs") from per-image noise values.
+
+    Args:
+      title: the section title.
+      claim: the paper's claim in a few words.
+      group: the maps compared (e.g. "SmoothGrad").
+      noise: metric (keys of :data:`NOISE_DIRECTION`) -> {"bnn", "twin", "control"} ->
+        (N,) per-image values on the SmoothGrad maps.
+      reduction: {"bnn", "twin", "control"} -> (N,) fraction of the Gradient map's total
+        variation that SmoothGrad removes, 1 - TV(SmoothGrad) / TV(Gradient).
+      labels: metric -> display label.
+      num_images: the number of images.
+      alpha: level of the Wilcoxon tests.
+      seed: seed of the bootstrap.
+      num_bootstrap: bootstrap resamples.
+      confidence: coverage of the intervals.
+
+    Returns:
+      The finding: ``{title, claim, verdict, sentence, method_note, rows, extra_rows,
+      extra_note}``; ``rows`` decide the verdict, ``extra_rows`` hold the seed-to-seed
+      reference (control vs twin) and the noise reduction by SmoothGrad.
+    """
+    kw = dict(num_bootstrap=num_bootstrap, confidence=confidence)
+    rows, extra, supports, parts = [], [], [], []
+    for i, (metric, values) in enumerate(noise.items()):
+        row = compare(values["bnn"], values["twin"], seed=seed + 10 * i, **kw)
+        ref = compare(values["control"], values["twin"], seed=seed + 10 * i + 5, **kw)
+        verdict = noise_verdict(row, metric, ref["difference"]["mean"], alpha)
+        direction = "higher" if NOISE_DIRECTION[metric] > 0 else "lower"
+        label = f"{labels.get(metric, metric)} ({direction} = noisier)"
+        row.update(
+            group=group, metric=metric, label=label, a_name="BNN", b_name="twin", verdict=verdict
+        )
+        ref.update(
+            group=f"{group} (seed reference)",
+            metric=metric,
+            label=label,
+            a_name="control",
+            b_name="twin",
+            verdict="reference",
+        )
+        rows.append(row)
+        extra.append(ref)
+        supports.append(verdict == NOISIER)
+        parts.append(
+            f"{labels.get(metric, metric)} {row['a']['mean']:.3g} vs {row['b']['mean']:.3g} "
+            f"({verdict}; difference {_fmt(row['difference'], 3)}, seed-to-seed "
+            f"{ref['difference']['mean']:.3g})"
+        )
+    red = compare(reduction["bnn"], reduction["twin"], seed=seed + 1000, **kw)
+    red.update(
+        group=group,
+        metric="tv_reduction",
+        label="TV reduction by SmoothGrad vs Gradient",
+        a_name="BNN",
+        b_name="twin",
+        verdict="",
+    )
+    red_ctrl = compare(reduction["control"], reduction["twin"], seed=seed + 1005, **kw)
+    red_ctrl.update(
+        group=f"{group} (seed reference)",
+        metric="tv_reduction",
+        label="TV reduction by SmoothGrad vs Gradient",
+        a_name="control",
+        b_name="twin",
+        verdict="reference",
+    )
+    extra.extend([red, red_ctrl])
+    verdict = combine(supports)
+    less = red["difference"]["hi"] < 0 and red["wilcoxon"]["p_value"] < alpha
+    more = red["difference"]["lo"] > 0 and red["wilcoxon"]["p_value"] < alpha
+    red_text = "less than" if less else "more than" if more else "about as much as"
+    sentence = (
+        f"The paper's finding “{claim}” {_CONCLUSION[verdict]}: on "
+        f"{num_images} test images, {group} maps of the BNN vs the twin have "
+        + "; ".join(parts)
+        + f". SmoothGrad removes {100 * red['a']['mean']:.0f}% of the Gradient maps' total "
+        f"variation for the BNN and {100 * red['b']['mean']:.0f}% for the twin "
+        f"({red_text} for the twin)."
+    )
+    note = (
+        f"Noise of {group} maps, image by image (A = BNN, B = twin). A metric calls the "
+        "BNN's maps *noisier* when the 95% interval of A − B excludes 0 in the noisy "
+        f"direction, Wilcoxon p < {alpha:g}, and the difference exceeds the seed-to-seed "
+        "difference between control and twin."
+    )
+    return {
+        "title": title,
+        "claim": claim,
+        "verdict": verdict,
+        "sentence": sentence,
+        "method_note": note,
+        "rows": rows,
+        "extra_rows": extra,
+        "extra_note": (
+            "Seed-to-seed reference (control vs twin) and the fraction of total variation "
+            "that SmoothGrad removes relative to Gradient, 1 − TV(SmoothGrad) / TV(Gradient):"
+        ),
+    }
+
+
+# --------------------------------------------------------------------------- settings
+MODELS = ("bnn", "twin", "control")
+RUN_DIRS = {"bnn": "bnn", "twin": "fp", "control": "control"}
+METHODS = (
+    "gradient",
+    "smoothgrad",
+    "smoothgrad_sq",
+    "vargrad",
+    "gradcam",
+    "integrated_gradients",
+)
+GRID_METHODS = ("gradient", "smoothgrad", "gradcam", "integrated_gradients")
+SURROGATES = ("ste_sign", "approx_sign", "swish_sign", "identity")
+SIGNED_METHODS = ("gradient", "smoothgrad", "integrated_gradients")
+SIMILARITY_METRICS = ("spearman_abs", "ssim")
+REPORT_DIR = "report"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The validated ``config.explain`` section (see ``configs/default.py``)."""
+
+    num_images: int = 200
+    batch_size: int = 50
+    num_examples: int = 6
+    channel_reduction: str = "abs_sum"
+    smoothgrad_samples: int = 12
+    smoothgrad_noise: float = 0.15
+    sample_batch_size: int = 12
+    ig_steps: int = 12
+    gradcam_layer: str = "block5"
+    gradcam_relu: bool = True
+    surrogates: tuple[str, ...] = SURROGATES
+    surrogate_methods: tuple[str, ...] = ("gradient", "smoothgrad", "gradcam")
+    faithfulness_steps: int = 12
+    deletion_substrate: str = "blur"
+    insertion_substrate: str = "blur"
+    mprt_images: int = 32
+    mprt_methods: tuple[str, ...] = ("gradient", "gradcam")
+    mprt_layers: tuple[str, ...] = ()
+    bootstrap_samples: int = 2000
+    confidence: float = 0.95
+    alpha: float = 0.05
+    similarity_margin: float = 0.2
+
+    def to_dict(self) -> dict:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _jsonable(value):
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _as_names(value, field: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not isinstance(value, tuple | list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(
+            f"config.explain.{field} must be a tuple of names (or a comma-separated string), "
+            f"got {value!r}"
+        )
+    return tuple(value)
+
+
+def settings_from_config(explain: Mapping | None) -> Settings:
+    """Validates ``config.explain`` into :class:`Settings` (missing fields: defaults).
+
+    Args:
+      explain: the ``config.explain`` section (a ConfigDict or dict), or None.
+
+    Returns:
+      The settings.
+
+    Raises:
+      ValueError: for an unknown field or a value out of range, naming both.
+    """
+    from jbnn.metrics import faithfulness
+    from jbnn.saliency import display
+
+    explain = {} if explain is None else dict(explain.items())
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    unknown = sorted(set(explain) - set(fields))
+    if unknown:
+        raise ValueError(f"Unknown config.explain field(s) {unknown}; known: {sorted(fields)}")
+    values = {}
+    for name, value in explain.items():
+        default = fields[name].default
+        if isinstance(default, tuple):
+            value = _as_names(value, name)
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"config.explain.{name} must be True or False, got {value!r}")
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                raise ValueError(f"config.explain.{name} must be an int, got {value!r}")
+            value = int(value)
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+                raise ValueError(f"config.explain.{name} must be a number, got {value!r}")
+            value = float(value)
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise ValueError(f"config.explain.{name} must be a string, got {value!r}")
+        values[name] = value
+    s = Settings(**values)
+    minimum = {
+        "num_images": 2,
+        "batch_size": 1,
+        "num_examples": 1,
+        "smoothgrad_samples": 1,
+        "sample_batch_size": 1,
+        "ig_steps": 2,
+        "faithfulness_steps": 1,
+        "mprt_images": 2,
+        "bootstrap_samples": 100,
+    }
+    for name, lo in minimum.items():
+        if getattr(s, name) < lo:
+            raise ValueError(f"config.explain.{name} must be >= {lo}, got {getattr(s, name)}")
+    for name in ("confidence", "alpha"):
+        if not 0.0 < getattr(s, name) < 1.0:
+            raise ValueError(f"config.explain.{name} must be in (0, 1), got {getattr(s, name)}")
+    if not 0.0 <= s.similarity_margin < 1.0:
+        raise ValueError(
+            f"config.explain.similarity_margin must be in [0, 1), got {s.similarity_margin}"
+        )
+    if s.smoothgrad_noise < 0:
+        raise ValueError(f"config.explain.smoothgrad_noise must be >= 0, got {s.smoothgrad_noise}")
+    if s.channel_reduction not in display.REDUCTIONS:
+        raise ValueError(
+            f"Unknown config.explain.channel_reduction {s.channel_reduction!r}; known: "
+            f"{', '.join(display.REDUCTIONS)}"
+        )
+    for name in ("deletion_substrate", "insertion_substrate"):
+        if getattr(s, name) not in faithfulness.SUBSTRATES:
+            raise ValueError(
+                f"Unknown config.explain.{name} {getattr(s, name)!r}; known: "
+                f"{', '.join(faithfulness.SUBSTRATES)}"
+            )
+    for name in ("surrogate_methods", "mprt_methods"):
+        bad = [m for m in getattr(s, name) if m not in METHODS]
+        if bad or not getattr(s, name):
+            raise ValueError(
+                f"config.explain.{name} must name some of {', '.join(METHODS)}, got "
+                f"{getattr(s, name)!r}"
+            )
+    if not s.surrogates:
+        raise ValueError("config.explain.surrogates must name at least one surrogate")
+    return s
+
+
+# --------------------------------------------------------------------------- loading
+class StudyError(ValueError):
+    """The workdir or the config cannot give a study (nothing has been written)."""
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything the study needs, loaded and checked before any computation.
+
+    Attributes:
+      settings: the validated ``config.explain``.
+      seed: ``config.seed``; every random draw derives from it.
+      workdir: the study directory.
+      models: "bnn" / "twin" / "control" -> Linen module (twin and control share one).
+      variables: the same keys -> variables.
+      run_results: the same keys -> the run's ``results.json``.
+      surrogate_models: surrogate spec -> the BNN module with that backward surrogate.
+      dataset: the dataset name; class_names: its class names.
+      images: (N, H, W, C) model inputs; labels: (N,) int32; masks: (N, H, W) or None.
+      display: (N, H, W, C) the images in [0, 1] for figures.
+      indices: (N,) the images' indices in the test split.
+      mprt_layers: the layer paths randomised by MPRT, from the logits down.
+    """
+
+    settings: Settings
+    seed: int
+    workdir: Path
+    models: dict
+    variables: dict
+    run_results: dict
+    surrogate_models: dict
+    dataset: str
+    class_names: tuple
+    images: np.ndarray
+    labels: np.ndarray
+    masks: np.ndarray | None
+    display: np.ndarray
+    indices: np.ndarray
+    mprt_layers: tuple
+
+
+def _config_dict(config) -> dict:
+    return json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str))
+
+
+def _diff(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            name = f"{prefix}.{key}" if prefix else key
+            out += _diff(a.get(key, "(absent)"), b.get(key, "(absent)"), name)
+        return out
+    return [] if a == b else [f"{prefix}: trained with {a!r}, this config has {b!r}"]
+
+
+def _check_runs(config, workdir: Path) -> None:
+    """Each run directory exists and was trained with this config (training fields)."""
+    from jbnn import training
+
+    if not workdir.is_dir():
+        raise StudyError(
+            f"workdir {workdir} does not exist; train the models first with "
+            f"python train.py --config <config> --workdir {workdir}"
+        )
+    current = _config_dict(config)
+    ignore = set(training.NON_TRAINING_FIELDS)
+    for name, sub in RUN_DIRS.items():
+        run_dir = workdir / sub
+        stored = run_dir / training.CONFIG_FILE
+        if not stored.exists():
+            extra = (
+                " The study compares against a second full-precision model: set "
+                "config.train_control=True and rerun train.py."
+                if name == "control"
+                else ""
+            )
+            raise StudyError(
+                f"{run_dir} is missing or is not a jbnn run (no {training.CONFIG_FILE}); "
+                f"explain.py needs the {name} model trained by train.py in {workdir}.{extra}"
+            )
+        trained = json.loads(stored.read_text())
+        changes = _diff(
+            {k: v for k, v in trained.items() if k not in ignore},
+            {k: v for k, v in current.items() if k not in ignore},
+        )
+        if changes:
+            dataset = [c for c in changes if c.startswith(("dataset", "image_size", "data"))]
+            lead = (
+                f"the config is for another dataset than the one {run_dir} was trained on"
+                if dataset
+                else f"{run_dir} was trained with another config"
+            )
+            raise StudyError(
+                f"{lead}: " + "; ".join((dataset or changes)[:6]) + ". Pass the config used "
+                "for training (explain settings may differ: only config.explain is free)."
+            )
+
+
+def _load_test_data(config, settings: Settings, key: jax.Array):
+    """The study images: a seeded sample of ``num_images`` test images."""
+    from jbnn import data as jdata
+
+    kwargs = dict(
+        image_size=config.get("image_size"),
+        data_dir=config.get("data_dir"),
+        manual_dir=config.get("manual_dir"),
+        seed=config.get("data_seed", 0),
+    )
+    kwargs.update(dict(config.get("data_kwargs", {}) or {}))
+    source = jdata.load(config.dataset, split=config.get("eval_split", "test"), **kwargs)
+    n = min(settings.num_images, source.num_examples)
+    if isinstance(source, jdata.ArraySource):
+        order = np.asarray(jax.random.permutation(key, source.num_examples))
+        indices = np.sort(order[:n])
+        batch = source.take(indices)
+    else:  # a streamed split: the first n images in stored order
+        parts, seen = [], 0
+        for b in source.batches(min(n, 256), seed=0, epoch=0, shuffle=False, drop_remainder=False):
+            parts.append(b)
+            seen += len(b["label"])
+            if seen >= n:
+                break
+        batch = {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
+        indices = np.arange(n)
+    images = np.asarray(batch["image"], np.float32)
+    display = np.clip(source.unnormalize(images), 0.0, 1.0)
+    masks = batch.get("mask")
+    return source, images, np.asarray(batch["label"], np.int32), masks, display, indices
+
+
+def _spatial_layers(model, input_shape) -> dict:
+    from jbnn import models
+
+    paths = models.layer_paths(model, input_shape)
+    return {p: s for p, s in paths.items() if len(s) == 4 and all(isinstance(d, int) for d in s)}
+
+
+def _kernel_layers(model, variables, input_shape) -> list[str]:
+    """Top-level layers holding a kernel (conv / dense weights), in call order."""
+    from jbnn import models
+
+    params = variables["params"]
+
+    def has_kernel(tree) -> bool:
+        if not isinstance(tree, Mapping):
+            return False
+        return "kernel" in tree or any(has_kernel(v) for v in tree.values())
+
+    order = [p for p in models.layer_paths(model, input_shape) if "/" not in p]
+    return [p for p in order if p in params and has_kernel(params[p])]
+
+
+def prepare(config, workdir: str | Path) -> Plan:
+    """Loads and checks everything the study needs; writes nothing.
+
+    Args:
+      config: the config the models were trained with (``config.explain`` may differ).
+      workdir: the directory train.py wrote ``bnn``, ``fp`` and ``control`` into.
+
+    Returns:
+      The :class:`Plan`.
+
+    Raises:
+      StudyError: for a missing workdir, a missing or half-trained model, a config of
+        another dataset or model, an unknown GradCAM or MPRT layer, a bad surrogate or
+        another bad ``config.explain`` field, a dataset that cannot be loaded.
+    """
+    try:
+        return _prepare(config, Path(workdir))
+    except StudyError:
+        raise
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        raise StudyError(str(e)) from e
+
+
+def _prepare(config, workdir: Path) -> Plan:
+    from jbnn import models, training
+
+    settings = settings_from_config(config.get("explain"))
+    seed = int(config.seed)
+    _check_runs(config, workdir)
+    loaded, run_results = {}, {}
+    for name, sub in RUN_DIRS.items():
+        loaded[name] = training.load_run(workdir / sub)  # half-trained: a clear error
+        run_results[name] = json.loads((workdir / sub / training.RESULTS_FILE).read_text())
+    if not run_results["bnn"].get("binary", True) or run_results["twin"].get("binary", False):
+        raise StudyError(f"{workdir}/bnn must hold the BNN and {workdir}/fp its twin")
+    bnn_model, twin_model = loaded["bnn"][0], loaded["twin"][0]
+    if loaded["control"][0] != twin_model:
+        raise StudyError(f"{workdir}/control does not hold the twin's architecture")
+
+    key = jax.random.key(seed)
+    source, images, labels, masks, display, indices = _load_test_data(
+        config, settings, jax.random.fold_in(key, _IMAGES_TAG)
+    )
+    input_shape = (1, *images.shape[1:])
+    spatial = _spatial_layers(bnn_model, input_shape)
+    if settings.gradcam_layer not in spatial:
+        listing = ", ".join(f"{p} {s[1:]}" for p, s in spatial.items())
+        raise StudyError(
+            f"Unknown config.explain.gradcam_layer {settings.gradcam_layer!r} for model "
+            f"{config.model!r}: GradCAM needs a layer path with a (B, h, w, C) output; "
+            f"valid ones (output h, w, C): {listing}"
+        )
+    if (
+        _spatial_layers(twin_model, input_shape)[settings.gradcam_layer]
+        != spatial[settings.gradcam_layer]
+    ):
+        raise StudyError(f"layer {settings.gradcam_layer!r} differs between BNN and twin")
+    surrogate_models = {}
+    for spec in settings.surrogates:
+        try:
+            surrogate_models[spec] = models.with_surrogate(bnn_model, spec)
+        except (ValueError, TypeError) as e:
+            raise StudyError(f"Bad config.explain.surrogates entry {spec!r}: {e}") from None
+    param_layers = _kernel_layers(bnn_model, loaded["bnn"][1], input_shape)
+    if settings.mprt_layers:
+        bad = [p for p in settings.mprt_layers if p not in param_layers]
+        if bad:
+            raise StudyError(
+                f"Unknown config.explain.mprt_layers {bad}; layers with weights: "
+                f"{', '.join(param_layers)}"
+            )
+        mprt_layers = tuple(settings.mprt_layers)
+    else:
+        mprt_layers = tuple(reversed(param_layers))
+    return Plan(
+        settings=settings,
+        seed=seed,
+        workdir=workdir,
+        models={"bnn": bnn_model, "twin": twin_model, "control": twin_model},
+        variables={k: v[1] for k, v in loaded.items()},
+        run_results=run_results,
+        surrogate_models=surrogate_models,
+        dataset=str(config.dataset),
+        class_names=tuple(source.class_names),
+        images=images,
+        labels=labels,
+        masks=None if masks is None else np.asarray(masks) > 0.5,
+        display=display,
+        indices=indices,
+        mprt_layers=mprt_layers,
+    )
+
+
+_IMAGES_TAG, _SMOOTHGRAD_TAG, _MPRT_TAG = 1, 2, 3
+
+
+# --------------------------------------------------------------------------- maps
+def _log(message: str, verbose: bool) -> None:
+    if verbose:
+        print(f"[explain] {message}", file=sys.stderr, flush=True)
+
+
+class _Clock:
+    """Wall and process CPU seconds since creation, as ``"12.3 s (cpu 20.1 s)"``."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def seconds(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+    def __str__(self) -> str:
+        wall, cpu = self.seconds()
+        return f"{wall:6.1f} s (cpu {cpu:6.1f} s)"
+
+
+def method_options(method: str, settings: Settings) -> dict:
+    """The keyword options the study passes to saliency ``method``."""
+    if method in ("smoothgrad", "smoothgrad_sq", "vargrad"):
+        return dict(
+            num_samples=settings.smoothgrad_samples,
+            noise_level=settings.smoothgrad_noise,
+            batch_size=min(settings.sample_batch_size, settings.smoothgrad_samples),
+        )
+    if method == "integrated_gradients":
+        return dict(
+            num_steps=settings.ig_steps,
+            batch_size=min(settings.sample_batch_size, settings.ig_steps),
+        )
+    if method == "gradcam":
+        return dict(layer=settings.gradcam_layer, relu=settings.gradcam_relu)
+    return {}
+
+
+def _variants(plan: Plan) -> list[tuple[str, object, object, tuple[str, ...]]]:
+    """(name, model, variables, methods) of every model variant the study explains.
+
+    The BNN under a surrogate identical to its own input quantizer (e.g. ``ste_sign``
+    for a BinaryNet trained with ``ste_sign``) has the BNN's own gradients: its maps
+    are the BNN's, not recomputed.
+    """
+    out = [(m, plan.models[m], plan.variables[m], METHODS) for m in MODELS]
+    for spec, model in plan.surrogate_models.items():
+        if spec != getattr(plan.models["bnn"], "input_quantizer", None):
+            out.append(
+                (f"bnn@{spec}", model, plan.variables["bnn"], plan.settings.surrogate_methods)
+            )
+    return out
+
+
+def surrogate_variant(plan: Plan, spec: str) -> str:
+    """The name of the variant whose maps are the BNN's under surrogate ``spec``."""
+    if spec == getattr(plan.models["bnn"], "input_quantizer", None):
+        return "bnn"
+    return f"bnn@{spec}"
+
+
+def compute_maps(plan: Plan, verbose: bool = True) -> tuple[dict, dict]:
+    """Every map of the study, reduced over channels.
+
+    Args:
+      plan: the loaded study.
+      verbose: print progress to stderr.
+
+    Returns:
+      ``(maps, signed)``: (variant, method) -> (N, H, W) maps reduced with
+      ``settings.channel_reduction`` (GradCAM maps as they are), and (variant, method) ->
+      (N, H, W) signed maps (channel sum) for the methods of :data:`SIGNED_METHODS`.
+    """
+    from jbnn import saliency
+
+    s = plan.settings
+    batches = [
+        {"image": plan.images[i : i + s.batch_size], "label": plan.labels[i : i + s.batch_size]}
+        for i in range(0, len(plan.labels), s.batch_size)
+    ]
+    key = jax.random.fold_in(jax.random.key(plan.seed), _SMOOTHGRAD_TAG)
+    maps, signed = {}, {}
+    for variant, model, variables, methods in _variants(plan):
+        for method in methods:
+            clock = _Clock()
+            out = saliency.explain_dataset(
+                method,
+                batches,
+                model=model,
+                variables=variables,
+                key=key,  # the same noise for every model: a paired comparison
+                target="label",
+                progress=False,
+                **method_options(method, s),
+            )["maps"]
+            if out.ndim == 4:
+                maps[variant, method] = np.asarray(
+                    saliency.reduce_channels(out, s.channel_reduction), np.float32
+                )
+                if method in SIGNED_METHODS:
+                    signed[variant, method] = np.asarray(
+                        saliency.reduce_channels(out, "sum"), np.float32
+                    )
+            else:
+                maps[variant, method] = np.asarray(out, np.float32)
+            _log(f"{method:>20} maps of {variant:<16} {clock}", verbose)
+    return maps, signed
+
+
+# --------------------------------------------------------------------------- metrics
+PAIRS = {"bnn_vs_twin": ("bnn", "twin"), "twin_vs_control": ("twin", "control")}
+NOISE_METRICS = ("total_variation", "complexity", "sparseness")
+
+
+def _np(x) -> np.ndarray:
+    return np.asarray(x, np.float64)
+
+
+def tv_reduction(tv_smooth: np.ndarray, tv_gradient: np.ndarray) -> np.ndarray:
+    """Per image, the fraction of the Gradient map's total variation that SmoothGrad
+    removes, ``1 - TV(SmoothGrad) / TV(Gradient)``; 0 where the Gradient map is constant
+    (TV 0: there is no noise to remove)."""
+    tv_smooth = _np(tv_smooth)
+    tv_gradient = _np(tv_gradient)
+    safe = np.where(tv_gradient > 0, tv_gradient, 1.0)
+    return np.where(tv_gradient > 0, 1.0 - tv_smooth / safe, 0.0)
+
+
+def per_image_metrics(plan: Plan, maps: Mapping, signed: Mapping, verbose: bool = True):
+    """Every per-image score of the study.
+
+    Args:
+      plan: the loaded study.
+      maps: (variant, method) -> (N, H, W) reduced maps from :func:`compute_maps`.
+      signed: (variant, method) -> (N, H, W) signed maps.
+      verbose: print progress to stderr.
+
+    Returns:
+      ``(values, curves)``: "<method>/<metric>/<series>" -> (N,) float64 scores, and
+      "deletion"|"insertion" -> method -> model -> (N, steps + 1) curves.
+    """
+    from jbnn import metrics
+    from jbnn.models import apply_fn
+
+    s = plan.settings
+    clock = _Clock()
+    values: dict[str, np.ndarray] = {}
+    for method in METHODS:
+        for pair, (a, b) in PAIRS.items():
+            ma, mb = maps[a, method], maps[b, method]
+            values[f"{method}/spearman_abs/{pair}"] = _np(metrics.spearman(ma, mb, absolute=True))
+            values[f"{method}/ssim/{pair}"] = _np(metrics.ssim(ma, mb))
+            if method in SIGNED_METHODS:
+                values[f"{method}/spearman_signed/{pair}"] = _np(
+                    metrics.spearman(signed[a, method], signed[b, method])
+                )
+        for model in MODELS:
+            m = maps[model, method]
+            values[f"{method}/total_variation/{model}"] = _np(metrics.total_variation(m))
+            values[f"{method}/complexity/{model}"] = _np(metrics.complexity(m))
+            values[f"{method}/sparseness/{model}"] = _np(metrics.sparseness(m))
+            values[f"{method}/zero_map/{model}"] = (np.abs(m).max(axis=(1, 2)) == 0).astype(
+                np.float64
+            )
+            if plan.masks is not None:
+                values[f"{method}/pointing_game/{model}"] = _np(
+                    metrics.pointing_game(m, plan.masks)
+                )
+                values[f"{method}/relevance_mass/{model}"] = _np(
+                    metrics.relevance_mass_accuracy(m, plan.masks)
+                )
+    for model in MODELS:
+        values[f"smoothgrad/tv_reduction/{model}"] = tv_reduction(
+            values[f"smoothgrad/total_variation/{model}"],
+            values[f"gradient/total_variation/{model}"],
+        )
+    for spec in s.surrogates:
+        variant = surrogate_variant(plan, spec)
+        for method in s.surrogate_methods:
+            m = maps[variant, method]
+            prefix = f"surrogate/{spec}/{method}"
+            twin = maps["twin", method]
+            values[f"{prefix}/spearman_abs_vs_twin"] = _np(metrics.spearman(m, twin, absolute=True))
+            values[f"{prefix}/ssim_vs_twin"] = _np(metrics.ssim(m, twin))
+            values[f"{prefix}/spearman_abs_vs_bnn"] = _np(
+                metrics.spearman(m, maps["bnn", method], absolute=True)
+            )
+            values[f"{prefix}/total_variation"] = _np(metrics.total_variation(m))
+    _log(f"similarity, noise and localisation scores {clock}", verbose)
+
+    curves: dict[str, dict[str, dict[str, np.ndarray]]] = {"deletion": {}, "insertion": {}}
+    images = plan.images
+    chunk = max(s.batch_size, 1) * 4
+    for kind, curve_fn, substrate in (
+        ("deletion", metrics.deletion_curve, s.deletion_substrate),
+        ("insertion", metrics.insertion_curve, s.insertion_substrate),
+    ):
+        clock = _Clock()
+        for method in METHODS:
+            curves[kind][method] = {}
+            for model in MODELS:
+                fn = apply_fn(plan.models[model], plan.variables[model])
+                c, auc = curve_fn(
+                    fn,
+                    images,
+                    maps[model, method],
+                    plan.labels,
+                    num_steps=s.faithfulness_steps,
+                    substrate=substrate,
+                    batch_size=chunk,
+                )
+                curves[kind][method][model] = np.asarray(c, np.float64)
+                values[f"{method}/{kind}_auc/{model}"] = _np(auc)
+        _log(f"{kind} curves {clock}", verbose)
+    return values, curves
+
+
+def _mprt_explain(method: str, settings: Settings, key: jax.Array):
+    """``explain(model, variables, x, target) -> (B, H, W)`` for :func:`jbnn.metrics.mprt`."""
+    from jbnn import saliency
+    from jbnn.models import apply_fn
+
+    options = method_options(method, settings)
+
+    def explain(model, variables, x, target):
+        if method == "gradcam":
+            return saliency.gradcam(model, variables, x, target, **options)
+        fn = apply_fn(model, variables)
+        if method == "gradient":
+            out = saliency.gradient(fn, x, target)
+        elif method == "integrated_gradients":
+            out = saliency.integrated_gradients(fn, x, target, **options)
+        else:
+            variant = "smoothgrad" if method == "smoothgrad" else method
+            out = saliency.smoothgrad(fn, x, target, key, variant=variant, **options)
+        return saliency.reduce_channels(out, settings.channel_reduction)
+
+    return explain
+
+
+def run_mprt(plan: Plan, verbose: bool = True) -> dict:
+    """MPRT for the BNN and the twin on the first ``mprt_images`` study images.
+
+    Returns:
+      method -> model -> {"layers": [...], "similarity": name -> (S, M) scores}.
+    """
+    from jbnn import metrics
+
+    s = plan.settings
+    n = min(s.mprt_images, len(plan.labels))
+    x, target = plan.images[:n], plan.labels[:n]
+    root = jax.random.fold_in(jax.random.key(plan.seed), _MPRT_TAG)
+    out: dict = {}
+    for i, method in enumerate(s.mprt_methods):
+        out[method] = {}
+        for model in ("bnn", "twin"):
+            clock = _Clock()
+            result = metrics.mprt(
+                plan.models[model],
+                plan.variables[model],
+                x,
+                target,
+                _mprt_explain(method, s, jax.random.fold_in(root, 1000 + i)),
+                key=jax.random.fold_in(root, i),  # the same random weights for both twins
+                layers=plan.mprt_layers,
+                similarity={
+                    "spearman_abs": lambda a, b: metrics.spearman(a, b, absolute=True),
+                    "ssim": metrics.ssim,
+                },
+            )
+            out[method][model] = {
+                "layers": list(result["layers"]),
+                "similarity": {k: _np(v) for k, v in result["similarity"].items()},
+            }
+            _log(f"MPRT {method:>20} {model:<8} {clock}", verbose)
+    return out
+
+
+# --------------------------------------------------------------------------- results
+class _Seeds:
+    """Hands out bootstrap seeds in a fixed order, all derived from ``config.seed``."""
+
+    def __init__(self, seed: int):
+        self._next = int(np.random.SeedSequence(seed).generate_state(1)[0] % (2**30))
+
+    def __call__(self, count: int = 1) -> int:
+        out = self._next
+        self._next += count
+        return out
+
+
+SURROGATE_METRIC_LABELS = {
+    "spearman_abs_vs_twin": "Spearman ρ (|map|) vs twin",
+    "ssim_vs_twin": "SSIM vs twin",
+    "spearman_abs_vs_bnn": "Spearman ρ (|map|) vs BNN's own",
+    "total_variation": "total variation",
+}
+
+
+def build_results(plan: Plan, values: Mapping, curves: Mapping, mprt: Mapping) -> dict:
+    """The results dictionary (``results.json``) from the per-image scores.
+
+    Args:
+      plan: the loaded study.
+      values: per-image scores from :func:`per_image_metrics`.
+      curves: deletion / insertion curves from :func:`per_image_metrics`.
+      mprt: from :func:`run_mprt`.
+
+    Returns:
+      The results, as documented in :mod:`jbnn.report`.
+    """
+    from jbnn.report import METRIC_LABELS
+
+    s = plan.settings
+    seeds = _Seeds(plan.seed)
+    kw = dict(num_bootstrap=s.bootstrap_samples, confidence=s.confidence)
+
+    def ci(v) -> dict:
+        return _ci_dict(v, seeds(), s.bootstrap_samples, s.confidence)
+
+    n = len(plan.labels)
+    common = dict(num_images=n, alpha=s.alpha, **kw)
+    labels = dict(METRIC_LABELS)
+    gradient = similarity_finding(
+        title="Gradient maps look alike for the BNN and its twin",
+        claim="Gradient maps look alike for BNN and twin",
+        expect="alike",
+        group="Gradient",
+        series={
+            m: (values[f"gradient/{m}/bnn_vs_twin"], values[f"gradient/{m}/twin_vs_control"])
+            for m in SIMILARITY_METRICS
+        },
+        labels=labels,
+        margin=s.similarity_margin,
+        seed=seeds(100),
+        **common,
+    )
+    smooth = noise_finding(
+        title="SmoothGrad maps are noisier for the BNN",
+        claim="SmoothGrad maps are noisier for BNNs",
+        group="SmoothGrad",
+        noise={m: {k: values[f"smoothgrad/{m}/{k}"] for k in MODELS} for m in NOISE_METRICS},
+        reduction={k: values[f"smoothgrad/tv_reduction/{k}"] for k in MODELS},
+        labels=labels,
+        seed=seeds(2000),
+        **common,
+    )
+    gradcam = similarity_finding(
+        title="GradCAM maps differ between the BNN and its twin",
+        claim="GradCAM maps differ between BNN and twin",
+        expect="differ",
+        group="GradCAM",
+        series={
+            m: (values[f"gradcam/{m}/bnn_vs_twin"], values[f"gradcam/{m}/twin_vs_control"])
+            for m in SIMILARITY_METRICS
+        },
+        labels=labels,
+        margin=s.similarity_margin,
+        seed=seeds(100),
+        **common,
+    )
+    if plan.masks is not None:
+        extra = []
+        for metric in ("pointing_game", "relevance_mass"):
+            row = compare(
+                values[f"gradcam/{metric}/bnn"],
+                values[f"gradcam/{metric}/twin"],
+                seed=seeds(3),
+                **kw,
+            )
+            row.update(
+                group="GradCAM localisation",
+                metric=metric,
+                label=labels[metric],
+                a_name="BNN",
+                b_name="twin",
+                verdict="",
+            )
+            extra.append(row)
+        gradcam["extra_rows"] = extra
+        gradcam["extra_note"] = (
+            "Localisation against the ground-truth object masks (higher is better), BNN vs "
+            "twin on the same images:"
+        )
+
+    similarity = {
+        method: {
+            metric: {pair: ci(values[f"{method}/{metric}/{pair}"]) for pair in PAIRS}
+            for metric in ("spearman_abs", "ssim", "spearman_signed")
+            if f"{method}/{metric}/bnn_vs_twin" in values
+        }
+        for method in METHODS
+    }
+    noise = {
+        method: {
+            metric: {k: ci(values[f"{method}/{metric}/{k}"]) for k in MODELS}
+            for metric in NOISE_METRICS
+        }
+        for method in METHODS
+    }
+    faithfulness = {
+        method: {
+            k: {
+                f"{kind}_auc": ci(values[f"{method}/{kind}_auc/{k}"])
+                for kind in ("deletion", "insertion")
+            }
+            for k in MODELS
+        }
+        for method in METHODS
+    }
+    localisation = None
+    if plan.masks is not None:
+        localisation = {
+            method: {
+                k: {m: ci(values[f"{method}/{m}/{k}"]) for m in ("pointing_game", "relevance_mass")}
+                for k in MODELS
+            }
+            for method in METHODS
+        }
+    one = {"mean": 1.0, "lo": 1.0, "hi": 1.0}
+    mprt_results = {
+        method: {
+            model: {
+                "layers": entry["layers"],
+                **{
+                    name: [one] + [ci(stage) for stage in scores]
+                    for name, scores in entry["similarity"].items()
+                },
+            }
+            for model, entry in per_model.items()
+        }
+        for method, per_model in mprt.items()
+    }
+    surrogates = {
+        "trained": str(getattr(plan.models["bnn"], "input_quantizer", "unknown")),
+        "reference": "the BNN's own backward pass",
+        "metric_labels": dict(SURROGATE_METRIC_LABELS),
+        "rows": {
+            spec: {
+                method: {
+                    metric: ci(values[f"surrogate/{spec}/{method}/{metric}"])
+                    for metric in SURROGATE_METRIC_LABELS
+                }
+                for method in s.surrogate_methods
+            }
+            for spec in s.surrogates
+        },
+    }
+    zero_maps = {
+        method: {k: int(values[f"{method}/zero_map/{k}"].sum()) for k in MODELS}
+        for method in METHODS
+    }
+    image_shape = list(plan.images.shape[1:])
+    meta = {
+        "dataset": plan.dataset,
+        "model": str(plan.run_results["bnn"].get("model", type(plan.models["bnn"]).__name__)),
+        "architecture": type(plan.models["bnn"]).__name__,
+        "num_images": n,
+        "image_shape": image_shape,
+        "image_indices": [int(i) for i in plan.indices],
+        "seed": plan.seed,
+        "gradcam_layer": s.gradcam_layer,
+        "channel_reduction": s.channel_reduction,
+        "methods": list(METHODS),
+        "surrogates": list(s.surrogates),
+        "bootstrap_samples": s.bootstrap_samples,
+        "confidence": s.confidence,
+        "models": {
+            k: {
+                "run_dir": RUN_DIRS[k],
+                "test_accuracy": float(plan.run_results[k]["test_accuracy"]),
+                "test_loss": float(plan.run_results[k]["test_loss"]),
+            }
+            for k in MODELS
+        },
+        "zero_maps": zero_maps,
+        "faithfulness": {
+            "num_steps": s.faithfulness_steps,
+            "substrate": s.deletion_substrate,
+            "insertion_substrate": s.insertion_substrate,
+        },
+        "mprt": {
+            "num_images": min(s.mprt_images, n),
+            "layers": list(plan.mprt_layers),
+        },
+        "explain_config": s.to_dict(),
+    }
+    if plan.masks is not None:
+        meta["mask_fraction"] = ci(plan.masks.reshape(n, -1).mean(axis=1))
+    return {
+        "meta": meta,
+        "findings": {"gradient": gradient, "smoothgrad": smooth, "gradcam": gradcam},
+        "similarity": similarity,
+        "noise": noise,
+        "faithfulness": faithfulness,
+        "localisation": localisation,
+        "mprt": mprt_results,
+        "surrogates": surrogates,
+    }
+
+
+# --------------------------------------------------------------------------- run
+def _predictions(plan: Plan) -> dict[str, np.ndarray]:
+    from jbnn.models import apply_fn
+
+    s = plan.settings
+    out = {}
+    for model in MODELS:
+        fn = jax.jit(apply_fn(plan.models[model], plan.variables[model]))
+        preds = [
+            np.asarray(fn(plan.images[i : i + s.batch_size]).argmax(-1))
+            for i in range(0, len(plan.labels), s.batch_size)
+        ]
+        out[model] = np.concatenate(preds)
+    return out
+
+
+def figure_data(plan: Plan, maps: Mapping, values: Mapping, curves: Mapping, predictions):
+    """The arrays behind the figures (see :class:`jbnn.report.FigureData`)."""
+    from jbnn.report import FigureData
+
+    s = plan.settings
+    k = min(s.num_examples, len(plan.labels))
+    names = plan.class_names
+
+    def title(i: int) -> str:
+        return (
+            f"{names[plan.labels[i]]}\ntwin: {names[predictions['twin'][i]]}\n"
+            f"BNN: {names[predictions['bnn'][i]]}"
+        )
+
+    surrogate_method = "gradient" if "gradient" in s.surrogate_methods else s.surrogate_methods[0]
+    return FigureData(
+        images=plan.display[:k],
+        titles=[title(i) for i in range(k)],
+        maps={m: {model: maps[model, m][:k] for model in MODELS} for m in METHODS},
+        per_image=dict(values),
+        curves={
+            kind: {m: {model: c.mean(axis=0) for model, c in per.items()} for m, per in by.items()}
+            for kind, by in curves.items()
+        },
+        surrogate_maps={
+            spec: maps[surrogate_variant(plan, spec), surrogate_method][:k] for spec in s.surrogates
+        },
+        surrogate_method=surrogate_method,
+    )
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Replaces ``final`` by ``tmp`` (same filesystem): the old report is removed only
+    once the new one is in place."""
+    os.chmod(tmp, 0o755)
+    if final.exists():
+        old = final.with_name(f".{final.name}-old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def run_study(config, workdir: str | Path, *, verbose: bool = True) -> Path:
+    """Runs the whole study and writes ``workdir/report``.
+
+    Everything is loaded and checked first (:func:`prepare`); the report is written to
+    a temporary folder inside ``workdir`` and moved into place at the end, so an error
+    at any point leaves the workdir as it was.
+
+    Args:
+      config: the config the models were trained with; ``config.explain`` holds the
+        study settings (see ``configs/default.py``).
+      workdir: where train.py left ``bnn``, ``fp`` and ``control``.
+      verbose: print progress to stderr.
+
+    Returns:
+      The report folder, ``workdir/report``.
+
+    Raises:
+      StudyError: see :func:`prepare`.
+    """
+    from jbnn import report
+
+    total = _Clock()
+    timings: dict[str, list[float]] = {}
+
+    def stage(name: str, clock: _Clock) -> None:
+        timings[name] = [round(v, 2) for v in clock.seconds()]
+
+    clock = _Clock()
+    plan = prepare(config, workdir)
+    stage("load", clock)
+    _log(
+        f"{len(plan.labels)} {plan.dataset} test images; models loaded and checked {clock}", verbose
+    )
+    clock = _Clock()
+    maps, signed = compute_maps(plan, verbose)
+    stage("maps", clock)
+    clock = _Clock()
+    values, curves = per_image_metrics(plan, maps, signed, verbose)
+    stage("metrics", clock)
+    clock = _Clock()
+    mprt = run_mprt(plan, verbose)
+    stage("mprt", clock)
+    clock = _Clock()
+    results = build_results(plan, values, curves, mprt)
+    predictions = _predictions(plan)
+    results["meta"]["study_accuracy"] = {
+        k: float(np.mean(predictions[k] == plan.labels)) for k in MODELS
+    }
+    data = figure_data(plan, maps, values, curves, predictions)
+    stage("statistics", clock)
+
+    clock = _Clock()
+    final = plan.workdir / REPORT_DIR
+    tmp = Path(tempfile.mkdtemp(prefix=".report-tmp-", dir=plan.workdir))
+    try:
+        report.write_report(results, data, tmp, GRID_METHODS)
+        text = json.dumps(results, indent=1, allow_nan=False)
+        (tmp / "results.json").write_text(text + "\n", encoding="utf-8")
+        np.savez_compressed(tmp / "per_image.npz", **values)
+        stage("figures", clock)
+        stage("total", total)
+        timings_text = json.dumps({k: {"wall_s": w, "cpu_s": c} for k, (w, c) in timings.items()})
+        (tmp / "timings.json").write_text(timings_text + "\n")
+        _move_into_place(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _log(f"figures and report {clock}; total {total}", verbose)
+    return final

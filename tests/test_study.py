@@ -1,0 +1,404 @@
+"""The saliency study: verdict logic on hand-made scores, a tiny end-to-end run, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from jbnn import study
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # configs/ is imported as a package, as explain.py does
+    sys.path.insert(0, str(ROOT))
+
+
+# --------------------------------------------------------------------------- verdicts
+def _row(diff_lo, diff_hi, b_mean, p, diff_mean=None):
+    """A compare() result with only the fields the verdict rules read."""
+    mean = (diff_lo + diff_hi) / 2 if diff_mean is None else diff_mean
+    return {
+        "a": {"mean": b_mean + mean, "lo": 0.0, "hi": 0.0},
+        "b": {"mean": b_mean, "lo": 0.0, "hi": 0.0},
+        "difference": {"mean": mean, "lo": diff_lo, "hi": diff_hi},
+        "wilcoxon": {"statistic": 0.0, "p_value": p},
+    }
+
+
+@pytest.mark.parametrize(
+    "lo, hi, p, expected",
+    [
+        (-0.05, 0.02, 0.3, study.ALIKE),  # within the margin 0.2 * 0.5 = 0.1
+        (-0.09, -0.02, 1e-4, study.ALIKE),  # significant but smaller than the margin
+        (-0.30, -0.15, 1e-4, study.LESS_SIMILAR),  # all of it below -0.1
+        (-0.30, -0.15, 0.2, study.INCONCLUSIVE),  # below, but Wilcoxon does not reject
+        (-0.20, 0.00, 0.01, study.INCONCLUSIVE),  # straddles -0.1
+        (0.05, 0.10, 1e-4, study.ALIKE),  # more similar than seed to seed
+    ],
+)
+def test_similarity_verdict_rule(lo, hi, p, expected):
+    assert study.similarity_verdict(_row(lo, hi, 0.5, p), margin=0.2, alpha=0.05) == expected
+
+
+@pytest.mark.parametrize(
+    "metric, lo, hi, p, seed_diff, expected",
+    [
+        ("total_variation", 2.0, 4.0, 1e-5, 0.5, study.NOISIER),
+        ("total_variation", 2.0, 4.0, 1e-5, 3.5, study.NO_DIFFERENCE),  # within seed effect
+        ("total_variation", 2.0, 4.0, 0.2, 0.5, study.NO_DIFFERENCE),  # not significant
+        ("total_variation", -4.0, -2.0, 1e-5, 0.5, study.LESS_NOISY),
+        ("total_variation", -1.0, 2.0, 1e-5, 0.0, study.NO_DIFFERENCE),  # straddles 0
+        ("sparseness", -0.2, -0.1, 1e-5, 0.01, study.NOISIER),  # lower Gini = noisier
+        ("sparseness", 0.1, 0.2, 1e-5, 0.01, study.LESS_NOISY),
+        ("complexity", 0.1, 0.2, 1e-5, -0.01, study.NOISIER),
+    ],
+)
+def test_noise_verdict_rule(metric, lo, hi, p, seed_diff, expected):
+    row = _row(lo, hi, 1.0, p)
+    assert study.noise_verdict(row, metric, seed_diff, alpha=0.05) == expected
+
+
+def test_noise_verdict_unknown_metric():
+    with pytest.raises(ValueError, match="Unknown noise metric 'ssim'"):
+        study.noise_verdict(_row(0, 1, 1, 0.01), "ssim", 0.0, 0.05)
+
+
+@pytest.mark.parametrize(
+    "supports, expected",
+    [
+        ([True, True], study.HOLDS),
+        ([False, False], study.DOES_NOT_HOLD),
+        ([True, False], study.MIXED),
+        ([True, None], study.MIXED),
+        ([None, None], study.INCONCLUSIVE),
+    ],
+)
+def test_combine(supports, expected):
+    assert study.combine(supports) == expected
+
+
+def test_compare_against_numpy_and_scipy():
+    rng = np.random.default_rng(0)
+    a = rng.normal(1.0, 1.0, 60)
+    b = a - 0.3 + rng.normal(0, 0.2, 60)
+    out = study.compare(a, b, seed=3, num_bootstrap=500)
+    np.testing.assert_allclose(out["a"]["mean"], a.mean(), rtol=1e-5)
+    np.testing.assert_allclose(out["difference"]["mean"], (a - b).mean(), rtol=1e-5)
+    assert out["difference"]["lo"] < (a - b).mean() < out["difference"]["hi"]
+    ref = sps.wilcoxon(a, b)
+    np.testing.assert_allclose(out["wilcoxon"]["p_value"], ref.pvalue, rtol=1e-10)
+    assert out == study.compare(a, b, seed=3, num_bootstrap=500)  # seeded
+    with pytest.raises(ValueError, match="non-finite"):
+        study.compare(np.array([1.0, np.nan]), np.array([1.0, 2.0]), seed=0)
+    with pytest.raises(ValueError, match="same length"):
+        study.compare(np.ones(3), np.ones(4), seed=0)
+
+
+def _similarity(bnn_twin, twin_control, expect="alike"):
+    return study.similarity_finding(
+        title="t",
+        claim="Gradient maps look alike for BNN and twin",
+        expect=expect,
+        group="Gradient",
+        series={"spearman_abs": (bnn_twin, twin_control), "ssim": (bnn_twin, twin_control)},
+        labels={},
+        num_images=len(bnn_twin),
+        margin=0.2,
+        alpha=0.05,
+        seed=0,
+        num_bootstrap=500,
+        confidence=0.95,
+    )
+
+
+def test_similarity_finding_sentences_follow_the_numbers():
+    rng = np.random.default_rng(1)
+    control = rng.uniform(0.6, 0.8, 200)
+    same = control + rng.normal(0, 0.01, 200)
+    lower = control - 0.4 + rng.normal(0, 0.01, 200)
+
+    alike = _similarity(same, control)
+    assert alike["verdict"] == study.HOLDS
+    assert "“Gradient maps look alike for BNN and twin” holds on this data" in alike["sentence"]
+    assert f"{same.mean():.3f} vs {control.mean():.3f}" in alike["sentence"]
+    assert [r["verdict"] for r in alike["rows"]] == [study.ALIKE, study.ALIKE]
+
+    differ = _similarity(lower, control)
+    assert differ["verdict"] == study.DOES_NOT_HOLD
+    assert "does not hold on this data" in differ["sentence"]
+    assert "less similar than two full-precision seeds" in differ["sentence"]
+
+    # The same numbers support the opposite claim ("GradCAM maps differ").
+    assert _similarity(lower, control, expect="differ")["verdict"] == study.HOLDS
+    assert _similarity(same, control, expect="differ")["verdict"] == study.DOES_NOT_HOLD
+
+    # Three noisy images decide nothing.
+    wide = _similarity(np.array([0.1, 0.9, 0.5]), np.array([0.8, 0.2, 0.6]))
+    assert wide["verdict"] == study.INCONCLUSIVE
+    assert "cannot be decided" in wide["sentence"]
+
+
+def _noise(bnn_shift, n=150, seed=2):
+    rng = np.random.default_rng(seed)
+    twin = rng.uniform(1.0, 2.0, n)
+    control = twin + rng.normal(0, 0.02, n)
+    gini = rng.uniform(0.4, 0.6, n)
+    return study.noise_finding(
+        title="t",
+        claim="SmoothGrad maps are noisier for BNNs",
+        group="SmoothGrad",
+        noise={
+            "total_variation": {"bnn": twin + bnn_shift, "twin": twin, "control": control},
+            "sparseness": {"bnn": gini - bnn_shift / 10, "twin": gini, "control": gini + 0.001},
+        },
+        reduction={
+            "bnn": np.full(n, 0.1) + rng.normal(0, 0.01, n),
+            "twin": np.full(n, 0.4) + rng.normal(0, 0.01, n),
+            "control": np.full(n, 0.4) + rng.normal(0, 0.01, n),
+        },
+        labels={"total_variation": "TV", "sparseness": "Gini"},
+        num_images=n,
+        alpha=0.05,
+        seed=0,
+        num_bootstrap=500,
+        confidence=0.95,
+    )
+
+
+def test_noise_finding_sentences_follow_the_numbers():
+    noisy = _noise(1.0)
+    assert noisy["verdict"] == study.HOLDS
+    assert [r["verdict"] for r in noisy["rows"]] == [study.NOISIER, study.NOISIER]
+    assert "holds on this data" in noisy["sentence"]
+    assert (
+        "SmoothGrad removes 10% of the Gradient maps' total variation for the BNN and 40%"
+        in (noisy["sentence"])
+    )
+    assert "less than for the twin" in noisy["sentence"]
+    assert [r["verdict"] for r in noisy["extra_rows"]][:2] == ["reference", "reference"]
+
+    quiet = _noise(-1.0)
+    assert quiet["verdict"] == study.DOES_NOT_HOLD
+    assert [r["verdict"] for r in quiet["rows"]] == [study.LESS_NOISY, study.LESS_NOISY]
+    assert "does not hold" in quiet["sentence"]
+
+
+def test_tv_reduction():
+    out = study.tv_reduction(np.array([1.0, 3.0, 0.0]), np.array([4.0, 2.0, 0.0]))
+    np.testing.assert_allclose(out, [0.75, -0.5, 0.0])
+
+
+def test_settings_validation():
+    assert study.settings_from_config(None) == study.Settings()
+    s = study.settings_from_config({"surrogates": "ste_sign, identity", "num_images": 20})
+    assert s.surrogates == ("ste_sign", "identity") and s.num_images == 20
+    with pytest.raises(ValueError, match=r"Unknown config.explain field\(s\) \['num_imgs'\]"):
+        study.settings_from_config({"num_imgs": 3})
+    with pytest.raises(ValueError, match="num_images must be >= 2"):
+        study.settings_from_config({"num_images": 1})
+    with pytest.raises(ValueError, match="must be an int"):
+        study.settings_from_config({"ig_steps": 2.5})
+    with pytest.raises(ValueError, match="Unknown config.explain.deletion_substrate 'grey'"):
+        study.settings_from_config({"deletion_substrate": "grey"})
+    with pytest.raises(ValueError, match="mprt_methods must name some of"):
+        study.settings_from_config({"mprt_methods": ("lime",)})
+
+
+# --------------------------------------------------------------------------- end to end
+def tiny_config():
+    """Shapes at 16 px, BinaryNet at minimal width, a few steps, a tiny study."""
+    config = importlib.import_module("configs.shapes").get_config()
+    config.image_size = 16
+    config.data_kwargs = {"num_examples": 64}
+    config.model_kwargs = {"width": 0.0625, "stem": "small", "dense_features": 32}
+    config.batch_size = 32
+    config.eval_batch_size = 32
+    config.num_epochs = 1
+    config.train_control = True
+    config.checkpoint_every_steps = 100
+    config.log_every_steps = 1
+    config.progress_bar = False
+    e = config.explain
+    e.num_images = 12
+    e.batch_size = 6
+    e.num_examples = 2
+    e.smoothgrad_samples = 2
+    e.sample_batch_size = 2
+    e.ig_steps = 2
+    e.gradcam_layer = "block3"
+    e.surrogates = ("ste_sign", "identity")
+    e.surrogate_methods = ("gradient",)
+    e.faithfulness_steps = 2
+    e.mprt_images = 3
+    e.mprt_methods = ("gradient",)
+    e.mprt_layers = ("head", "dense1")
+    e.bootstrap_samples = 100
+    return config
+
+
+def snapshot(path: Path) -> dict[str, str]:
+    """Hash of every file (and the name of every folder) under ``path``."""
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "/"
+        for p in sorted(path.rglob("*"))
+    }
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    from jbnn import training
+
+    path = tmp_path_factory.mktemp("study")
+    training.train_and_evaluate(tiny_config(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def report(workdir):
+    out = study.run_study(tiny_config(), workdir, verbose=False)
+    return out, (out / "results.json").read_bytes()
+
+
+@pytest.mark.slow
+def test_end_to_end_report(report):
+    out, _ = report
+    names = {p.name for p in out.iterdir()}
+    pngs = {
+        "saliency_grid.png",
+        "metric_distributions.png",
+        "mprt.png",
+        "deletion_insertion.png",
+        "surrogates.png",
+    }
+    assert pngs | {"report.md", "results.json", "per_image.npz", "timings.json"} == names
+    for name in pngs:
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    results = json.loads((out / "results.json").read_text())
+    per_image = np.load(out / "per_image.npz")
+    assert results["meta"]["num_images"] == 12
+    assert set(results["findings"]) == {"gradient", "smoothgrad", "gradcam"}
+    text = (out / "report.md").read_text()
+    for finding in results["findings"].values():
+        assert finding["verdict"] in (
+            study.HOLDS,
+            study.DOES_NOT_HOLD,
+            study.MIXED,
+            study.INCONCLUSIVE,
+        )
+        assert finding["sentence"] in text
+        row = finding["rows"][0]
+        key = {
+            "Gradient": "gradient/spearman_abs/bnn_vs_twin",
+            "SmoothGrad": "smoothgrad/total_variation/bnn",
+            "GradCAM": "gradcam/spearman_abs/bnn_vs_twin",
+        }[row["group"]]
+        np.testing.assert_allclose(row["a"]["mean"], per_image[key].mean(), rtol=1e-5, atol=1e-6)
+    assert results["localisation"] is not None  # shapes has masks
+    assert len(results["mprt"]["gradient"]["bnn"]["spearman_abs"]) == 3  # none, head, dense1
+    assert list(results["surrogates"]["rows"]) == ["ste_sign", "identity"]
+    # ste_sign is the BNN's own surrogate: its maps are the BNN's.
+    same = results["surrogates"]["rows"]["ste_sign"]["gradient"]["spearman_abs_vs_bnn"]
+    assert same["mean"] == pytest.approx(1.0)
+    assert not list(out.parent.glob(".report*"))  # no temporary folder left behind
+
+
+@pytest.mark.slow
+def test_gradient_similarity_matches_an_independent_computation(workdir, report):
+    """Spearman of |Gradient| (channel sum) between BNN and twin, with jax.grad and scipy."""
+    from jbnn import data as jdata
+    from jbnn import training
+
+    out, _ = report
+    results = json.loads((out / "results.json").read_text())
+    per_image = np.load(out / "per_image.npz")
+    config = tiny_config()
+    test = jdata.load("shapes", "test", image_size=16, seed=0, num_examples=64)
+    idx = np.asarray(results["meta"]["image_indices"])
+    x, y = test.images[idx], test.labels[idx]
+    grads = {}
+    for name, sub in (("bnn", "bnn"), ("twin", "fp")):
+        model, variables, _ = training.load_run(workdir / sub)
+
+        def logit(image, label, model=model, variables=variables):
+            return model.apply(variables, image[None])[0, label]
+
+        g = jax.vmap(jax.grad(logit))(jnp.asarray(x), jnp.asarray(y))
+        grads[name] = np.abs(np.asarray(g)).sum(-1)
+    expected = [
+        sps.spearmanr(grads["bnn"][i].ravel(), grads["twin"][i].ravel()).statistic
+        for i in range(len(idx))
+    ]
+    np.testing.assert_allclose(
+        per_image["gradient/spearman_abs/bnn_vs_twin"], expected, rtol=1e-4, atol=1e-4
+    )
+    assert config.explain.num_images == len(idx) == len(set(idx.tolist()))
+
+
+@pytest.mark.slow
+def test_rerun_gives_the_same_numbers(workdir, report):
+    _, first = report
+    again = study.run_study(tiny_config(), workdir, verbose=False)
+    assert (again / "results.json").read_bytes() == first
+
+
+def _refused(config, workdir, match):
+    before = snapshot(workdir)
+    with pytest.raises(study.StudyError, match=match):
+        study.run_study(config, workdir, verbose=False)
+    assert snapshot(workdir) == before
+
+
+@pytest.mark.slow
+def test_unknown_layer_is_refused_and_nothing_written(workdir, report):
+    config = tiny_config()
+    config.explain.gradcam_layer = "block9"
+    _refused(config, workdir, r"Unknown config.explain.gradcam_layer 'block9'.*block3")
+
+
+@pytest.mark.slow
+def test_config_of_another_dataset_is_refused(workdir, report):
+    config = tiny_config()
+    config.dataset = "digits"
+    _refused(config, workdir, r"another dataset.*dataset: trained with 'shapes'")
+
+
+@pytest.mark.slow
+def test_missing_and_half_trained_models_are_refused(workdir, report, tmp_path):
+    missing = tmp_path / "missing"
+    shutil.copytree(workdir, missing)
+    shutil.rmtree(missing / "control")
+    _refused(tiny_config(), missing, r"control is missing.*train_control=True")
+    half = tmp_path / "half"
+    shutil.copytree(workdir, half)
+    (half / "fp" / "results.json").unlink()
+    _refused(tiny_config(), half, r"half-trained")
+    _refused(tiny_config(), tmp_path / "nowhere", r"does not exist")
+
+
+def test_explain_cli_reports_a_clear_error(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "explain.py"),
+            f"--config={ROOT / 'configs' / 'shapes.py'}",
+            f"--workdir={tmp_path / 'absent'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "explain.py: workdir" in proc.stderr and "does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "absent").exists()
