@@ -45,6 +45,11 @@ class Timing:
         return (max(self.seconds) - min(self.seconds)) / self.median
 
 
+def paired_ratio(a: Timing, b: Timing) -> float:
+    """Median over rounds of a's time / b's time in the same round (load-drift robust)."""
+    return statistics.median(x / y for x, y in zip(a.seconds, b.seconds, strict=True))
+
+
 def block(out):
     """Waits for jax arrays (torch CPU ops are synchronous)."""
     return jax.block_until_ready(out)

@@ -51,9 +51,21 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--samples", type=int, default=16, help="SmoothGrad samples")
     p.add_argument("--noise-sigma", type=float, default=0.15, help="absolute SmoothGrad sigma")
+    p.add_argument(
+        "--sg-batch-size",
+        type=int,
+        default=None,
+        help="SmoothGrad samples per chunk (jbnn batch_size, Captum nt_samples_batch_size); "
+        "default: all at once",
+    )
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="only print SmoothGrad's compiled memory for several num_samples / batch_size",
+    )
     p.add_argument(
         "--torch-layout",
         default="both",
@@ -87,7 +99,13 @@ def contestants(method, args, model, variables, x, target, torch_models):
         runs["jbnn"] = lambda: saliency.gradient(fn, x, target)
     elif method == "smoothgrad":
         runs["jbnn"] = lambda: saliency.smoothgrad(
-            fn, x, target, key, num_samples=args.samples, noise_sigma=args.noise_sigma
+            fn,
+            x,
+            target,
+            key,
+            num_samples=args.samples,
+            noise_sigma=args.noise_sigma,
+            batch_size=args.sg_batch_size,
         )
     else:
         runs["jbnn"] = lambda: saliency.gradcam(model, variables, x, target, layer="stage4")
@@ -103,6 +121,7 @@ def contestants(method, args, model, variables, x, target, torch_models):
                 xt,
                 nt_type="smoothgrad",
                 nt_samples=args.samples,
+                nt_samples_batch_size=args.sg_batch_size,
                 stdevs=args.noise_sigma,
                 target=tgt,
                 abs=False,
@@ -125,16 +144,90 @@ def contestants(method, args, model, variables, x, target, torch_models):
     return runs, maps
 
 
+def smoothgrad_memory(args) -> None:
+    """Compiled temporary memory of SmoothGrad: grows with num_samples only without chunks.
+
+    ``compiled.memory_analysis()`` of jbnn's jitted SmoothGrad (nothing is run) for
+    num_samples in (16, 64, 256), all samples at once (``batch_size=None``) and in chunks
+    of ``batch_size=16``.
+    """
+    from jbnn.saliency import _checks, gradients
+
+    name = args.models.split(",")[0]
+    model, variables, x, target = build(name, True, args.size, args.batch, args.num_classes)
+    fn = models.apply_fn(model, variables)
+    keys = _checks.per_example_keys(jax.random.key(0), args.batch, "smoothgrad")
+    rows = []
+    for num_samples in (16, 64, 256):
+        for batch_size in (None, 16):
+            static = dict(
+                relative=False,
+                num_samples=num_samples,
+                variant="smoothgrad",
+                batch_size=batch_size or num_samples,
+            )
+            lowered = gradients._smoothgrad_jit.lower(
+                fn, x, target, keys, jnp.float32(args.noise_sigma), **static
+            )
+            mem = lowered.compile().memory_analysis()
+            rows.append(
+                [
+                    str(num_samples),
+                    "None (all)" if batch_size is None else str(batch_size),
+                    f"{mem.temp_size_in_bytes / 2**20:.0f}",
+                    f"{mem.argument_size_in_bytes / 2**20:.0f}",
+                ]
+            )
+            print(f"  num_samples {rows[-1][0]}, batch_size {rows[-1][1]}: {rows[-1][2]} MiB")
+    print(f"\nSmoothGrad compiled memory, {name} BNN, {args.size} px, batch {args.batch}:")
+    header = ["num_samples", "batch_size", "temporaries MiB", "arguments MiB"]
+    print(common.fmt_table(rows, header))
+
+
+def time_method(method, args, name, variant, model, variables, x, target, torch_models):
+    """Times one method alternately against Captum; returns its table row."""
+    runs, maps = contestants(method, args, model, variables, x, target, torch_models)
+    for k, e in maps.items():
+        print(f"  {method}: max relative difference of the maps, jbnn vs {k}: {e:.1e}")
+    t = common.alternate(runs, args.rounds)
+    best = min((n for n in t if n != "jbnn"), key=lambda n: t[n].median)
+    ratio = t[best].median / t["jbnn"].median
+    paired = common.paired_ratio(t[best], t["jbnn"])
+
+    def fmt(n):
+        return f"{args.batch / t[n].median:.2f} (±{50 * t[n].spread:.0f}%)"
+
+    others = ", ".join(f"{n} {fmt(n)}" for n in t if n != "jbnn")
+    print(
+        f"  {method}: jbnn {fmt('jbnn')} img/s; {others}; jbnn/captum {ratio:.2f}x "
+        f"(paired rounds {paired:.2f}x)"
+    )
+    return [
+        name,
+        variant,
+        method,
+        f"{args.batch / t['jbnn'].median:.2f}",
+        f"{args.batch / t[best].median:.2f} ({best.removeprefix('captum_')})",
+        f"{ratio:.2f}x",
+        f"{paired:.2f}x",
+        f"{100 * max(t[n].spread for n in t):.0f}%",
+    ]
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.memory:
+        print(f"# saliency_cpu --memory: {common.machine()}")
+        smoothgrad_memory(args)
+        return
     common.set_threads(args.threads)
     import torch_port
 
     print(f"# saliency_cpu: {common.machine()}")
     print(
         f"# size {args.size} px, batch {args.batch}, SmoothGrad {args.samples} samples "
-        f"(sigma {args.noise_sigma}), {args.rounds} alternating rounds, torch threads "
-        f"{args.threads}"
+        f"(sigma {args.noise_sigma}, chunks of {args.sg_batch_size or 'all'}), "
+        f"{args.rounds} alternating rounds, torch threads {args.threads}"
     )
     layouts = ("nchw", "channels_last") if args.torch_layout == "both" else (args.torch_layout,)
     rows = []
@@ -153,27 +246,21 @@ def main(argv=None):
             if err > 1e-4:
                 raise SystemExit(f"{name} {variant}: the torch port disagrees ({err:.2e})")
             for method in args.methods.split(","):
-                runs, maps = contestants(method, args, model, variables, x, target, torch_models)
-                for k, e in maps.items():
-                    print(f"  {method}: max relative difference of the maps, jbnn vs {k}: {e:.1e}")
-                t = common.alternate(runs, args.rounds)
-                best = min((n for n in t if n != "jbnn"), key=lambda n: t[n].median)
-                ratio = t[best].median / t["jbnn"].median
-                fmt = lambda n, t=t: f"{args.batch / t[n].median:.2f} (±{50 * t[n].spread:.0f}%)"
-                others = ", ".join(f"{n} {fmt(n)}" for n in t if n != "jbnn")
-                print(f"  {method}: jbnn {fmt('jbnn')} img/s; {others}; jbnn/captum {ratio:.2f}x")
                 rows.append(
-                    [
-                        name,
-                        variant,
-                        method,
-                        f"{args.batch / t['jbnn'].median:.2f}",
-                        f"{args.batch / t[best].median:.2f} ({best.removeprefix('captum_')})",
-                        f"{ratio:.2f}x",
-                        f"{100 * max(t[n].spread for n in t):.0f}%",
-                    ]
+                    time_method(
+                        method, args, name, variant, model, variables, x, target, torch_models
+                    )
                 )
-    header = ["model", "variant", "method", "jbnn img/s", "Captum img/s", "jbnn/Captum", "spread"]
+    header = [
+        "model",
+        "variant",
+        "method",
+        "jbnn img/s",
+        "Captum img/s",
+        "jbnn/Captum",
+        "paired",
+        "spread",
+    ]
     print()
     print(common.fmt_table(rows, header))
 

@@ -1,0 +1,213 @@
+"""SmoothGrad throughput and achieved TFLOP/s on one GPU: jbnn against Captum.
+
+Prepared for a GPU machine (one H100 or H200); ``--smoke`` runs the whole script end to
+end on CPU with tiny sizes, so that it is known to work before GPU time is spent.
+
+For each model (default ``birealnet18``, ImageNet stem, 224 px; BNN and twin) the
+float32 Flax variables (BatchNorm statistics calibrated on the batch) are copied into
+the PyTorch port (:mod:`torch_port`), the logits are checked to agree (full float32
+precision on both sides: no TF32), and then four contestants are timed alternately
+after a warm-up of each:
+
+* ``jbnn f32``: ``jbnn.saliency.smoothgrad`` on the float32 model;
+* ``captum f32``: ``NoiseTunnel(Saliency)`` with the same sigma and sample count;
+* ``jbnn bf16``: the same jbnn model built with ``dtype=jnp.bfloat16`` (bfloat16
+  activations and matmuls, float32 parameters and BatchNorm statistics);
+* ``captum bf16``: Captum under ``torch.autocast("cuda", dtype=torch.bfloat16)``.
+
+All samples of a batch go through the network together on both sides (jbnn
+``batch_size=None``, Captum ``nt_samples_batch_size=None``). Float32 convolutions use
+each framework's GPU default: TF32 tensor cores in both (XLA's default precision,
+``torch.backends.cudnn.allow_tf32 = True``). The FLOPs of one SmoothGrad call are
+counted by XLA (``compiled.cost_analysis()["flops"]`` of jbnn's float32 computation)
+and the same count is used for every contestant: achieved TFLOP/s = FLOPs / median
+time. The bf16 matrix peak of the device (dense, from ``--peak-tflops`` or the device
+name) gives the fraction of peak.
+
+Targets (issue 7): SmoothGrad >= 2.5x Captum's speed in float32 and in bfloat16, and
+>= 30% of the bf16 matrix peak on a ResNet-18 at 224 px.
+
+Usage (repository root):
+  python benchmarks/saliency_gpu.py                 # 224 px, batch 16, 50 samples
+  python benchmarks/saliency_gpu.py --smoke         # tiny, on CPU: checks the script
+  python benchmarks/saliency_gpu.py --variants twin --rounds 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jbnn import models, saliency  # noqa: E402
+from jbnn.saliency import _checks, gradients  # noqa: E402
+
+# Dense bf16 tensor-core peaks (TFLOP/s) of the devices this may run on.
+PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", default="birealnet18")
+    p.add_argument("--variants", default="bnn,twin")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--samples", type=int, default=50)
+    p.add_argument("--noise-sigma", type=float, default=0.15)
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, runs on CPU")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.size, args.batch, args.samples, args.width, args.rounds = 32, 2, 2, 0.125, 2
+    return args
+
+
+def peak_tflops(args) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAKS.items() if k in kind), None)
+
+
+def smoothgrad_flops(fn, x, target, keys, sigma, num_samples) -> float:
+    """FLOPs of one jbnn SmoothGrad call, counted by XLA on the compiled computation."""
+    static = dict(relative=False, num_samples=num_samples, variant="smoothgrad")
+    lowered = gradients._smoothgrad_jit.lower(
+        fn, x, target, keys, sigma, batch_size=num_samples, **static
+    )
+    cost = lowered.compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost.get("flops", float("nan")))
+
+
+def bench_model(name: str, variant: str, args, device: str, peak: float | None) -> list:
+    """Table rows (f32 and bf16, jbnn and Captum) of one model variant."""
+    import torch
+    import torch_port
+    from captum.attr import NoiseTunnel, Saliency
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    binary = {"bnn": True, "twin": False}[variant]
+    kw = dict(binary=binary, num_classes=1000, stem="imagenet", width=args.width)
+    model = models.get(name, **kw)
+    model_bf16 = models.get(name, dtype=jnp.bfloat16, **kw)
+    x = common.random_images(jax.random.key(1), args.batch, args.size)
+    variables = model.init(jax.random.key(0), x[:1])
+    variables = common.calibrated(model, variables, x)
+    target = jnp.argmax(model.apply(variables, x), axis=-1).astype(jnp.int32)
+
+    tm = torch_port.port(name, model, variables).to(device)
+    xt = torch_port.to_torch_images(x).to(device)
+    tgt = torch.from_numpy(np.array(target)).long().to(device)
+    torch.backends.cudnn.allow_tf32 = False  # the logit check at full float32 precision
+    with jax.default_matmul_precision("highest"), torch.no_grad():
+        ref = np.asarray(model.apply(variables, x))
+        got = tm(xt).float().cpu().numpy()
+    torch.backends.cudnn.allow_tf32 = True  # torch's default for convolutions
+    err = float(np.max(np.abs(ref - got)) / max(1.0, float(np.max(np.abs(ref)))))
+    print(f"{name} {variant}: torch port max relative logit error {err:.2e}")
+    if err > 1e-3:
+        raise SystemExit(f"{name} {variant}: the torch port disagrees ({err:.2e})")
+
+    fn32 = models.apply_fn(model, variables)
+    fn16 = models.apply_fn(model_bf16, variables)
+    key = jax.random.key(42)
+    keys = _checks.per_example_keys(key, args.batch, "smoothgrad")
+    sigma = jnp.float32(args.noise_sigma)
+    flops = smoothgrad_flops(fn32, x, target, keys, sigma, args.samples)
+    print(f"  counted FLOPs per SmoothGrad call: {flops / 1e9:.4g} GFLOP")
+    nt = NoiseTunnel(Saliency(tm))
+
+    def captum():
+        out = nt.attribute(
+            xt,
+            nt_type="smoothgrad",
+            nt_samples=args.samples,
+            stdevs=args.noise_sigma,
+            target=tgt,
+            abs=False,
+        )
+        sync()
+        return out
+
+    def captum_bf16():
+        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+            return captum()
+
+    def jbnn(fn):
+        return lambda: saliency.smoothgrad(
+            fn, x, target, key, num_samples=args.samples, noise_sigma=args.noise_sigma
+        )
+
+    runs = {
+        "jbnn f32": jbnn(fn32),
+        "captum f32": captum,
+        "jbnn bf16": jbnn(fn16),
+        "captum bf16": captum_bf16,
+    }
+    t = common.alternate(runs, args.rounds)
+    rows = []
+    for dtype in ("f32", "bf16"):
+        j, c = t[f"jbnn {dtype}"], t[f"captum {dtype}"]
+        for who, timing in (("jbnn", j), ("captum", c)):
+            tflops = flops / timing.median / 1e12
+            rows.append(
+                [
+                    name,
+                    variant,
+                    dtype,
+                    who,
+                    f"{args.batch / timing.median:.1f}",
+                    f"{tflops:.3g}",
+                    f"{100 * tflops / peak:.1f}%" if peak else "-",
+                    f"{c.median / j.median:.2f}x" if who == "jbnn" else "",
+                    f"{100 * timing.spread:.0f}%",
+                ]
+            )
+            print(f"  {dtype} {who}: {rows[-1][4]} img/s, {rows[-1][5]} TFLOP/s")
+    return rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    print(f"# saliency_gpu: {common.machine()}; torch device {device}")
+    peak = peak_tflops(args)
+    print(
+        f"# {args.size} px, batch {args.batch}, SmoothGrad {args.samples} samples, sigma "
+        f"{args.noise_sigma}, width {args.width}, {args.rounds} alternating rounds; bf16 "
+        f"peak {peak or 'unknown'} TFLOP/s"
+    )
+    rows = []
+    for name in args.models.split(","):
+        for variant in args.variants.split(","):
+            rows += bench_model(name, variant, args, device, peak)
+    header = [
+        "model",
+        "variant",
+        "dtype",
+        "who",
+        "img/s",
+        "TFLOP/s",
+        "of bf16 peak",
+        "jbnn/Captum",
+        "spread",
+    ]
+    print()
+    print(common.fmt_table(rows, header))
+
+
+if __name__ == "__main__":
+    main()

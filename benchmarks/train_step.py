@@ -1,0 +1,122 @@
+"""Training step time of every registered BNN against its full-precision twin.
+
+Both run ``jbnn.training.make_train_step`` (the jitted, donated step that training
+uses: forward in train mode, loss, gradients, optimizer update, latent-weight clip,
+flip ratio, finiteness check) on the same batch, with the optimizer of the default
+config (Adam; binary kernels as clipped latent weights, or Bop with ``--bop``). Steps
+are timed alternately, BNN, twin, BNN, twin, ..., after a warm-up (compilation) of
+each; the report gives medians, the spread of the rounds and the ratio BNN / twin
+(the target: at most 1.15).
+
+Usage (repository root):
+  python benchmarks/train_step.py                      # every model, 32 px, batch 64
+  python benchmarks/train_step.py --models birealnet18,binarynet --width 1.0 --rounds 9
+  python benchmarks/train_step.py --size 224 --stem imagenet --batch 16 --models birealnet18
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jbnn import models, optim, training  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", default=",".join(models.names()))
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--width", type=float, default=0.5, help="channel multiplier (if any)")
+    p.add_argument("--stem", default="small", help="stem of models that have one")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--bop", action="store_true", help="Bop for the binary kernels")
+    p.add_argument("--rounds", type=int, default=7)
+    return p.parse_args(argv)
+
+
+def _model_kwargs(name: str, args) -> dict:
+    fields = getattr(models._REGISTRY[name], "__dataclass_fields__", {})
+    kwargs = {}
+    if "width" in fields:
+        kwargs["width"] = args.width
+    if "stem" in fields:
+        kwargs["stem"] = args.stem
+    return kwargs
+
+
+def step_runner(name: str, binary: bool, args, mesh, batch):
+    """A zero-argument callable running one training step (state threaded through)."""
+    from configs.default import get_config
+
+    config = get_config()
+    if args.bop:
+        config.binary_optimizer.name = "bop"
+    model = models.get(
+        name, binary=binary, num_classes=args.num_classes, **_model_kwargs(name, args)
+    )
+    input_shape = (1, args.size, args.size, 3)
+    kernels = optim.binary_kernels(model, input_shape)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape)))
+    tx, _ = training.make_optimizer(config, abstract["params"], kernels, total_steps=1000)
+    state = training.create_train_state(model, tx, input_shape, 0, mesh)
+    step = training.make_train_step(model, tx, kernels, config.binary_optimizer.name, mesh)
+    holder = {"state": state}
+
+    def run():
+        holder["state"] = step(holder["state"], batch)
+        return holder["state"].loss_sum
+
+    return run, len(kernels)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    mesh = training.make_mesh()
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 1, (args.batch, args.size, args.size, 3)).astype(np.float32)
+    labels = rng.integers(0, args.num_classes, args.batch).astype(np.int32)
+    batch = training.shard_batch({"image": images, "label": labels}, mesh)
+    print(f"# train_step: {common.machine()}")
+    print(
+        f"# {args.size} px, batch {args.batch}, width {args.width}, stem {args.stem}, "
+        f"{'Bop' if args.bop else 'latent weights (Adam)'}, {args.rounds} alternating rounds"
+    )
+    rows = []
+    for name in args.models.split(","):
+        bnn, num_kernels = step_runner(name, True, args, mesh, batch)
+        twin, _ = step_runner(name, False, args, mesh, batch)
+        t = common.alternate({"bnn": bnn, "twin": twin}, args.rounds, warmup=2)
+        ratio = t["bnn"].median / t["twin"].median
+        paired = common.paired_ratio(t["bnn"], t["twin"])
+        print(
+            f"{name}: BNN {t['bnn'].median * 1e3:.1f} ms, twin {t['twin'].median * 1e3:.1f} "
+            f"ms, BNN/twin {ratio:.2f} (median of paired rounds {paired:.2f}); "
+            f"{num_kernels} binary kernels"
+        )
+        rows.append(
+            [
+                name,
+                f"{t['bnn'].median * 1e3:.1f}",
+                f"{t['twin'].median * 1e3:.1f}",
+                f"{ratio:.2f}",
+                f"{paired:.2f}",
+                f"{100 * max(t['bnn'].spread, t['twin'].spread):.0f}%",
+            ]
+        )
+    header = ["model", "BNN ms/step", "twin ms/step", "BNN/twin", "paired", "spread"]
+    print()
+    print(common.fmt_table(rows, header))
+
+
+if __name__ == "__main__":
+    main()
