@@ -39,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 # --------------------------------------------------------------------------- statistics
@@ -419,15 +420,15 @@ class Settings:
     batch_size: int = 50
     num_examples: int = 6
     channel_reduction: str = "abs_sum"
-    smoothgrad_samples: int = 12
+    smoothgrad_samples: int = 50
     smoothgrad_noise: float = 0.15
-    sample_batch_size: int = 12
-    ig_steps: int = 12
+    sample_batch_size: int = 10
+    ig_steps: int = 32
     gradcam_layer: str = "block5"
     gradcam_relu: bool = True
     surrogates: tuple[str, ...] = SURROGATES
     surrogate_methods: tuple[str, ...] = ("gradient", "smoothgrad", "gradcam")
-    faithfulness_steps: int = 12
+    faithfulness_steps: int = 16
     deletion_substrate: str = "blur"
     insertion_substrate: str = "blur"
     mprt_images: int = 32
@@ -778,7 +779,11 @@ def _prepare(config, workdir: Path) -> Plan:
         seed=seed,
         workdir=workdir,
         models={"bnn": bnn_model, "twin": twin_model, "control": twin_model},
-        variables={k: v[1] for k, v in loaded.items()},
+        # Uncommitted arrays, like the fresh ones MPRT draws: a mix of committed and
+        # uncommitted leaves would compile the saliency function again at every stage.
+        variables={
+            k: jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), v[1]) for k, v in loaded.items()
+        },
         run_results=run_results,
         surrogate_models=surrogate_models,
         dataset=str(config.dataset),
@@ -1012,14 +1017,15 @@ def per_image_metrics(plan: Plan, maps: Mapping, signed: Mapping, verbose: bool 
     return values, curves
 
 
-def _mprt_explain(method: str, settings: Settings, key: jax.Array):
-    """``explain(model, variables, x, target) -> (B, H, W)`` for :func:`jbnn.metrics.mprt`."""
+def _mprt_explain(methods: Sequence[str], settings: Settings, key: jax.Array):
+    """``explain(model, variables, x, target) -> (B, H, W)`` for :func:`jbnn.metrics.mprt`
+    that explains ``len(methods)`` stacked copies of the images, copy ``i`` with
+    ``methods[i]``: one MPRT pass (one re-initialisation) serves every method."""
     from jbnn import saliency
     from jbnn.models import apply_fn
 
-    options = method_options(method, settings)
-
-    def explain(model, variables, x, target):
+    def one(method, model, variables, x, target):
+        options = method_options(method, settings)
         if method == "gradcam":
             return saliency.gradcam(model, variables, x, target, **options)
         fn = apply_fn(model, variables)
@@ -1028,9 +1034,17 @@ def _mprt_explain(method: str, settings: Settings, key: jax.Array):
         elif method == "integrated_gradients":
             out = saliency.integrated_gradients(fn, x, target, **options)
         else:
-            variant = "smoothgrad" if method == "smoothgrad" else method
-            out = saliency.smoothgrad(fn, x, target, key, variant=variant, **options)
+            out = saliency.smoothgrad(fn, x, target, key, variant=method, **options)
         return saliency.reduce_channels(out, settings.channel_reduction)
+
+    def explain(model, variables, x, target):
+        n = x.shape[0] // len(methods)
+        return jnp.concatenate(
+            [
+                one(m, model, variables, x[i * n : (i + 1) * n], target[i * n : (i + 1) * n])
+                for i, m in enumerate(methods)
+            ]
+        )
 
     return explain
 
@@ -1038,38 +1052,44 @@ def _mprt_explain(method: str, settings: Settings, key: jax.Array):
 def run_mprt(plan: Plan, verbose: bool = True) -> dict:
     """MPRT for the BNN and the twin on the first ``mprt_images`` study images.
 
+    The same random weights (one key) replace the trained ones in both twins.
+
     Returns:
       method -> model -> {"layers": [...], "similarity": name -> (S, M) scores}.
     """
     from jbnn import metrics
 
     s = plan.settings
+    methods = s.mprt_methods
     n = min(s.mprt_images, len(plan.labels))
-    x, target = plan.images[:n], plan.labels[:n]
+    x = np.concatenate([plan.images[:n]] * len(methods))
+    target = np.concatenate([plan.labels[:n]] * len(methods))
     root = jax.random.fold_in(jax.random.key(plan.seed), _MPRT_TAG)
-    out: dict = {}
-    for i, method in enumerate(s.mprt_methods):
-        out[method] = {}
-        for model in ("bnn", "twin"):
-            clock = _Clock()
-            result = metrics.mprt(
-                plan.models[model],
-                plan.variables[model],
-                x,
-                target,
-                _mprt_explain(method, s, jax.random.fold_in(root, 1000 + i)),
-                key=jax.random.fold_in(root, i),  # the same random weights for both twins
-                layers=plan.mprt_layers,
-                similarity={
-                    "spearman_abs": lambda a, b: metrics.spearman(a, b, absolute=True),
-                    "ssim": metrics.ssim,
-                },
-            )
+    explain = _mprt_explain(methods, s, jax.random.fold_in(root, 1))
+    out: dict = {m: {} for m in methods}
+    for model in ("bnn", "twin"):
+        clock = _Clock()
+        result = metrics.mprt(
+            plan.models[model],
+            plan.variables[model],
+            x,
+            target,
+            explain,
+            key=jax.random.fold_in(root, 0),
+            layers=plan.mprt_layers,
+            similarity={
+                "spearman_abs": lambda a, b: metrics.spearman(a, b, absolute=True),
+                "ssim": metrics.ssim,
+            },
+        )
+        for i, method in enumerate(methods):
             out[method][model] = {
                 "layers": list(result["layers"]),
-                "similarity": {k: _np(v) for k, v in result["similarity"].items()},
+                "similarity": {
+                    k: _np(v)[:, i * n : (i + 1) * n] for k, v in result["similarity"].items()
+                },
             }
-            _log(f"MPRT {method:>20} {model:<8} {clock}", verbose)
+        _log(f"MPRT ({', '.join(methods)}) of {model:<8} {clock}", verbose)
     return out
 
 

@@ -9,14 +9,19 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats as sps
 
-from jbnn import study
+from jbnn import models, study
+from jbnn.layers import QuantDense
+from jbnn.models.common import QuantMixin, batch_norm
+from jbnn.models.simple import ConvBlock
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # configs/ is imported as a package, as explain.py does
@@ -215,12 +220,52 @@ def test_settings_validation():
 
 
 # --------------------------------------------------------------------------- end to end
+class TinyCNN(nn.Module, QuantMixin):
+    """Two BinaryNet blocks and a binary head: BinaryNet's design, quick to compile."""
+
+    num_classes: int
+    binary: bool = True
+    input_quantizer: str | None = "ste_sign"
+    kernel_quantizer: str | None = "ste_sign"
+    kernel_clip: float | None = 1.0
+    surrogate: str | None = None
+    fp_activation: str = "hard_tanh"
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        common = dict(
+            binary=self.binary,
+            kernel_quantizer=self.kernel_quantizer,
+            kernel_clip=self.kernel_clip,
+            surrogate=self.surrogate,
+            fp_activation=self.fp_activation,
+        )
+        x = ConvBlock(8, input_quantizer=None, name="block1", **common)(x, train)
+        x = ConvBlock(8, input_quantizer=self.input_quantizer, pool=True, name="block2", **common)(
+            x, train
+        )
+        x = self.twin_act(x.reshape((x.shape[0], -1)))
+        x = QuantDense(
+            self.num_classes,
+            use_bias=False,
+            input_quantizer=self.in_q(self.input_quantizer),
+            kernel_quantizer=self.k_q(self.kernel_quantizer),
+            kernel_clip=self.clip(self.kernel_clip),
+            surrogate=self.surrogate,
+            name="head",
+        )(x)
+        return batch_norm(train, name="head_bn", use_scale=False)(x).astype(jnp.float32)
+
+
 def tiny_config():
-    """Shapes at 16 px, BinaryNet at minimal width, a few steps, a tiny study."""
+    """Shapes at 16 px, a two-block BinaryNet, a few steps, a tiny study."""
+    models.register("tiny_cnn", TinyCNN)
     config = importlib.import_module("configs.shapes").get_config()
     config.image_size = 16
     config.data_kwargs = {"num_examples": 64}
-    config.model_kwargs = {"width": 0.0625, "stem": "small", "dense_features": 32}
+    config.model = "tiny_cnn"
+    config.model_kwargs = {}
     config.batch_size = 32
     config.eval_batch_size = 32
     config.num_epochs = 1
@@ -235,13 +280,13 @@ def tiny_config():
     e.smoothgrad_samples = 2
     e.sample_batch_size = 2
     e.ig_steps = 2
-    e.gradcam_layer = "block3"
+    e.gradcam_layer = "block2"
     e.surrogates = ("ste_sign", "identity")
     e.surrogate_methods = ("gradient",)
     e.faithfulness_steps = 2
     e.mprt_images = 3
     e.mprt_methods = ("gradient",)
-    e.mprt_layers = ("head", "dense1")
+    e.mprt_layers = ("head", "block2")
     e.bootstrap_samples = 100
     return config
 
@@ -304,7 +349,7 @@ def test_end_to_end_report(report):
         }[row["group"]]
         np.testing.assert_allclose(row["a"]["mean"], per_image[key].mean(), rtol=1e-5, atol=1e-6)
     assert results["localisation"] is not None  # shapes has masks
-    assert len(results["mprt"]["gradient"]["bnn"]["spearman_abs"]) == 3  # none, head, dense1
+    assert len(results["mprt"]["gradient"]["bnn"]["spearman_abs"]) == 3  # none, head, block2
     assert list(results["surrogates"]["rows"]) == ["ste_sign", "identity"]
     # ste_sign is the BNN's own surrogate: its maps are the BNN's.
     same = results["surrogates"]["rows"]["ste_sign"]["gradient"]["spearman_abs_vs_bnn"]
@@ -362,7 +407,7 @@ def _refused(config, workdir, match):
 def test_unknown_layer_is_refused_and_nothing_written(workdir, report):
     config = tiny_config()
     config.explain.gradcam_layer = "block9"
-    _refused(config, workdir, r"Unknown config.explain.gradcam_layer 'block9'.*block3")
+    _refused(config, workdir, r"Unknown config.explain.gradcam_layer 'block9'.*block1.*block2")
 
 
 @pytest.mark.slow
