@@ -54,10 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.explain.batch_size = 50  # images per jitted call
     config.explain.num_examples = 6  # rows of the saliency grid figure
     config.explain.channel_reduction = "abs_sum"  # (B,H,W,C) -> (B,H,W): sum |a| (PAIR)
-    config.explain.smoothgrad_samples = 16  # noisy copies per image (all three variants)
+    config.explain.smoothgrad_samples = 50  # noisy copies per image (Smilkov et al.: ~50)
     config.explain.smoothgrad_noise = 0.15  # sigma / (max - min) of each image
-    config.explain.sample_batch_size = 8  # noisy copies / IG points evaluated together
-    config.explain.ig_steps = 16  # Integrated Gradients path points (zero baseline)
+    config.explain.sample_batch_size = 10  # noisy copies / IG points evaluated together
+    config.explain.ig_steps = 32  # Integrated Gradients path points (zero baseline)
     config.explain.gradcam_layer = "block5"  # module path, same position in both twins
     config.explain.gradcam_relu = True
     config.explain.surrogates = ("ste_sign", "approx_sign", "swish_sign", "identity")
