@@ -25,4 +25,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.train_control = False
     config.checkpoint_every_steps = 2000
     config.log_every_steps = 100
+    # Saliency study (explain.py) at GPU scale; needs the control: train with
+    # --config.train_control=True.
+    config.explain.num_images = 1000
+    config.explain.batch_size = 200
+    config.explain.sample_batch_size = 50
+    config.explain.mprt_images = 100
+    config.explain.gradcam_layer = "block5"  # 8x8, the last convolution before the pool
     return config

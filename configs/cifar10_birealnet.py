@@ -14,4 +14,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = "birealnet18"
     config.model_kwargs = ml_collections.ConfigDict(dict(width=1.0, stem="small"))
     config.optimizer.learning_rate = 2e-3
+    config.explain.gradcam_layer = "stage3"  # 8x8 feature maps at 32 px
     return config

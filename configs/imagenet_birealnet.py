@@ -30,4 +30,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.train_control = False
     config.checkpoint_every_steps = 2500
     config.log_every_steps = 200
+    # Saliency study (explain.py) at GPU scale; needs the control: train with
+    # --config.train_control=True.
+    config.explain.num_images = 500
+    config.explain.batch_size = 50
+    config.explain.sample_batch_size = 25
+    config.explain.mprt_images = 50
+    config.explain.gradcam_layer = "stage4"  # the last stage, 7x7 at 224 px (as GradCAM)
     return config

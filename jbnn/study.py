@@ -745,6 +745,12 @@ def _prepare(config, workdir: Path) -> Plan:
     )
     input_shape = (1, *images.shape[1:])
     spatial = _spatial_layers(bnn_model, input_shape)
+    if not spatial:
+        raise StudyError(
+            f"Model {config.model!r} has no layer with a (B, h, w, C) output, so GradCAM "
+            "(the third finding) cannot run: the study needs a convolutional model, e.g. "
+            "--config.model=binarynet."
+        )
     if settings.gradcam_layer not in spatial:
         listing = ", ".join(f"{p} {s[1:]}" for p, s in spatial.items())
         raise StudyError(

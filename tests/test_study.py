@@ -219,6 +219,22 @@ def test_settings_validation():
         study.settings_from_config({"mprt_methods": ("lime",)})
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["default", "digits", "shapes", "cifar10_binarynet", "cifar10_birealnet", "imagenet_birealnet"],
+)
+def test_config_explain_sections_name_valid_layers(name):
+    """Every convolutional config's explain section validates and names a GradCAM layer
+    with a feature map (checked with jax.eval_shape: nothing is allocated)."""
+    config = importlib.import_module(f"configs.{name}").get_config()
+    settings = study.settings_from_config(config.explain)
+    size = config.image_size or 32
+    channels = 1 if config.dataset == "digits" else 3
+    model = models.get(config.model, binary=True, num_classes=10, **config.model_kwargs)
+    spatial = study._spatial_layers(model, (1, size, size, channels))
+    assert settings.gradcam_layer in spatial
+
+
 # --------------------------------------------------------------------------- end to end
 class TinyCNN(nn.Module, QuantMixin):
     """Two BinaryNet blocks and a binary head: BinaryNet's design, quick to compile."""
