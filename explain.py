@@ -11,7 +11,7 @@ checked before anything is written, and the report replaces workdir/report only 
 is complete.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -24,6 +24,7 @@ def main(argv):
     del argv
     from jbnn import study
 
+    logging.set_verbosity(logging.WARNING)  # progress goes to stderr; no checkpoint chatter
     try:
         report_dir = study.run_study(FLAGS.config, FLAGS.workdir)
     except study.StudyError as e:
