@@ -40,6 +40,11 @@ class Timing:
         return statistics.median(self.seconds)
 
     @property
+    def best(self) -> float:
+        """The fastest round: the least disturbed by other load on a shared machine."""
+        return min(self.seconds)
+
+    @property
     def spread(self) -> float:
         """(max - min) / median: the noise of the rounds."""
         return (max(self.seconds) - min(self.seconds)) / self.median
