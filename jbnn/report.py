@@ -637,7 +637,8 @@ def render_markdown(results: Mapping, figures: Mapping[str, str]) -> str:
         f"{meta['num_images']} test images of shape {tuple(meta['image_shape'])}, "
         f"true label as target, seed {meta['seed']}. The *control* is a second "
         "full-precision model trained with another seed: BNN–twin differences are "
-        "judged against this seed-to-seed variation."
+        "judged against this seed-to-seed variation. (The BNN and its twin share their "
+        "seed, so their initial weights and data order; the control shares neither.)"
     )
     out.append("")
     out.append(

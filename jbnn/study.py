@@ -364,14 +364,23 @@ def noise_finding(
     verdict = combine(supports)
     less = red["difference"]["hi"] < 0 and red["wilcoxon"]["p_value"] < alpha
     more = red["difference"]["lo"] > 0 and red["wilcoxon"]["p_value"] < alpha
-    red_text = "less than" if less else "more than" if more else "about as much as"
+    if less:
+        red_text = "SmoothGrad lowers total variation less for the BNN than for the twin"
+    elif more:
+        red_text = "SmoothGrad lowers total variation more for the BNN than for the twin"
+    else:
+        red_text = "no clear difference between BNN and twin"
+
+    def change(r: float) -> str:
+        return f"{-100 * r:+.0f}%"
+
     sentence = (
         f"The paper's finding “{claim}” {_CONCLUSION[verdict]}: on "
         f"{num_images} test images, {group} maps of the BNN vs the twin have "
         + "; ".join(parts)
-        + f". SmoothGrad removes {100 * red['a']['mean']:.0f}% of the Gradient maps' total "
-        f"variation for the BNN and {100 * red['b']['mean']:.0f}% for the twin "
-        f"({red_text} for the twin)."
+        + ". Relative to the Gradient maps, SmoothGrad changes total variation by "
+        f"{change(red['a']['mean'])} for the BNN and {change(red['b']['mean'])} for the twin "
+        f"({red_text})."
     )
     note = (
         f"Noise of {group} maps, image by image (A = BNN, B = twin). A metric calls the "

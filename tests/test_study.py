@@ -186,10 +186,10 @@ def test_noise_finding_sentences_follow_the_numbers():
     assert [r["verdict"] for r in noisy["rows"]] == [study.NOISIER, study.NOISIER]
     assert "holds on this data" in noisy["sentence"]
     assert (
-        "SmoothGrad removes 10% of the Gradient maps' total variation for the BNN and 40%"
+        "SmoothGrad changes total variation by -10% for the BNN and -40% for the twin"
         in (noisy["sentence"])
     )
-    assert "less than for the twin" in noisy["sentence"]
+    assert "lowers total variation less for the BNN than for the twin" in noisy["sentence"]
     assert [r["verdict"] for r in noisy["extra_rows"]][:2] == ["reference", "reference"]
 
     quiet = _noise(-1.0)
