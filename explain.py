@@ -29,7 +29,7 @@ def main(argv):
         report_dir = study.run_study(FLAGS.config, FLAGS.workdir)
     except study.StudyError as e:
         raise SystemExit(f"explain.py: {e}") from None
-    print(f"Report: {report_dir / 'report.md'} (figures and results.json in {report_dir})")
+    print(study.summary(report_dir))
 
 
 if __name__ == "__main__":

@@ -1460,3 +1460,22 @@ def run_study(config, workdir: str | Path, *, verbose: bool = True) -> Path:
         raise
     _log(f"figures and report {clock}; total {total}", verbose)
     return final
+
+
+def summary(report_dir: str | Path) -> str:
+    """The headline table and the three verdict sentences of a written report, as text.
+
+    Args:
+      report_dir: a folder written by :func:`run_study`.
+
+    Returns:
+      Markdown: the headline table, one line per finding, and where the report is.
+    """
+    from jbnn.report import headline_table
+
+    report_dir = Path(report_dir)
+    results = json.loads((report_dir / "results.json").read_text(encoding="utf-8"))
+    lines = headline_table(results) + [""]
+    lines += [f"- {f['sentence']}" for f in results["findings"].values()]
+    lines += ["", f"Report: {report_dir / 'report.md'} (figures and results.json beside it)"]
+    return "\n".join(lines)

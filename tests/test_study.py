@@ -371,6 +371,9 @@ def test_end_to_end_report(report):
     same = results["surrogates"]["rows"]["ste_sign"]["gradient"]["spearman_abs_vs_bnn"]
     assert same["mean"] == pytest.approx(1.0)
     assert not list(out.parent.glob(".report*"))  # no temporary folder left behind
+    text = study.summary(out)
+    assert text.splitlines()[0].startswith("| finding (paper) |")
+    assert str(out / "report.md") in text
 
 
 @pytest.mark.slow
