@@ -49,10 +49,18 @@ def _instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
     return out
 
 
-def categorize(name: str, info) -> str:
-    """A coarse category of one HLO instruction (by its kind and op_name metadata)."""
+def categorize(name: str, info, kernel_shapes=frozenset()) -> str:
+    """A coarse category of one HLO instruction (by its kind and op_name metadata).
+
+    ``kernel_shapes``: sorted dimension tuples of the model's 4-D kernels; a convolution
+    (or library fusion) whose result has one of them is a kernel gradient.
+    """
     shape, kind, op, line = info
     backward = "transpose(" in op
+    dims = re.match(r"\w+\[([\d,]+)\]", shape)
+    if dims and ("ynn" in name or kind == "convolution" or "convolution" in name):
+        if tuple(sorted(int(d) for d in dims.group(1).split(","))) in kernel_shapes:
+            return "conv kernel-gradient"
     if "conv_general_dilated" in op or kind == "convolution":
         if not backward:
             return "conv forward"
@@ -76,8 +84,11 @@ def categorize(name: str, info) -> str:
     return "elementwise / copies / other"
 
 
-def profile(jitted, *args, repeats: int = 3, top: int = 15, show: bool = True):
+def profile(jitted, *args, repeats=3, top=15, show=True, show_category=None):
     """Runs ``jitted(*args)`` under the profiler; returns {category: ms per call}."""
+    kernel_shapes = frozenset(
+        tuple(sorted(a.shape)) for a in jax.tree.leaves(args) if getattr(a, "ndim", 0) == 4
+    )
     jax.block_until_ready(jitted(*args))
     hlo = jitted.lower(*args).compile().as_text()
     info = _instructions(hlo)
@@ -96,14 +107,19 @@ def profile(jitted, *args, repeats: int = 3, top: int = 15, show: bool = True):
             per_instr[e["name"]] += e["dur"] / 1e3 / repeats
     per_cat = collections.Counter()
     for name, ms in per_instr.items():
-        per_cat[categorize(name, info[name])] += ms
+        per_cat[categorize(name, info[name], kernel_shapes)] += ms
     if show:
         total = sum(per_cat.values())
         print(f"  total in XLA thunks: {total:.1f} ms per call")
         for cat, ms in per_cat.most_common():
             print(f"  {ms:9.1f} ms {100 * ms / total:5.1f}%  {cat}")
         print("  top instructions:")
-        for name, ms in per_instr.most_common(top):
+        shown = [
+            (name, ms)
+            for name, ms in per_instr.most_common()
+            if not show_category or categorize(name, info[name], kernel_shapes) == show_category
+        ]
+        for name, ms in shown[:top]:
             shape, kind, op, _ = info[name]
             print(f"  {ms:9.1f} ms  {name[:32]:32s} {shape[:40]:40s} {op[-60:]}")
     return per_cat, hlo
@@ -170,6 +186,34 @@ def saliency_target(args):
     return jitted, (variables, x, target)
 
 
+def train_target(args):
+    """(jitted training step without buffer donation, its arguments), BNN or twin."""
+    import functools
+
+    import numpy as np
+
+    from configs.default import get_config
+    from jbnn import models, optim, training
+
+    config = get_config()
+    fields = getattr(models._REGISTRY[args.model], "__dataclass_fields__", {})
+    kwargs = {k: v for k, v in (("width", args.width), ("stem", "small")) if k in fields}
+    model = models.get(args.model, binary=args.variant == "bnn", num_classes=10, **kwargs)
+    input_shape = (1, args.size, args.size, 3)
+    kernels = optim.binary_kernels(model, input_shape)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape)))
+    tx, _ = training.make_optimizer(config, abstract["params"], kernels, total_steps=1000)
+    mesh = training.make_mesh()
+    state = training.create_train_state(model, tx, input_shape, 0, mesh)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": jnp.asarray(rng.uniform(0, 1, (args.batch, args.size, args.size, 3)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, 10, args.batch), jnp.int32),
+    }
+    step = jax.jit(functools.partial(training._train_step, model, tx, kernels, "latent"))
+    return step, (state, batch)
+
+
 def conv_micro(args):
     """3x3 convolution, 64 -> 64 channels, 56 px, batch 16: forward, dx, dw vs torch."""
     import torch
@@ -211,7 +255,10 @@ def main(argv=None):
     p.add_argument("--model", default="birealnet18", help="a jbnn model name, or resnet18")
     p.add_argument("--variant", default="bnn", choices=("bnn", "twin"))
     p.add_argument("--ops", default="jbnn", choices=("jbnn", "lax"), help="plain resnet18 ops")
-    p.add_argument("--method", default="smoothgrad", choices=("gradient", "smoothgrad", "gradcam"))
+    p.add_argument(
+        "--method", default="smoothgrad", choices=("gradient", "smoothgrad", "gradcam", "train")
+    )
+    p.add_argument("--width", type=float, default=0.5, help="width of --method train models")
     p.add_argument("--size", type=int, default=112)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--samples", type=int, default=16)
@@ -219,12 +266,15 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--conv-micro", action="store_true", help="conv fwd/dx/dw, jax vs torch")
+    p.add_argument("--show-category", default=None, help="list the top ops of one category")
+    p.add_argument("--top", type=int, default=15)
     args = p.parse_args(argv)
     print(f"# profile_cpu: {common.machine()}")
     if args.conv_micro:
         conv_micro(args)
         return
-    jitted, call_args = saliency_target(args)
+    target = train_target if args.method == "train" else saliency_target
+    jitted, call_args = target(args)
     print(
         f"{args.model} {args.variant} {args.method}: {args.size} px, batch {args.batch}"
         + (f", {args.samples} samples" if args.method == "smoothgrad" else "")
@@ -232,7 +282,7 @@ def main(argv=None):
     start = time.perf_counter()
     jax.block_until_ready(jitted(*call_args))
     print(f"  first call (compile + run) {time.perf_counter() - start:.1f} s")
-    _, hlo = profile(jitted, *call_args)
+    _, hlo = profile(jitted, *call_args, top=args.top, show_category=args.show_category)
     dead = kernel_gradient_convs(hlo)
     print(f"  kernel-gradient convolutions in the optimised HLO: {len(dead)}")
     for line in dead[:5]:

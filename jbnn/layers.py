@@ -170,27 +170,18 @@ class QuantConv(nn.Module):
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
 
         padding = self.padding
-        if self.pad_values != 0.0 and padding != "VALID":
-            if isinstance(padding, str):
-                if padding != "SAME":
-                    raise ValueError(f"QuantConv: unsupported padding {padding!r}.")
-                padding = jax.lax.padtype_to_pads(
-                    x.shape[1:3], (kh, kw), tuple(self.strides), "SAME"
-                )
-            x = jnp.pad(
-                x,
-                ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)),
-                constant_values=jnp.asarray(self.pad_values, x.dtype),
-            )
-            padding = "VALID"
+        if self.pad_values != 0.0 and isinstance(padding, str) and padding not in ("SAME", "VALID"):
+            raise ValueError(f"QuantConv: unsupported padding {padding!r}.")
         # lax.conv_general_dilated (NHWC, HWIO) with an input gradient that stays on
-        # XLA's fast CPU kernels inside loops; same values and gradients (jbnn.ops).
+        # XLA's fast CPU kernels inside loops, and padding with pad_values without a
+        # padded copy of x; same values and gradients (jbnn.ops).
         y = ops.conv(
             x,
             kernel,
             tuple(self.strides),
             padding if isinstance(padding, str) else tuple(map(tuple, padding)),
             self.feature_group_count,
+            pad_value=self.pad_values,
         )
         if bias is not None:
             y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))

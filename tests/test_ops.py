@@ -136,6 +136,51 @@ def test_conv_equals_lax(shape, kernel, strides, padding, groups):
     np.testing.assert_array_equal(fast[1], plain[1])  # kernel gradient
 
 
+PADDED = [
+    # (input shape, kernel shape, strides, padding, groups)
+    ((2, 8, 8, 4), (3, 3, 4, 5), (1, 1), "SAME", 1),  # QuickNet's binary 3x3
+    ((2, 9, 7, 4), (3, 3, 4, 5), (2, 2), "SAME", 1),
+    ((2, 8, 8, 4), (3, 3, 4, 5), (1, 1), ((2, 0), (1, 3)), 1),
+    ((2, 8, 8, 4), (3, 3, 1, 4), (1, 1), "SAME", 4),  # depthwise
+    ((2, 8, 8, 4), (3, 3, 4, 5), (1, 1), "VALID", 1),  # no padding: pad_value unused
+]
+
+
+def _padded_lax_conv(x, w, strides, padding, groups, value):
+    pads = (
+        jax.lax.padtype_to_pads(x.shape[1:3], w.shape[:2], strides, padding)
+        if isinstance(padding, str)
+        else padding
+    )
+    xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)), constant_values=value)
+    return _lax_conv(xp, w, strides, "VALID", groups)
+
+
+@pytest.mark.parametrize("shape,kernel,strides,padding,groups", PADDED)
+def test_conv_pad_value_equals_padding_a_copy(shape, kernel, strides, padding, groups):
+    # The forward pass is the padded copy's convolution itself; the backward pass splits
+    # the sum (zero-padded convolution + the border's contribution). With +-1 inputs,
+    # kernels and cotangents every sum is an exact integer: the same bits.
+    sign = lambda a: jnp.where(a >= 0, 1.0, -1.0)
+    x = sign(jax.random.normal(jax.random.key(0), shape))
+    w = sign(jax.random.normal(jax.random.key(1), kernel))
+    fast = lambda x, w: ops.conv(x, w, strides, padding, groups, pad_value=1.0)
+    plain = lambda x, w: _padded_lax_conv(x, w, strides, padding, groups, 1.0)
+    y = fast(x, w)
+    np.testing.assert_array_equal(y, plain(x, w))
+    ct = sign(jax.random.normal(jax.random.key(2), y.shape))
+    grads = lambda conv, ct: jax.jit(jax.grad(lambda x, w: jnp.sum(ct * conv(x, w)), (0, 1)))
+    for got, ref in zip(grads(fast, ct)(x, w), grads(plain, ct)(x, w), strict=True):
+        np.testing.assert_array_equal(got, ref)
+    # real values: the same forward bits, gradients equal up to float rounding
+    xr = jax.random.normal(jax.random.key(3), shape)
+    wr = jax.random.normal(jax.random.key(4), kernel)
+    ctr = jax.random.normal(jax.random.key(5), y.shape)
+    np.testing.assert_array_equal(fast(xr, wr), plain(xr, wr))
+    for got, ref in zip(grads(fast, ctr)(xr, wr), grads(plain, ctr)(xr, wr), strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_conv_bfloat16_and_second_order():
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
     w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
