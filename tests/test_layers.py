@@ -59,13 +59,20 @@ def test_binary_dense_is_a_sign_matmul():
 def test_pad_values_one_keeps_binary_conv_binary():
     x = jax.random.normal(KEY, (1, 5, 5, 2))
     layer = QuantConv(
-        3, (3, 3), pad_values=1.0, input_quantizer="ste_sign", kernel_quantizer="ste_sign",
+        3,
+        (3, 3),
+        pad_values=1.0,
+        input_quantizer="ste_sign",
+        kernel_quantizer="ste_sign",
         use_bias=False,
     )
     variables = layer.init(KEY, x)
     w = np.where(np.asarray(variables["params"]["kernel"]) >= 0, 1.0, -1.0)  # (3,3,2,3)
-    xb = np.pad(np.where(np.asarray(x) >= 0, 1.0, -1.0), ((0, 0), (1, 1), (1, 1), (0, 0)),
-                constant_values=1.0)
+    xb = np.pad(
+        np.where(np.asarray(x) >= 0, 1.0, -1.0),
+        ((0, 0), (1, 1), (1, 1), (0, 0)),
+        constant_values=1.0,
+    )
     expected = np.zeros((1, 5, 5, 3))
     for i in range(5):  # a slow loop as the independent reference
         for j in range(5):
@@ -83,7 +90,9 @@ def test_xnor_kernel_scale():
     alpha = np.abs(np.clip(w, -1, 1)).mean(axis=(0, 1, 2))
     ref = QuantConv(5, (3, 3), use_bias=False)
     scaled = {"params": {"kernel": np.where(w >= 0, 1.0, -1.0) * alpha}}
-    np.testing.assert_allclose(layer.apply(variables, x), ref.apply(scaled, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        layer.apply(variables, x), ref.apply(scaled, x), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_layer_surrogate_changes_input_gradient_only():
@@ -126,8 +135,9 @@ def test_conv_rejects_wrong_rank_and_int_input():
 
 def test_bfloat16_layers():
     x = jax.random.normal(KEY, (2, 6, 6, 3)).astype(jnp.bfloat16)
-    layer = QuantConv(4, input_quantizer="ste_sign", kernel_quantizer="ste_sign",
-                      dtype=jnp.bfloat16)
+    layer = QuantConv(
+        4, input_quantizer="ste_sign", kernel_quantizer="ste_sign", dtype=jnp.bfloat16
+    )
     variables = layer.init(KEY, x)
     assert layer.apply(variables, x).dtype == jnp.bfloat16
     assert qz.get("ste_sign")(x).dtype == jnp.bfloat16

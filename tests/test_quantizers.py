@@ -97,7 +97,9 @@ def test_ste_heaviside():
 @pytest.mark.parametrize("threshold", [0.05, 0.3])
 def test_ste_tern_fixed_threshold(threshold):
     f = qz.get("ste_tern", threshold_value=threshold)
-    expected = np.where(GRID >= np.float32(threshold), 1, np.where(GRID <= -np.float32(threshold), -1, 0))
+    expected = np.where(
+        GRID >= np.float32(threshold), 1, np.where(GRID <= -np.float32(threshold), -1, 0)
+    )
     np.testing.assert_array_equal(f(GRID), expected)
     np.testing.assert_allclose(sum_grad(f, GRID), np_clip_mask(GRID, 1.0))
 
