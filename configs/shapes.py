@@ -1,4 +1,10 @@
-"""Procedural shapes with ground-truth masks at 32 px: CPU-friendly, for localisation."""
+"""Procedural shapes with ground-truth masks at 32 px: CPU-friendly, for localisation.
+
+Tuned on 2 CPU cores. BinaryNet at 1/8 width with 512-unit dense layers
+(``dense_features=4096`` times the width: nearly free next to the convolutions, and worth
+3-4 points of BNN accuracy), small batches, a high Adam learning rate and 20 epochs: the
+BNN reaches about 0.98 test accuracy, the twin 0.99+.
+"""
 
 import ml_collections
 
@@ -6,8 +12,14 @@ from configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """Shapes, BinaryNet at 1/8 width."""
+    """Shapes, BinaryNet at 1/8 width, batch 32, Adam 3e-2 with cosine decay, 20 epochs."""
     config = default.get_config()
     config.dataset = "shapes"
     config.image_size = 32
+    config.model_kwargs.dense_features = 4096  # 512 units at width 1/8
+    config.batch_size = 32
+    config.num_epochs = 20
+    config.optimizer.learning_rate = 3e-2
+    config.checkpoint_every_steps = 500
+    config.log_every_steps = 50
     return config
