@@ -657,8 +657,10 @@ def render_markdown(results: Mapping, figures: Mapping[str, str]) -> str:
     if flat:
         out.append("")
         out.append(
-            "All-zero maps (no gradient reaches the input, e.g. every binarised unit "
-            "saturated): " + ", ".join(flat) + " of the images."
+            "All-zero maps (GradCAM: the weighted activations are negative everywhere, "
+            "so the ReLU leaves nothing; gradient methods: no gradient reaches the input): "
+            + ", ".join(flat)
+            + " of the images. Similarity to an all-zero map counts as 0 (1 between two)."
         )
     out.append("")
     out.append("## Summary")
