@@ -364,10 +364,10 @@ def noise_finding(
     verdict = combine(supports)
     less = red["difference"]["hi"] < 0 and red["wilcoxon"]["p_value"] < alpha
     more = red["difference"]["lo"] > 0 and red["wilcoxon"]["p_value"] < alpha
-    if less:
-        red_text = "SmoothGrad lowers total variation less for the BNN than for the twin"
+    if less:  # the BNN's reduction is smaller: its change is higher
+        red_text = "the change is higher for the BNN than for the twin"
     elif more:
-        red_text = "SmoothGrad lowers total variation more for the BNN than for the twin"
+        red_text = "the change is lower for the BNN than for the twin"
     else:
         red_text = "no clear difference between BNN and twin"
 

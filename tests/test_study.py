@@ -189,7 +189,7 @@ def test_noise_finding_sentences_follow_the_numbers():
         "SmoothGrad changes total variation by -10% for the BNN and -40% for the twin"
         in (noisy["sentence"])
     )
-    assert "lowers total variation less for the BNN than for the twin" in noisy["sentence"]
+    assert "the change is higher for the BNN than for the twin" in noisy["sentence"]
     assert [r["verdict"] for r in noisy["extra_rows"]][:2] == ["reference", "reference"]
 
     quiet = _noise(-1.0)
