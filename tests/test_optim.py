@@ -80,7 +80,7 @@ def test_bop_binarizes_float_initial_weights_and_needs_params():
 
 def _mlp(binary=True, kernel_clip=1.0):
     model = models.get("mlp", binary=binary, num_classes=3, hidden=(8, 6), kernel_clip=kernel_clip)
-    variables = model.init(KEY, jnp.zeros((2, 4, 4, 1)))
+    variables = jax.jit(model.init)(KEY, jnp.zeros((2, 4, 4, 1)))
     return model, variables
 
 
@@ -109,7 +109,7 @@ def _grads(model, variables, x, y):
         )
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    return jax.grad(loss)(variables["params"])
+    return jax.jit(jax.grad(loss))(variables["params"])
 
 
 @pytest.mark.parametrize("binary_optimizer", ["latent", "bop"])
@@ -132,7 +132,9 @@ def test_routing_sends_each_group_to_its_optimizer(binary_optimizer):
 
     # Independent reference: plain Adam on every leaf, Bop alone on binary kernels.
     adam = optax.adam(1e-2)
-    ref_adam = optax.apply_updates(params, adam.update(grads, adam.init(params), params)[0])
+    ref_adam = jax.jit(lambda g, p: optax.apply_updates(p, adam.update(g, adam.init(p), p)[0]))(
+        grads, params
+    )
     bop = optim.bop(gamma=0.5)
     for path, _ in kernels.clips:
         layer = path[0]
@@ -165,7 +167,7 @@ def test_adamw_decays_only_kernels():
         name="adamw",
         weight_decay=0.5,
     )
-    updates, _ = tx.update(zero, tx.init(params), params)
+    updates, _ = jax.jit(tx.update)(zero, tx.init(params), params)
     # With zero gradients the update is -lr * wd * p on kernels, 0 elsewhere.
     np.testing.assert_allclose(
         np.asarray(updates["dense1"]["kernel"]),
