@@ -325,7 +325,8 @@ def _train_step(
     correct = jnp.sum(jnp.argmax(logits, axis=-1) == batch["label"], dtype=jnp.int32)
     # A BNN can hide NaN weights (sign(NaN) = -1 gives a finite loss): check the
     # gradients too.
-    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+    grad_sq = sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_sq)
     first_bad = (state.nonfinite_step < 0) & ~finite
     return state.replace(
         step=state.step + 1,
