@@ -499,6 +499,7 @@ def test_command_line_overrides():
 @pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
 def test_tfds_path_with_mock_data(tmp_path, dataset):
     import tensorflow_datasets as tfds  # CI installs the tfds extra: never skipped
+
     config = get_config("mnist" if dataset == "mnist" else "cifar10_binarynet")
     config.model = "mlp"  # the data path is under test, not the model: keep it quick
     config.model_kwargs = {"hidden": (16,)}
