@@ -1,0 +1,152 @@
+"""A/B of jbnn.ops against the plain JAX ops inside jbnn's models, in one process.
+
+``jbnn.ops.conv`` / ``jbnn.ops.max_pool`` (used by ``QuantConv`` and the models) are
+swapped for plain ``lax.conv_general_dilated`` (with a materialised padded copy where a
+layer pads with +1) / ``flax.linen.max_pool``, i.e. what jbnn did before, and the same
+computations are timed alternately: Gradient, SmoothGrad with all samples at once and in
+chunks (``lax.scan``), and a training step (BNN). The results are compared too: the
+forward passes and saliency maps are expected to agree bit for bit or to float rounding.
+
+Usage (repository root):
+  python benchmarks/ops_ab.py                        # birealnet18 BNN, 112 px
+  python benchmarks/ops_ab.py --model quicknet_small --size 32 --stem small
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from jbnn import models, ops  # noqa: E402
+from jbnn.saliency import _checks, gradients  # noqa: E402
+
+
+def _plain_conv(x, kernel, strides=(1, 1), padding="SAME", feature_group_count=1, pad_value=0.0):
+    pads = ops._explicit_pads(padding, x.shape[1:3], kernel.shape[:2], tuple(strides), "conv")
+    if pad_value != 0.0:
+        x = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=pad_value)
+        pads = ((0, 0), (0, 0))
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        tuple(strides),
+        pads,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=feature_group_count,
+    )
+
+
+@contextlib.contextmanager
+def plain_ops():
+    """Within the block, jbnn's layers and models trace the plain JAX ops."""
+    saved = ops.conv, ops.max_pool
+    ops.conv, ops.max_pool = _plain_conv, nn.max_pool
+    try:
+        yield
+    finally:
+        ops.conv, ops.max_pool = saved
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="birealnet18")
+    p.add_argument("--variant", default="bnn", choices=("bnn", "twin"))
+    p.add_argument("--stem", default="imagenet")
+    p.add_argument("--size", type=int, default=112)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--chunk", type=int, default=4, help="SmoothGrad batch_size of the scan")
+    p.add_argument("--train-batch", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args(argv)
+    print(f"# ops_ab: {common.machine()}")
+    model = models.get(args.model, binary=args.variant == "bnn", num_classes=1000, stem=args.stem)
+    x = common.random_images(jax.random.key(1), args.batch, args.size)
+    variables = common.calibrated(model, model.init(jax.random.key(0), x[:1]), x)
+    target = jnp.argmax(model.apply(variables, x), axis=-1).astype(jnp.int32)
+    keys = _checks.per_example_keys(jax.random.key(0), args.batch, "smoothgrad")
+    sigma = jnp.float32(0.15)
+    xt = common.random_images(jax.random.key(2), args.train_batch, args.size)
+    labels = jnp.arange(args.train_batch) % 1000
+
+    def loss_grad(params, stats, xt):  # a plain train-mode gradient (BN batch statistics)
+        def loss(params):
+            logits, _ = model.apply(
+                {"params": params, "batch_stats": stats}, xt, train=True, mutable=["batch_stats"]
+            )
+            return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(labels)), labels])
+
+        return jax.grad(loss)(params)
+
+    def programs():  # fresh jitted functions: traced under whichever ops are active
+        # the undecorated function: jax.jit caches the traces of a jitted callee
+        smoothgrad = gradients._smoothgrad_jit.__wrapped__
+        sg = lambda bs: jax.jit(
+            functools.partial(
+                smoothgrad,
+                relative=False,
+                num_samples=args.samples,
+                variant="smoothgrad",
+                batch_size=bs,
+            )
+        )
+        fn = models.apply_fn(model, variables)
+        return {
+            "gradient": (jax.jit(gradients._target_grad), (fn, x, target)),
+            "smoothgrad": (sg(args.samples), (fn, x, target, keys, sigma)),
+            f"smoothgrad chunks of {args.chunk}": (sg(args.chunk), (fn, x, target, keys, sigma)),
+            "train gradient": (
+                jax.jit(loss_grad),
+                (variables["params"], variables["batch_stats"], xt),
+            ),
+        }
+
+    fast = programs()
+    with plain_ops():
+        plain = programs()
+        for f, a in plain.values():  # compile (trace) while the plain ops are active
+            jax.block_until_ready(f(*a))
+    rows = []
+    for name in fast:
+        (ff, fa), (pf, pa) = fast[name], plain[name]
+        got, ref = jax.block_until_ready(ff(*fa)), pf(*pa)
+        err = max(
+            common.rel_error(r, g)
+            for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got), strict=True)
+        )
+        runs = {"jbnn.ops": functools.partial(ff, *fa), "plain": functools.partial(pf, *pa)}
+        t = common.alternate(runs, args.rounds)
+        speedup = t["plain"].median / t["jbnn.ops"].median
+        best = t["plain"].best / t["jbnn.ops"].best
+        rows.append(
+            [
+                name,
+                f"{t['plain'].median * 1e3:.0f}",
+                f"{t['jbnn.ops'].median * 1e3:.0f}",
+                f"{speedup:.2f}x",
+                f"{best:.2f}x",
+                f"{err:.1e}",
+            ]
+        )
+        print("  " + " | ".join(rows[-1]))
+    print(
+        f"\n{args.model} {args.variant}, {args.size} px, batch {args.batch}, "
+        f"{args.samples} SmoothGrad samples; train gradient batch {args.train_batch}:"
+    )
+    header = ["computation", "plain ms", "jbnn.ops ms", "speed-up", "best rounds", "max rel diff"]
+    print(common.fmt_table(rows, header))
+
+
+if __name__ == "__main__":
+    main()
