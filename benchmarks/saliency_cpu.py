@@ -244,10 +244,11 @@ def main(argv=None):
                 layout: torch_port.port(name, model, variables, layout == "channels_last")
                 for layout in layouts
             }
-            err = torch_port.max_logit_error(model, variables, torch_models[layouts[0]], x)
-            print(f"{name} {variant}: torch port max relative logit error {err:.2e}")
-            if err > 1e-4:
-                raise SystemExit(f"{name} {variant}: the torch port disagrees ({err:.2e})")
+            errors = torch_port.logit_errors(model, variables, torch_models[layouts[0]], x)
+            try:
+                print(f"{name} {variant}: torch port {torch_port.check_port(errors, binary)}")
+            except ValueError as e:
+                raise SystemExit(f"{name} {variant}: {e}") from None
             for method in args.methods.split(","):
                 rows.append(
                     time_method(

@@ -17,7 +17,7 @@ modules compute, layer for layer, so that Captum and jbnn explain the same funct
   (``count_include_pad=False``).
 
 Use :func:`port` to build the torch module from a Flax model and its variables, and
-:func:`max_logit_error` to check that both give the same logits.
+:func:`logit_errors` / :func:`check_port` to check that both give the same logits.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["port", "max_logit_error", "to_torch_images", "same_pads"]
+__all__ = ["check_port", "logit_errors", "port", "same_pads", "to_torch_images"]
 
 
 # --------------------------------------------------------------------------- quantizers
@@ -359,9 +359,35 @@ def to_torch_images(x, channels_last: bool = False) -> torch.Tensor:
     return t.contiguous(memory_format=layout)
 
 
-def max_logit_error(model, variables, torch_model: nn.Module, x) -> float:
-    """max |logits_flax - logits_torch| / max(1, max |logits_flax|) on the batch x (NHWC)."""
+def logit_errors(model, variables, torch_model: nn.Module, x) -> np.ndarray:
+    """Per example: max |logits_flax - logits_torch| / max(1, max |logits_flax|), (B,)."""
     ref = np.asarray(model.apply(variables, x))
     with torch.no_grad():
         got = torch_model(to_torch_images(x)).numpy()
-    return float(np.max(np.abs(ref - got)) / max(1.0, float(np.max(np.abs(ref)))))
+    return np.max(np.abs(ref - got), axis=1) / np.maximum(1.0, np.max(np.abs(ref), axis=1))
+
+
+def check_port(errors: np.ndarray, binary: bool, tol: float = 1e-4) -> str:
+    """Whether the port computes the model; raises a ValueError when it does not.
+
+    A twin must agree on every example. A BNN is discontinuous: where a pre-activation
+    lies within float rounding of 0, the two frameworks' sums (summed in another order)
+    can binarize to different signs and the logits of that example then differ for
+    real; such an example is reported, but the majority of examples must agree.
+
+    Returns:
+      A one-line summary.
+    """
+    bad = np.nonzero(errors > tol)[0]
+    summary = f"max relative logit error {np.max(errors):.2e}"
+    if len(bad) and (not binary or 2 * len(bad) > len(errors)):
+        raise ValueError(f"the torch port disagrees: {summary} (examples {bad.tolist()})")
+    if len(bad):
+        good = np.max(np.delete(errors, bad))
+        summary = (
+            f"max relative logit error {good:.2e} on {len(errors) - len(bad)} of "
+            f"{len(errors)} examples; example(s) {bad.tolist()} differ by up to "
+            f"{np.max(errors[bad]):.1e} (a binarized activation within float rounding of "
+            "0 takes the other sign)"
+        )
+    return summary
