@@ -1,8 +1,8 @@
-"""Max-pooling and strided convolution with cheaper backward passes on CPU.
+"""Max-pooling and convolution with cheaper backward passes on CPU.
 
 Both compute exactly what the plain JAX ops compute (the forward pass is the same XLA
 op) and differ only in how their vector-Jacobian product is built, because XLA's CPU
-backend lowers two backward ops very slowly:
+backend lowers these backward ops slowly:
 
 * the gradient of max-pooling (``select_and_scatter_add``) becomes a variadic
   reduce-window over four full-size index arrays and a scatter: on a ResNet-18 stem
@@ -18,7 +18,11 @@ backend lowers two backward ops very slowly:
   after XLA inserts a transpose, but not inside a ``lax.scan`` body (chunked
   SmoothGrad, Integrated Gradients), where it runs 3-6x slower in a generic loop.
   :func:`conv` computes the same convolution with an explicitly transposed kernel:
-  the same numbers, bit for bit, at the fast speed everywhere.
+  the same numbers, bit for bit, at the fast speed everywhere;
+* the kernel gradient of a convolution of an input padded with a constant other than
+  zero (``conv(..., pad_value=1.0)``, QuickNet) runs 2-3x slower through a padded copy
+  than with the convolution's own zero padding: :func:`conv` differentiates the
+  zero-padded convolution plus the border's contribution instead.
 
 Neither op supports forward-mode differentiation (``jax.jvp``), like every
 ``jax.custom_vjp`` function; reverse mode, ``jit``, ``vmap`` and higher-order reverse
@@ -28,6 +32,7 @@ derivatives work. Images are NHWC, kernels HWIO, as everywhere in jbnn.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Sequence
 
 import jax
@@ -44,12 +49,14 @@ _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 # --------------------------------------------------------------------------- helpers
 def _pair(value, name: str, what: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        value = (value, value)
-    value = tuple(value)
-    if len(value) != 2 or not all(isinstance(v, int) and v > 0 for v in value):
+    try:
+        pair = (operator.index(value),) * 2 if not hasattr(value, "__len__") else value
+        pair = tuple(operator.index(v) for v in pair)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or min(pair) <= 0:
         raise ValueError(f"{name}: {what} must be two positive ints (h, w), got {value!r}.")
-    return value
+    return pair
 
 
 def _explicit_pads(
