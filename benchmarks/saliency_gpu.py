@@ -13,7 +13,14 @@ after a warm-up of each:
 * ``captum f32``: ``NoiseTunnel(Saliency)`` with the same sigma and sample count;
 * ``jbnn bf16``: the same jbnn model built with ``dtype=jnp.bfloat16`` (bfloat16
   activations and matmuls, float32 parameters and BatchNorm statistics);
-* ``captum bf16``: Captum under ``torch.autocast("cuda", dtype=torch.bfloat16)``.
+* ``captum bf16``: Captum under ``torch.autocast("cuda", dtype=torch.bfloat16)``;
+* ``captum-cl``: Captum again with the port and images in channels-last memory (often
+  faster on tensor cores);
+* ``jbnn-plain bf16``: the bf16 jbnn model traced with plain ``lax``/``flax`` ops
+  instead of :mod:`jbnn.ops` (whose custom VJPs were written for XLA's CPU backend).
+
+The jbnn/Captum ratio of each jbnn row is taken against the faster Captum layout of the
+same dtype.
 
 All samples of a batch go through the network together on both sides (jbnn
 ``batch_size=None``, Captum ``nt_samples_batch_size=None``). Float32 convolutions use
@@ -36,8 +43,12 @@ Usage (repository root):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+
+# JAX and PyTorch share the GPU: JAX must not take 75% of its memory at start.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -46,6 +57,7 @@ import common  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import ops_ab  # noqa: E402
 
 from jbnn import models, saliency  # noqa: E402
 from jbnn.saliency import _checks, gradients  # noqa: E402
@@ -80,12 +92,22 @@ def peak_tflops(args) -> float | None:
 
 
 def smoothgrad_flops(fn, x, target, keys, sigma, num_samples) -> float:
-    """FLOPs of one jbnn SmoothGrad call, counted by XLA on the compiled computation."""
+    """FLOPs of one jbnn SmoothGrad call, counted by XLA's cost analysis.
+
+    The count comes from the lowered (not yet optimised) computation, which costs no
+    compilation; where this JAX cannot analyse a lowered computation, the compiled one
+    is counted instead. Convolutions and matmuls dominate either count.
+    """
     static = dict(relative=False, num_samples=num_samples, variant="smoothgrad")
     lowered = gradients._smoothgrad_jit.lower(
         fn, x, target, keys, sigma, batch_size=num_samples, **static
     )
-    cost = lowered.compile().cost_analysis()
+    try:
+        cost = lowered.cost_analysis()
+    except Exception:  # noqa: BLE001 - older/newer JAX: fall back to the compiled count
+        cost = None
+    if not cost:
+        cost = lowered.compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     return float(cost.get("flops", float("nan")))
 
@@ -107,7 +129,9 @@ def bench_model(name: str, variant: str, args, device: str, peak: float | None) 
     target = jnp.argmax(model.apply(variables, x), axis=-1).astype(jnp.int32)
 
     tm = torch_port.port(name, model, variables).to(device)
+    tm_cl = torch_port.port(name, model, variables, channels_last=True).to(device)
     xt = torch_port.to_torch_images(x).to(device)
+    xt_cl = torch_port.to_torch_images(x, channels_last=True).to(device)
     tgt = torch.from_numpy(np.array(target)).long().to(device)
     torch.backends.cudnn.allow_tf32 = False  # the logit check at full float32 precision
     with jax.default_matmul_precision("highest"), torch.no_grad():
@@ -122,60 +146,83 @@ def bench_model(name: str, variant: str, args, device: str, peak: float | None) 
 
     fn32 = models.apply_fn(model, variables)
     fn16 = models.apply_fn(model_bf16, variables)
+    # The same bf16 model traced with plain lax/flax ops instead of jbnn.ops (an A/B of
+    # jbnn's custom VJPs, written for XLA's CPU backend, on this device). A function of
+    # its own, so that jit's cache never mixes the two traces.
+    fn16_plain = jax.tree_util.Partial(lambda v, xx: model_bf16.apply(v, xx), variables)
     key = jax.random.key(42)
     keys = _checks.per_example_keys(key, args.batch, "smoothgrad")
     sigma = jnp.float32(args.noise_sigma)
     flops = smoothgrad_flops(fn32, x, target, keys, sigma, args.samples)
     print(f"  counted FLOPs per SmoothGrad call: {flops / 1e9:.4g} GFLOP")
-    nt = NoiseTunnel(Saliency(tm))
 
-    def captum():
-        out = nt.attribute(
-            xt,
-            nt_type="smoothgrad",
-            nt_samples=args.samples,
-            stdevs=args.noise_sigma,
-            target=tgt,
-            abs=False,
-        )
-        sync()
-        return out
+    def captum(module, images):
+        nt = NoiseTunnel(Saliency(module))
 
-    def captum_bf16():
-        with torch.autocast(device_type=device, dtype=torch.bfloat16):
-            return captum()
+        def run():
+            out = nt.attribute(
+                images,
+                nt_type="smoothgrad",
+                nt_samples=args.samples,
+                stdevs=args.noise_sigma,
+                target=tgt,
+                abs=False,
+            )
+            sync()
+            return out
 
-    def jbnn(fn):
-        return lambda: saliency.smoothgrad(
-            fn, x, target, key, num_samples=args.samples, noise_sigma=args.noise_sigma
-        )
+        return run
+
+    def bf16(run):
+        def autocast():
+            with torch.autocast(device_type=device, dtype=torch.bfloat16):
+                return run()
+
+        return autocast
+
+    def jbnn(fn, plain=False):
+        def run():
+            ctx = ops_ab.plain_ops() if plain else contextlib.nullcontext()
+            with ctx:
+                return saliency.smoothgrad(
+                    fn, x, target, key, num_samples=args.samples, noise_sigma=args.noise_sigma
+                )
+
+        return run
 
     runs = {
         "jbnn f32": jbnn(fn32),
-        "captum f32": captum,
+        "captum f32": captum(tm, xt),
+        "captum-cl f32": captum(tm_cl, xt_cl),
         "jbnn bf16": jbnn(fn16),
-        "captum bf16": captum_bf16,
+        "jbnn-plain bf16": jbnn(fn16_plain, plain=True),
+        "captum bf16": bf16(captum(tm, xt)),
+        "captum-cl bf16": bf16(captum(tm_cl, xt_cl)),
     }
     t = common.alternate(runs, args.rounds)
     rows = []
     for dtype in ("f32", "bf16"):
-        j, c = t[f"jbnn {dtype}"], t[f"captum {dtype}"]
-        for who, timing in (("jbnn", j), ("captum", c)):
+        c = min(
+            (t[k] for k in t if k.startswith("captum") and k.endswith(dtype)),
+            key=lambda timing: timing.median,
+        )
+        for who in [k for k in t if k.endswith(dtype)]:
+            timing = t[who]
             tflops = flops / timing.median / 1e12
             rows.append(
                 [
                     name,
                     variant,
                     dtype,
-                    who,
+                    who.split()[0],
                     f"{args.batch / timing.median:.1f}",
                     f"{tflops:.3g}",
                     f"{100 * tflops / peak:.1f}%" if peak else "-",
-                    f"{c.median / j.median:.2f}x" if who == "jbnn" else "",
+                    f"{c.median / timing.median:.2f}x" if who.startswith("jbnn") else "",
                     f"{100 * timing.spread:.0f}%",
                 ]
             )
-            print(f"  {dtype} {who}: {rows[-1][4]} img/s, {rows[-1][5]} TFLOP/s")
+            print(f"  {dtype} {who}: {rows[-1][4]} img/s, {rows[-1][5]} TFLOP/s", flush=True)
     return rows
 
 
