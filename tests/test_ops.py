@@ -136,6 +136,63 @@ def test_conv_equals_lax(shape, kernel, strides, padding, groups):
     np.testing.assert_array_equal(fast[1], plain[1])  # kernel gradient
 
 
+SPACE_TO_DEPTH = [
+    # (input shape, kernel shape, strides, padding): strided, few input channels
+    ((2, 16, 16, 3), (7, 7, 3, 8), (2, 2), "SAME"),  # ImageNet stem, pads (2, 3)
+    ((2, 15, 13, 3), (7, 7, 3, 8), (2, 2), ((3, 3), (3, 3))),  # odd sizes, symmetric
+    ((2, 9, 10, 3), (3, 3, 3, 5), (2, 2), "VALID"),  # a row no output reads
+    ((2, 9, 10, 4), (5, 3, 4, 5), (2, 1), "SAME"),  # stride in one dimension
+    ((2, 11, 7, 1), (3, 3, 1, 5), (3, 2), ((1, 2), (0, 1))),  # stride 3, explicit pads
+    ((2, 8, 8, 2), (1, 1, 2, 5), (2, 2), "SAME"),  # 1x1, stride > kernel
+    ((2, 10, 10, 3), (4, 4, 3, 5), (2, 2), ((5, 0), (0, 5))),  # padding > kernel / 2
+]
+
+
+@pytest.mark.parametrize("shape,kernel,strides,padding", SPACE_TO_DEPTH)
+def test_space_to_depth_conv_equals_the_strided_conv(shape, kernel, strides, padding):
+    # The GPU/TPU form of a strided few-channel convolution: the same sums in another
+    # order, so values and both gradients agree to float rounding, in float32 and bf16.
+    x = jax.random.normal(jax.random.key(0), shape)
+    w = jax.random.normal(jax.random.key(1), kernel)
+    pads = ops._explicit_pads(padding, shape[1:3], kernel[:2], strides, "test")
+    s2d = lambda x, w: ops._space_to_depth_conv(x, w, strides, pads)
+    ref = lambda x, w: _lax_conv(x, w, strides, pads, 1)
+    y = jax.jit(s2d)(x, w)
+    assert y.shape == ref(x, w).shape
+    np.testing.assert_allclose(y, ref(x, w), rtol=1e-5, atol=1e-5)
+    ct = jax.random.normal(jax.random.key(2), y.shape)
+    grads = lambda conv: jax.jit(jax.grad(lambda x, w: jnp.sum(ct * conv(x, w)), (0, 1)))(x, w)
+    for got, want in zip(grads(s2d), grads(ref), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    yb = s2d(xb, wb)
+    assert yb.dtype == jnp.bfloat16
+    scale = float(jnp.max(jnp.abs(y)))
+    np.testing.assert_allclose(
+        yb.astype(jnp.float32), ref(xb, wb).astype(jnp.float32), atol=0.02 * scale
+    )
+    # batched like SmoothGrad's samples: vmap of the input gradient
+    gx = jax.vmap(jax.grad(lambda x: jnp.sum(jnp.tanh(s2d(x[None], w)))))(x)
+    gx_ref = jax.vmap(jax.grad(lambda x: jnp.sum(jnp.tanh(ref(x[None], w)))))(x)
+    np.testing.assert_allclose(gx, gx_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_picks_space_to_depth_only_off_cpu():
+    # Where the computation is lowered decides: CPU keeps the strided convolution (bit
+    # for bit, test_conv_equals_lax), CUDA and TPU get the stride-1 convolution over
+    # sh * sw * C_in = 12 channels. Lowering for a platform needs no such device.
+    x = jnp.ones((2, 16, 16, 3))
+    w = jnp.ones((7, 7, 3, 8))
+    f = jax.jit(lambda x: ops.conv(x, w, (2, 2), "SAME"))
+    convs = [line for line in f.lower(x).compile().as_text().splitlines() if "convolution(" in line]
+    assert convs and all("size=7x7 stride=2x2" in line for line in convs), convs
+    for platform in ("cuda", "tpu"):
+        text = f.trace(x).lower(lowering_platforms=(platform,)).as_text()
+        assert "tensor<4x4x12x8xf32>" in text, platform
+    assert not ops._use_space_to_depth(5, (2, 2))
+    assert not ops._use_space_to_depth(3, (1, 1))
+
+
 PADDED = [
     # (input shape, kernel shape, strides, padding, groups)
     ((2, 8, 8, 4), (3, 3, 4, 5), (1, 1), "SAME", 1),  # QuickNet's binary 3x3
