@@ -134,13 +134,28 @@ def device_op_times(trace_dir: str) -> tuple[dict[str, float], dict[str, float]]
 
 
 def kind_of(description: str) -> str:
-    if "cudnn$conv" in description or "convolution" in description.split(" -> ")[0]:
-        return "convolution"
-    if description.startswith("fusion") or description.startswith("custom-call __triton"):
-        return "fusion"
-    if description.startswith("custom-call"):
-        return "other custom call"
-    return description.split(" ")[0] or "?"
+    """The kind of a device op, from its HLO description or its kernel's name.
+
+    Traces of XLA's GPU backend name the kernels a cuDNN convolution runs (``*fprop*``,
+    ``*dgrad*``, ``*wgrad*``), cuBLAS matmuls (``nvjet*``, ``*gemm*``) and XLA's own
+    fusions (``loop_*_fusion``, ``input_*_fusion``).
+    """
+    head = description.split(" -> ")[0]
+    if "dgrad" in description:
+        return "conv input gradient"
+    if "wgrad" in description:
+        return "conv kernel gradient"
+    if "fprop" in description or "cudnn$conv" in head or head.startswith("convolution"):
+        return "conv forward"
+    if "AddPadding" in description or "nchwToNhwc" in description or "nhwcToNchw" in description:
+        return "cuDNN padding/layout"
+    if "nvjet" in description or "gemm" in description.lower() or head.startswith("dot"):
+        return "matmul"
+    if "fusion" in head or head.startswith(("loop_", "input_", "custom-call __triton")):
+        return "XLA fusion (elementwise, reductions, layout)"
+    if head.startswith(("Memset", "Memcpy")):
+        return "memset/memcpy"
+    return head.split(" ")[0] or "?"
 
 
 def main(argv=None):

@@ -26,10 +26,15 @@ All samples of a batch go through the network together on both sides (jbnn
 ``batch_size=None``, Captum ``nt_samples_batch_size=None``). Float32 convolutions use
 each framework's GPU default: TF32 tensor cores in both (XLA's default precision,
 ``torch.backends.cudnn.allow_tf32 = True``). The FLOPs of one SmoothGrad call are
-counted by XLA (``compiled.cost_analysis()["flops"]`` of jbnn's float32 computation)
-and the same count is used for every contestant: achieved TFLOP/s = FLOPs / median
-time. The bf16 matrix peak of the device (dense, from ``--peak-tflops`` or the device
-name) gives the fraction of peak.
+counted analytically, the same for every contestant: ``4 x MACs x images x samples``
+(2 FLOPs per multiply-accumulate, for the forward pass and again for the input
+gradient; the model's MACs from :func:`jbnn.summary.summary`); achieved TFLOP/s =
+FLOPs / median time. ``--xla-flops`` also prints XLA's own count of the compiled
+float32 computation (one more compilation; on CPU it agrees with the analytic count to
+about 10%, BatchNorm and the kernel-free ops making up the difference). XLA's count of
+the *lowered* computation, used by an earlier version, read 52 GFLOP instead of about
+5.8 TFLOP on the H100 (jax 0.11.2): do not use it. The bf16 matrix peak of the device
+(dense, from ``--peak-tflops`` or the device name) gives the fraction of peak.
 
 Targets (issue 7): SmoothGrad >= 2.5x Captum's speed in float32 and in bfloat16, and
 >= 30% of the bf16 matrix peak on a ResNet-18 at 224 px.
@@ -61,6 +66,7 @@ import ops_ab  # noqa: E402
 
 from jbnn import models, saliency  # noqa: E402
 from jbnn.saliency import _checks, gradients  # noqa: E402
+from jbnn.summary import summary  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) of the devices this may run on.
 PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
@@ -77,6 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak")
+    p.add_argument("--xla-flops", action="store_true", help="also print XLA's FLOP count")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, runs on CPU")
     args = p.parse_args(argv)
     if args.smoke:
@@ -91,23 +98,19 @@ def peak_tflops(args) -> float | None:
     return next((v for k, v in PEAKS.items() if k in kind), None)
 
 
-def smoothgrad_flops(fn, x, target, keys, sigma, num_samples) -> float:
-    """FLOPs of one jbnn SmoothGrad call, counted by XLA's cost analysis.
+def smoothgrad_flops(model, args) -> float:
+    """FLOPs of one SmoothGrad call: 2 per MAC, forward pass plus input gradient."""
+    macs = summary(model, (1, args.size, args.size, 3), print_fn=None).total_macs
+    return 4.0 * macs * args.batch * args.samples
 
-    The count comes from the lowered (not yet optimised) computation, which costs no
-    compilation; where this JAX cannot analyse a lowered computation, the compiled one
-    is counted instead. Convolutions and matmuls dominate either count.
-    """
+
+def xla_smoothgrad_flops(fn, x, target, keys, sigma, num_samples) -> float:
+    """FLOPs of one jbnn SmoothGrad call as XLA counts them on the compiled computation."""
     static = dict(relative=False, num_samples=num_samples, variant="smoothgrad")
-    lowered = gradients._smoothgrad_jit.lower(
+    compiled = gradients._smoothgrad_jit.lower(
         fn, x, target, keys, sigma, batch_size=num_samples, **static
-    )
-    try:
-        cost = lowered.cost_analysis()
-    except Exception:  # noqa: BLE001 - older/newer JAX: fall back to the compiled count
-        cost = None
-    if not cost:
-        cost = lowered.compile().cost_analysis()
+    ).compile()
+    cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     return float(cost.get("flops", float("nan")))
 
@@ -153,8 +156,11 @@ def bench_model(name: str, variant: str, args, device: str, peak: float | None) 
     key = jax.random.key(42)
     keys = _checks.per_example_keys(key, args.batch, "smoothgrad")
     sigma = jnp.float32(args.noise_sigma)
-    flops = smoothgrad_flops(fn32, x, target, keys, sigma, args.samples)
-    print(f"  counted FLOPs per SmoothGrad call: {flops / 1e9:.4g} GFLOP")
+    flops = smoothgrad_flops(model, args)
+    print(f"  FLOPs per SmoothGrad call (4 x MACs x images x samples): {flops / 1e12:.4g} T")
+    if args.xla_flops:
+        xla = xla_smoothgrad_flops(fn32, x, target, keys, sigma, args.samples)
+        print(f"  XLA's count of the compiled float32 call: {xla / 1e12:.4g} T")
 
     def captum(module, images):
         nt = NoiseTunnel(Saliency(module))
