@@ -498,6 +498,7 @@ def gradient_explain(model, variables, x, target):
     return gradient_maps(variables, x, target)
 
 
+@pytest.mark.slow  # XLA compilation of the model, grads and similarities
 def test_mprt_randomises_layers_top_down_and_cascading():
     key = jax.random.key(0)
     x, y = bars(key, 4)
@@ -536,6 +537,53 @@ def test_mprt_randomises_layers_top_down_and_cascading():
     assert same(seen[1]["params"]["conv2"], fresh["params"]["conv2"])
     assert same(seen[1]["params"]["head"], variables["params"]["head"])
     assert same(seen[2]["params"]["conv2"], variables["params"]["conv2"])
+
+
+@pytest.mark.slow  # XLA compilation of the model, grads and similarities
+def test_mprt_second_call_does_not_retrace_and_draws_the_same_fresh_variables():
+    from jbnn import models
+    from jbnn.metrics import sanity as sanity_mod
+
+    traces = []
+
+    class CountingCNN(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            traces.append(x.shape)  # a Python side effect: runs only while tracing
+            return TinyCNN(name="body")(x)
+
+    @jax.jit
+    def grad_maps(f, x, target):
+        return jax.grad(lambda xx: jnp.take_along_axis(f(xx), target[:, None], 1).sum())(x)[..., 0]
+
+    seen = []
+
+    def explain(model, v, xx, t):
+        seen.append(v)
+        return grad_maps(models.apply_fn(model, v), xx, t)
+
+    x, y = bars(jax.random.key(0), 4)
+    model = CountingCNN()
+    init = jax.jit(model.init)  # the reference: what mprt drew before its init was cached
+    variables = init(jax.random.key(1), x[:1])
+    first = metrics.mprt(model, variables, x, y, explain, key=jax.random.key(7))
+    assert first["layers"] == ("body/head", "body/conv2", "body/conv1")
+    traced, compiled = len(traces), sanity_mod._jitted_init._cache_size()
+    seen.clear()
+    # Same model (and an equal new instance), new key: nothing is traced or compiled again.
+    again = metrics.mprt(model, variables, x, y, explain, key=jax.random.key(7))
+    other = metrics.mprt(CountingCNN(), variables, x, y, explain, key=jax.random.key(8))
+    assert len(traces) == traced, traces[traced:]
+    assert sanity_mod._jitted_init._cache_size() == compiled
+    for name in first["similarity"]:
+        np.testing.assert_array_equal(again["similarity"][name], first["similarity"][name])
+    np.testing.assert_array_equal(again["maps"], first["maps"])
+    # The cached init draws what a fresh jax.jit(model.init) draws, for each key.
+    for stage_vars, key in ((seen[1], 7), (seen[len(seen) // 2 + 1], 8)):
+        fresh = init(jax.random.key(key), x[:1])
+        got, want = stage_vars["params"]["body"]["head"], fresh["params"]["body"]["head"]
+        assert all(jax.tree.leaves(jax.tree.map(np.array_equal, got, want)))
+    assert not np.array_equal(other["maps"], first["maps"])
 
 
 def test_parameter_layers_of_binarynet_are_logits_first():

@@ -55,6 +55,43 @@ def _module_paths_with_params(params: Mapping, prefix: tuple[str, ...] = ()) -> 
     return out
 
 
+def _hashable(model: nn.Module) -> bool:
+    try:
+        hash(model)
+    except TypeError:
+        return False
+    return True
+
+
+def _call_order(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[str, ...]:
+    """The module paths in call order (:func:`jbnn.models.layer_paths`), cached per model."""
+    from jbnn.models import layer_paths
+
+    if not _hashable(model):  # e.g. a list attribute: cannot be cached, traced every time
+        return tuple(layer_paths(model, input_shape))
+    return _cached_call_order(model, input_shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_call_order(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[str, ...]:
+    from jbnn.models import layer_paths
+
+    return tuple(layer_paths(model, input_shape))
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _jitted_init(model: nn.Module, key: jax.Array, x: jax.Array) -> dict:
+    """``model.init(key, x)``, compiled once per (model, shapes) and reused by :func:`mprt`."""
+    return model.init(key, x)
+
+
+def _fresh_variables(model: nn.Module, key: jax.Array, x: jax.Array) -> dict:
+    """Variables drawn by the model's own initialisers: ``jax.jit(model.init)(key, x)``."""
+    if not _hashable(model):  # cannot be a static argument: compiled anew every time
+        return jax.jit(model.init)(key, x)
+    return _jitted_init(model, key, x)
+
+
 def parameter_layers(model: nn.Module, variables: Mapping, input_shape: Sequence[int]) -> list[str]:
     """The param-holding module paths of ``model``, logits side first.
 
@@ -72,12 +109,10 @@ def parameter_layers(model: nn.Module, variables: Mapping, input_shape: Sequence
     Returns:
       The paths, e.g. ``["head_bn", "head", ..., "block1/conv"]`` for BinaryNet.
     """
-    from jbnn.models import layer_paths
-
     if "params" not in variables:
         raise ValueError(f"variables have no 'params' collection (got {list(variables)})")
     owners = _module_paths_with_params(variables["params"])
-    calls = list(layer_paths(model, input_shape))
+    calls = _call_order(model, tuple(int(d) for d in input_shape))
     position = {path: i for i, path in enumerate(calls)}
     called = sorted((p for p in owners if p in position), key=position.__getitem__)
     return list(reversed(called)) + [p for p in owners if p not in position]
@@ -140,13 +175,14 @@ def mprt(
     """Model parameter randomisation test (Adebayo et al. 2018), cascading, top-down.
 
     One fresh set of variables is drawn with the model's own initialisers,
-    ``jax.jit(model.init)(key, x[:1])``. Stage s (s = 0..S-1) replaces the variables of
-    ``layers[0..s]`` (cascading) or of ``layers[s]`` alone (``cascading=False``) by the
-    fresh ones, in every collection that holds that layer (``params``, and BatchNorm's
-    ``batch_stats`` reset to mean 0 / variance 1, as PyTorch's ``reset_parameters``), and
-    recomputes the maps. Each stage's maps are compared with the original maps by each
-    similarity measure. For a method that depends on the model the similarity should fall
-    as more layers are randomised.
+    ``jax.jit(model.init)(key, x[:1])`` (compiled once per model and input shape: a second
+    call with the same model and shapes reuses the compiled code). Stage s (s = 0..S-1)
+    replaces the variables of ``layers[0..s]`` (cascading) or of ``layers[s]`` alone
+    (``cascading=False``) by the fresh ones, in every collection that holds that layer
+    (``params``, and BatchNorm's ``batch_stats`` reset to mean 0 / variance 1, as PyTorch's
+    ``reset_parameters``), and recomputes the maps. Each stage's maps are compared with the
+    original maps by each similarity measure. For a method that depends on the model the
+    similarity should fall as more layers are randomised.
 
     Args:
       model: a Flax Linen module, called as ``model.apply(variables, x)``.
@@ -195,7 +231,7 @@ def mprt(
         raise ValueError("similarity is empty: give at least one measure")
     collections = tuple(variables) if collections is None else tuple(collections)
 
-    fresh = jax.jit(model.init)(key, x[:1])  # one compilation, not one per op
+    fresh = _fresh_variables(model, key, x[:1])  # compiled once per model and input shape
     original = _check_maps_like("the original maps", explain(model, variables, x, target), x)
     stage_maps = []
     current = variables
