@@ -58,6 +58,47 @@ def test_spearman_matches_scipy(absolute):
     )
 
 
+def test_spearman_ranks_equal_scipy_rankdata_on_ties_signed_zeros_and_infinities():
+    rng = np.random.default_rng(3)
+    v = rng.normal(size=(6, 32 * 32)).astype(np.float32)
+    v[0] = np.round(2 * v[0])  # a few values, many ties each
+    v[1] = np.where(v[1] > 0, -0.0, 0.0)  # -0.0 and 0.0 are one tie, as in scipy
+    v[2, :4] = [np.inf, -np.inf, np.inf, -0.0]
+    v[3] = 7.0  # one tie of all N
+    v[4] = np.float32(1e-45) * rng.integers(-3, 4, size=v.shape[1])  # denormals
+    v[5, 512:] = v[5, :512][::-1]  # every value twice, far apart
+    got = jax.jit(jax.vmap(sim_mod._average_ranks))(v)
+    np.testing.assert_array_equal(got, np.stack([st.rankdata(r) for r in v]))
+    w = rng.permutation(v, axis=1)
+    # Rows 1 and 3 are constant (as is their permutation): 1.0 by convention, NaN in scipy.
+    want = [1.0 if i in (1, 3) else st.spearmanr(v[i], w[i])[0] for i in range(len(v))]
+    got = jax.jit(metrics.spearman)(v[:, None, :], w[:, None, :])  # 1 x N maps; inf: traced
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_spearman_of_many_large_maps_matches_scipy_and_does_not_retrace():
+    a, b = random_maps((40, 32, 32), seed=5)
+    a[::3] = np.round(a[::3])
+    want = [st.spearmanr(a[i].ravel(), b[i].ravel())[0] for i in range(len(a))]
+    np.testing.assert_allclose(metrics.spearman(a, b), want, atol=1e-6)
+    before = sim_mod._spearman._cache_size()
+    np.testing.assert_allclose(
+        metrics.spearman(a[::-1].copy(), b[::-1].copy()), want[::-1], atol=1e-6
+    )
+    assert sim_mod._spearman._cache_size() == before
+
+
+def test_spearman_under_jit_gives_nan_for_a_nan_input_only():
+    a, b = random_maps((3, 8, 8), seed=4)
+    a[0, 2, 2] = np.nan  # concrete NaN is refused at the boundary; a traced one propagates
+    b[1, 0, 0] = np.inf  # inf is ranked (last), as scipy does
+    got = np.asarray(jax.jit(metrics.spearman)(a, b))
+    assert np.isnan(got[0]) and np.isfinite(got[1:]).all()
+    np.testing.assert_allclose(got[1], st.spearmanr(a[1].ravel(), b[1].ravel())[0], atol=1e-6)
+    with pytest.raises(ValueError, match="non-finite"):
+        metrics.spearman(a, b)
+
+
 def test_pearson_matches_scipy_and_scale_is_harmless():
     a, b = random_maps()
     want = [st.pearsonr(a[i].ravel(), b[i].ravel())[0] for i in range(len(a))]
