@@ -879,7 +879,7 @@ def load_run(
 
     Raises:
       FileNotFoundError: if ``run_dir`` is not a finished run (missing, or half-trained:
-        no ``results.json``).
+        no ``results.json``), or holds no complete checkpoint.
     """
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).exists():
@@ -904,12 +904,39 @@ def load_run(
     abstract = jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract
     )
-    import orbax.checkpoint as ocp
-
-    manager = _checkpoint_manager(run_dir, config, read_only=True)
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{run_dir / CHECKPOINT_DIR} holds no checkpoint.")
-    state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    manager.close()
+    state = _restore_latest(run_dir / CHECKPOINT_DIR, abstract)
     return model, state.variables(), config
+
+
+def _restore_latest(directory: Path, abstract: TrainState) -> TrainState:
+    """The latest complete checkpoint under ``directory``, restored once, read-only.
+
+    Reads the layout the training ``CheckpointManager`` writes (``<step>/default``, a
+    composite checkpoint with one item) with a one-off ``Checkpointer``: a manager made
+    read-only for this (``CheckpointManagerOptions(read_only=True)``) logs absl warnings
+    on every load ("read_only=True, setting max_to_keep=None", "... save_interval_steps=0",
+    "Given directory is read only"). Temporary folders of a save that was killed are not
+    complete steps and are skipped (orbax's own step discovery, as the manager's).
+
+    Raises:
+      FileNotFoundError: no complete checkpoint in ``directory``.
+      Exception: orbax's error for a complete but unreadable checkpoint, with a note
+        naming it.
+    """
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint.path import step as ocp_step
+
+    latest = ocp_step.latest_step_metadata(directory.absolute(), ocp_step.standard_name_format())
+    if latest is None:
+        raise FileNotFoundError(f"{directory} holds no checkpoint.")
+    name = "default"  # the manager's name for its one unnamed item (StandardSave)
+    item = ocp.args.Composite(**{name: ocp.args.StandardRestore(abstract)})
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        try:
+            return checkpointer.restore(latest.path, args=item)[name]
+        except Exception as e:  # orbax's own error, kept, with the checkpoint it concerns
+            e.add_note(
+                f"while restoring the checkpoint of step {latest.step} from {latest.path} "
+                "(complete, but its files are damaged or were written for another model)"
+            )
+            raise

@@ -518,3 +518,54 @@ def test_tfds_path_with_mock_data(tmp_path, dataset):
         assert res["steps"] == 3 and res["test_examples"] == 48
         assert res["image_shape"] == ([28, 28, 1] if dataset == "mnist" else [32, 32, 3])
         assert 0.0 <= res["test_accuracy"] <= 1.0 and np.isfinite(res["test_loss"])
+
+
+# --------------------------------------------------------------------------- loading
+def _loud_records(caplog):
+    import logging
+
+    return [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_load_run_logs_no_warnings(trained, caplog):
+    """A read-only CheckpointManager logged 3 absl warnings on every load_run."""
+    import logging
+    import warnings
+
+    workdir = trained[0]
+    with caplog.at_level(logging.INFO), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for name in ("bnn", "fp"):
+            training.load_run(workdir / name)
+    assert not _loud_records(caplog), _loud_records(caplog)
+    assert not caught, [f"{w.category.__name__}: {w.message}" for w in caught]
+
+
+def test_load_run_skips_a_killed_save_and_names_a_damaged_checkpoint(trained, tmp_path, caplog):
+    import logging
+    import shutil
+
+    _, want, _ = training.load_run(trained[0] / "bnn")
+    run = tmp_path / "bnn"
+    shutil.copytree(trained[0] / "bnn", run)
+    ckpt = run / training.CHECKPOINT_DIR
+    steps = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+    assert steps[-1] == trained[2]["bnn"]["steps"]  # the final checkpoint
+    # What a kill during the save of a later step leaves: a partial temporary copy.
+    partial = ckpt / f"{steps[-1] + 10}.orbax-checkpoint-tmp-1234"
+    shutil.copytree(ckpt / str(steps[-1]), partial)
+    (partial / "default" / "_METADATA").unlink()
+    with caplog.at_level(logging.INFO):
+        _, got, _ = training.load_run(run)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+    assert not _loud_records(caplog), _loud_records(caplog)
+    # A complete checkpoint with a damaged file: orbax's error, not hidden, with a note.
+    (ckpt / str(steps[-1]) / "default" / "_METADATA").unlink()
+    with pytest.raises(Exception) as info:
+        training.load_run(run)
+    assert f"checkpoint of step {steps[-1]}" in "\n".join(getattr(info.value, "__notes__", []))
+    # Only the temporary folder left: no complete checkpoint, the clear error as before.
+    for step in steps:
+        shutil.rmtree(ckpt / str(step))
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        training.load_run(run)
