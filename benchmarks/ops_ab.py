@@ -103,11 +103,16 @@ def main(argv=None):
         )
         fn = models.apply_fn(model, variables)
         return {
-            "gradient": (jax.jit(gradients._target_grad), (fn, x, target)),
+            # fresh lambdas: jax.jit shares the traces of one function object, so jitting
+            # _target_grad / loss_grad themselves twice would time one trace twice
+            "gradient": (
+                jax.jit(lambda fn, x, t: gradients._target_grad(fn, x, t)),
+                (fn, x, target),
+            ),
             "smoothgrad": (sg(args.samples), (fn, x, target, keys, sigma)),
             f"smoothgrad chunks of {args.chunk}": (sg(args.chunk), (fn, x, target, keys, sigma)),
             "train gradient": (
-                jax.jit(loss_grad),
+                jax.jit(lambda p, s, xt: loss_grad(p, s, xt)),
                 (variables["params"], variables["batch_stats"], xt),
             ),
         }
