@@ -567,14 +567,14 @@ def _read_metrics(path: Path, max_step: int) -> list[dict[str, Any]]:
     return lines
 
 
-def _checkpoint_manager(run_dir: Path, config: ml_collections.ConfigDict, read_only=False):
+def _checkpoint_manager(run_dir: Path, config: ml_collections.ConfigDict):
+    """The training run's manager (loading uses :func:`_restore_latest` instead)."""
     import orbax.checkpoint as ocp
 
     options = ocp.CheckpointManagerOptions(
         max_to_keep=2,
-        create=not read_only,
-        read_only=read_only,
-        cleanup_tmp_directories=not read_only,  # debris of a save that was killed
+        create=True,
+        cleanup_tmp_directories=True,  # debris of a save that was killed
         enable_async_checkpointing=False,
     )
     return ocp.CheckpointManager((run_dir / CHECKPOINT_DIR).absolute(), options=options)
