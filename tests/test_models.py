@@ -463,3 +463,103 @@ def test_parameter_count_matches_larq_zoo(name):
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
     count = sum(math.prod(a.shape) for a in jax.tree.leaves(shapes))  # params + batch_stats
     assert count == LARQ_ZOO_PARAMS[name]
+
+
+# ----------------------------------------------------------------- shared pieces
+def test_zoo_models_keep_their_field_order_and_quantizer_defaults():
+    # BiRealNet18, BinaryResNetE18 and XNORNet take their fields from _zoo.ZooModel and
+    # override the quantizer defaults: the order (positional construction) is the one
+    # they always had, and the defaults are REFERENCE.md section 2's.
+    import dataclasses
+
+    order = [
+        "num_classes",
+        "binary",
+        "width",
+        "stem",
+        "input_quantizer",
+        "kernel_quantizer",
+        "kernel_clip",
+        "surrogate",
+        "fp_activation",
+        "dtype",
+        "parent",
+        "name",
+    ]
+    for name in ("birealnet18", "binary_resnet_e18", "xnornet"):
+        constructor = models._REGISTRY[name]
+        assert [f.name for f in dataclasses.fields(constructor)] == order, name
+        model = constructor(NUM_CLASSES)
+        input_q, kernel_q, _, clip = BINARY_DESIGN[name]
+        assert (model.input_quantizer, model.kernel_quantizer, model.kernel_clip) == (
+            input_q,
+            kernel_q,
+            clip,
+        )
+    model = models.XNORNet(NUM_CLASSES, False, 0.5, "imagenet")
+    assert (model.binary, model.width, model.stem) == (False, 0.5, "imagenet")
+
+
+def test_layer_factories_of_quant_mixin():
+    # The layers that common.QuantMixin builds, read back from the modules themselves:
+    # binary layers carry the module's quantizers and clip in the BNN and none in the
+    # twin; real layers never do; every layer gets the surrogate and the dtype.
+    from typing import Any
+
+    from jbnn.models.common import QuantMixin
+
+    class Toy(nn.Module, QuantMixin):
+        binary: bool
+        input_quantizer: str | None = "ste_sign"
+        kernel_quantizer: str | None = "magnitude_aware_sign"
+        kernel_clip: float | None = 1.5
+        surrogate: str | None = "approx_sign"
+        fp_activation: str = "hard_tanh"
+        dtype: Any = jnp.bfloat16
+
+        @nn.compact
+        def __call__(self, x):
+            x = self.real_conv(4, (3, 3), (2, 2), name="real_conv")(x)
+            x = self.binary_conv(4, (1, 1), name="binary_conv")(self.twin_act(x))
+            x = x.reshape((x.shape[0], -1))
+            x = self.binary_dense(3, input_quantizer=None, name="real_input_dense")(x)
+            x = self.binary_dense(3, name="binary_dense")(self.twin_act(x))
+            return self.real_dense(2, name="real_dense")(x)
+
+    def layers(model):
+        seen = {}
+
+        def interceptor(next_fun, args, kwargs, context):
+            mod = context.module
+            if context.method_name == "__call__" and isinstance(mod, QuantConv | QuantDense):
+                seen[mod.name] = (
+                    mod.input_quantizer,
+                    mod.kernel_quantizer,
+                    mod.kernel_clip,
+                    mod.use_bias,
+                    mod.surrogate,
+                    mod.dtype,
+                )
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(interceptor):
+            jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+        return seen
+
+    sur, bf16 = "approx_sign", jnp.bfloat16
+    real = (None, None, None, False, sur, bf16)
+    binary = ("ste_sign", "magnitude_aware_sign", 1.5, False, sur, bf16)
+    assert layers(Toy(binary=True)) == {
+        "real_conv": real,
+        "binary_conv": binary,
+        "real_input_dense": (None, *binary[1:]),
+        "binary_dense": binary,
+        "real_dense": (None, None, None, True, sur, bf16),
+    }
+    assert layers(Toy(binary=False)) == {
+        "real_conv": real,
+        "binary_conv": real,
+        "real_input_dense": real,
+        "binary_dense": real,
+        "real_dense": (None, None, None, True, sur, bf16),
+    }

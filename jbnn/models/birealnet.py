@@ -22,9 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from jbnn import ops
-from jbnn.layers import QuantConv, QuantDense
 from jbnn.models import _zoo
-from jbnn.models.common import QuantMixin, batch_norm, check_images
+from jbnn.models.common import QuantMixin, RealLayerMixin, batch_norm
 
 
 class ShortcutBlock(nn.Module, QuantMixin):
@@ -55,27 +54,15 @@ class ShortcutBlock(nn.Module, QuantMixin):
         shortcut = x  # (B, H, W, C)
         if x.shape[-1] != self.features or self.strides != 1:
             shortcut = _zoo.avg_pool_same(shortcut, self.strides)
-            shortcut = QuantConv(
-                self.features,
-                (1, 1),
-                use_bias=False,
-                kernel_init=_zoo.glorot_normal,
-                surrogate=self.surrogate,
-                dtype=self.dtype,
-                name="shortcut_conv",
+            shortcut = self.real_conv(
+                self.features, (1, 1), kernel_init=_zoo.glorot_normal, name="shortcut_conv"
             )(shortcut)
             shortcut = batch_norm(train, name="shortcut_bn", **bn)(shortcut)
-        y = QuantConv(
+        y = self.binary_conv(
             self.features,
             (3, 3),
-            (self.strides, self.strides),
-            use_bias=False,
-            input_quantizer=self.in_q(self.input_quantizer),
-            kernel_quantizer=self.k_q(self.kernel_quantizer),
-            kernel_clip=self.clip(self.kernel_clip),
+            strides=(self.strides, self.strides),
             kernel_init=_zoo.glorot_normal,
-            surrogate=self.surrogate,
-            dtype=self.dtype,
             name="conv",
         )(self.twin_act(x))
         y = batch_norm(train, name="bn", **bn)(y)
@@ -103,76 +90,63 @@ class ShortcutStage(nn.Module):
         return x
 
 
-class BiRealNet18(nn.Module, QuantMixin):
+def shortcut_stages(x: jax.Array, train: bool, width: float, block_kwargs: dict) -> jax.Array:
+    """ResNet-18's body with a shortcut per convolution, as Bi-Real Net and ResNetE have it.
+
+    Four :class:`ShortcutStage` s of four blocks, with 64, 128, 256, 512 channels times
+    ``width``; stride 2 in the first block of stages 2-4. Call it inside the model's
+    compact ``__call__``: the stages become the model's submodules ``stage1`` ...
+    ``stage4``.
+
+    Args:
+      x: (B, H, W, C) output of the stem.
+      train: whether BatchNorm uses batch statistics.
+      width: channel multiplier.
+      block_kwargs: the :class:`ShortcutBlock` fields other than ``features``, ``strides``.
+
+    Returns:
+      (B, ceil(H / 8), ceil(W / 8), C) feature maps, C = 512 channels times ``width``.
+    """
+    for i, channels in enumerate((64, 128, 256, 512)):
+        x = ShortcutStage(
+            _zoo.scaled(channels, width),
+            num_blocks=4,
+            strides=1 if i == 0 else 2,
+            block_kwargs=block_kwargs,
+            name=f"stage{i + 1}",
+        )(x, train)
+    return x
+
+
+class BiRealNet18(_zoo.ZooModel):
     """Bi-Real Net 18 with configurable width and stem.
 
     Paths: ``stem`` (``stem/conv``, ``stem/bn``), ``stage1`` ... ``stage4``, each with
     ``block1`` ... ``block4`` (:class:`ShortcutBlock`: ``conv``, ``bn``, and in the
     first block of stages 2-4 ``shortcut_conv``, ``shortcut_bn``), ``head`` (real dense
     layer with bias, after global average pooling). Channels 64, 128, 256, 512 times
-    ``width``.
-
-    Attributes:
-      num_classes: number of logits.
-      binary: True for the BNN, False for the full-precision twin.
-      width: channel multiplier.
-      stem: "small" (28-64 px) or "imagenet" (224 px).
-      input_quantizer, kernel_quantizer, kernel_clip: of the binary convolutions.
-      surrogate: backward surrogate for the input quantizers, or None.
-      fp_activation: what the twin applies where the BNN binarizes.
-      dtype: computation dtype.
+    ``width``. Fields: those of :class:`~jbnn.models._zoo.ZooModel`, with Bi-Real Net's
+    quantizers as defaults.
     """
 
-    num_classes: int
-    binary: bool = True
-    width: float = 1.0
-    stem: str = "small"
     input_quantizer: str | None = "approx_sign"
     kernel_quantizer: str | None = "magnitude_aware_sign"
     kernel_clip: float | None = 1.0
-    surrogate: str | None = None
-    fp_activation: str = "hard_tanh"
-    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        check_images(x, "birealnet18")
-        _zoo.check_stem(self.stem, "birealnet18")
-        _zoo.check_width(self.width, "birealnet18")
+        _zoo.check_model_input(x, self.stem, self.width, "birealnet18")
         bn = dict(dtype=self.dtype, momentum=0.8, epsilon=1e-3)
         filters = _zoo.scaled(64, self.width)
         x = _Stem(filters, self.stem, bn, self.surrogate, self.dtype, name="stem")(x, train)
-        block_kwargs = dict(
-            binary=self.binary,
-            input_quantizer=self.input_quantizer,
-            kernel_quantizer=self.kernel_quantizer,
-            kernel_clip=self.kernel_clip,
-            bn_momentum=0.8,
-            bn_epsilon=1e-3,
-            surrogate=self.surrogate,
-            fp_activation=self.fp_activation,
-            dtype=self.dtype,
-        )
-        for i, channels in enumerate((64, 128, 256, 512)):
-            x = ShortcutStage(
-                _zoo.scaled(channels, self.width),
-                num_blocks=4,
-                strides=1 if i == 0 else 2,
-                block_kwargs=block_kwargs,
-                name=f"stage{i + 1}",
-            )(x, train)
+        block_kwargs = dict(self.quant_fields(), bn_momentum=0.8, bn_epsilon=1e-3)
+        x = shortcut_stages(x, train, self.width, block_kwargs)
         x = _zoo.global_avg_pool(x)  # (B, C)
-        x = QuantDense(
-            self.num_classes,
-            kernel_init=_zoo.glorot_uniform,
-            surrogate=self.surrogate,
-            dtype=self.dtype,
-            name="head",
-        )(x)
+        x = self.real_dense(self.num_classes, kernel_init=_zoo.glorot_uniform, name="head")(x)
         return x.astype(jnp.float32)
 
 
-class _Stem(nn.Module):
+class _Stem(nn.Module, RealLayerMixin):
     """Real-valued stem: ``conv`` (7x7/2 or 3x3/1) -> ``bn`` (-> 3x3/2 max-pool)."""
 
     features: int
@@ -183,18 +157,11 @@ class _Stem(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        imagenet = self.stem == "imagenet"
-        x = QuantConv(
-            self.features,
-            (7, 7) if imagenet else (3, 3),
-            (2, 2) if imagenet else (1, 1),
-            use_bias=False,
-            kernel_init=_zoo.glorot_normal,
-            surrogate=self.surrogate,
-            dtype=self.dtype,
-            name="conv",
+        kernel_size, strides = _zoo.stem_conv_geometry(self.stem)
+        x = self.real_conv(
+            self.features, kernel_size, strides, kernel_init=_zoo.glorot_normal, name="conv"
         )(x)
         x = batch_norm(train, name="bn", **self.bn_kwargs)(x)
-        if imagenet:
+        if self.stem == "imagenet":
             x = ops.max_pool(x, (3, 3), (2, 2), padding="SAME")
         return x

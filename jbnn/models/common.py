@@ -1,4 +1,5 @@
-"""Pieces shared by the architectures: input checks, twin activations, norm layers.
+"""Pieces shared by the architectures: input checks, twin activations, layer factories,
+norm layers.
 
 Every jbnn model is a Linen module with the fields
 
@@ -25,6 +26,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jbnn.layers import QuantConv, QuantDense
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "hard_tanh": nn.hard_tanh,
@@ -64,8 +67,61 @@ def batch_norm(train: bool, name: str | None = None, dtype: Any = None, **kwargs
     return nn.BatchNorm(use_running_average=not train, name=name, dtype=dtype, **kwargs)
 
 
-class QuantMixin:
-    """Helpers for models with ``binary``, ``surrogate`` and ``fp_activation`` fields."""
+class RealLayerMixin:
+    """Real-valued layers for modules with ``surrogate`` and ``dtype`` fields.
+
+    "Real" as larq-zoo means it: no quantizer, the same in the BNN and its twin (stems,
+    shortcuts, transitions, classifiers). The layers still get the module's ``surrogate``
+    so that every QuantConv / QuantDense of a model carries the same one.
+    """
+
+    def real_conv(
+        self,
+        features: int,
+        kernel_size: tuple[int, int],
+        strides: tuple[int, int] = (1, 1),
+        **kwargs,
+    ) -> QuantConv:
+        """A real convolution without bias.
+
+        Args:
+          features: output channels.
+          kernel_size: (height, width) of the kernel.
+          strides: (height, width) strides.
+          **kwargs: further QuantConv fields (``kernel_init``, ``name``...).
+
+        Returns:
+          The QuantConv module, to be called on the input.
+        """
+        return QuantConv(
+            features,
+            kernel_size,
+            strides,
+            use_bias=False,
+            surrogate=self.surrogate,
+            dtype=self.dtype,
+            **kwargs,
+        )
+
+    def real_dense(self, features: int, **kwargs) -> QuantDense:
+        """A real dense layer (with bias unless ``use_bias=False`` is given).
+
+        Args:
+          features: output features.
+          **kwargs: further QuantDense fields (``kernel_init``, ``name``...).
+
+        Returns:
+          The QuantDense module, to be called on the input.
+        """
+        return QuantDense(features, surrogate=self.surrogate, dtype=self.dtype, **kwargs)
+
+
+class QuantMixin(RealLayerMixin):
+    """Helpers for models with ``binary``, ``surrogate`` and ``fp_activation`` fields.
+
+    :meth:`quant_fields` and the binary layers further need ``input_quantizer``,
+    ``kernel_quantizer``, ``kernel_clip`` and ``dtype``.
+    """
 
     def in_q(self, spec: str | None) -> str | None:
         """The input quantizer to give a layer: ``spec`` in the BNN, None in the twin."""
@@ -82,3 +138,56 @@ class QuantMixin:
     def twin_act(self, x: jax.Array) -> jax.Array:
         """Where the BNN binarizes a layer's input, the twin applies ``fp_activation``."""
         return x if self.binary else activation(self.fp_activation)(x)
+
+    def quant_fields(self) -> dict[str, Any]:
+        """The fields a model hands down to each of its binary blocks, as they are."""
+        return dict(
+            binary=self.binary,
+            input_quantizer=self.input_quantizer,
+            kernel_quantizer=self.kernel_quantizer,
+            kernel_clip=self.kernel_clip,
+            surrogate=self.surrogate,
+            fp_activation=self.fp_activation,
+            dtype=self.dtype,
+        )
+
+    def binary_conv(self, features: int, kernel_size: tuple[int, int], **kwargs) -> QuantConv:
+        """A convolution without bias, binary in the BNN and real in the twin.
+
+        Its input and kernel quantizers and latent clip are the module's in the BNN and
+        None in the twin. The caller applies :meth:`twin_act` to its input.
+
+        Args:
+          features: output channels.
+          kernel_size: (height, width) of the kernel.
+          **kwargs: further QuantConv fields (``strides``, ``kernel_init``, ``name``...).
+
+        Returns:
+          The QuantConv module, to be called on the input.
+        """
+        return QuantConv(features, kernel_size, **(self._binary_layer_fields() | kwargs))
+
+    def binary_dense(self, features: int, **kwargs) -> QuantDense:
+        """A dense layer without bias, binary in the BNN and real in the twin.
+
+        As :meth:`binary_conv`; ``kwargs`` may override a field (``input_quantizer=None``
+        for a first layer that sees real pixels).
+
+        Args:
+          features: output features.
+          **kwargs: further QuantDense fields (``name``...).
+
+        Returns:
+          The QuantDense module, to be called on the input.
+        """
+        return QuantDense(features, **(self._binary_layer_fields() | kwargs))
+
+    def _binary_layer_fields(self) -> dict[str, Any]:
+        return dict(
+            use_bias=False,
+            input_quantizer=self.in_q(self.input_quantizer),
+            kernel_quantizer=self.k_q(self.kernel_quantizer),
+            kernel_clip=self.clip(self.kernel_clip),
+            surrogate=self.surrogate,
+            dtype=self.dtype,
+        )

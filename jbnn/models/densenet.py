@@ -22,9 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from jbnn import ops
-from jbnn.layers import QuantConv, QuantDense
 from jbnn.models import _zoo
-from jbnn.models.common import QuantMixin, batch_norm, check_images
+from jbnn.models.common import QuantMixin, RealLayerMixin, batch_norm
 
 
 class DenseLayer(nn.Module, QuantMixin):
@@ -42,18 +41,10 @@ class DenseLayer(nn.Module, QuantMixin):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         y = batch_norm(train, name="bn", dtype=self.dtype)(x)
-        y = QuantConv(
-            self.growth_rate,
-            (3, 3),
-            use_bias=False,
-            input_quantizer=self.in_q(self.input_quantizer),
-            kernel_quantizer=self.k_q(self.kernel_quantizer),
-            kernel_clip=self.clip(self.kernel_clip),
-            kernel_init=_zoo.glorot_normal,
-            surrogate=self.surrogate,
-            dtype=self.dtype,
-            name="conv",
-        )(self.twin_act(y))
+        conv = self.binary_conv(
+            self.growth_rate, (3, 3), kernel_init=_zoo.glorot_normal, name="conv"
+        )
+        y = conv(self.twin_act(y))
         return jnp.concatenate([x, y.astype(x.dtype)], axis=-1)
 
 
@@ -70,7 +61,7 @@ class DenseStage(nn.Module):
         return x
 
 
-class DenseTransition(nn.Module):
+class DenseTransition(nn.Module, RealLayerMixin):
     """Real transition: ``bn`` -> 2x2/2 max-pool -> ReLU -> 1x1 ``conv``."""
 
     features: int
@@ -81,42 +72,7 @@ class DenseTransition(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = batch_norm(train, name="bn", dtype=self.dtype)(x)
         x = nn.relu(ops.max_pool(x, (2, 2), (2, 2)))
-        return QuantConv(
-            self.features,
-            (1, 1),
-            use_bias=False,
-            kernel_init=_zoo.he_normal,
-            surrogate=self.surrogate,
-            dtype=self.dtype,
-            name="conv",
-        )(x)
-
-
-class _DenseNetStem(nn.Module):
-    """Real stem: ``conv`` (3x3/1), or ``conv`` (7x7/2) -> ``bn`` -> ReLU -> max-pool."""
-
-    features: int
-    stem: str
-    surrogate: str | None = None
-    dtype: Any = None
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        imagenet = self.stem == "imagenet"
-        x = QuantConv(
-            self.features,
-            (7, 7) if imagenet else (3, 3),
-            (2, 2) if imagenet else (1, 1),
-            use_bias=False,
-            kernel_init=_zoo.he_normal,
-            surrogate=self.surrogate,
-            dtype=self.dtype,
-            name="conv",
-        )(x)
-        if imagenet:
-            x = nn.relu(batch_norm(train, name="bn", dtype=self.dtype)(x))
-            x = ops.max_pool(x, (3, 3), (2, 2), padding="SAME")
-        return x
+        return self.real_conv(self.features, (1, 1), kernel_init=_zoo.he_normal, name="conv")(x)
 
 
 def transition_features(channels: int, reduction: float, width: float) -> int:
@@ -162,27 +118,21 @@ class BinaryDenseNet28(nn.Module, QuantMixin):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        check_images(x, "binary_densenet28")
-        _zoo.check_stem(self.stem, "binary_densenet28")
-        _zoo.check_width(self.width, "binary_densenet28")
+        _zoo.check_model_input(x, self.stem, self.width, "binary_densenet28")
         if len(self.reduction) != len(self.layers) - 1:
             raise ValueError(
                 f"binary_densenet28: need one reduction per transition "
                 f"({len(self.layers) - 1}), got reduction={self.reduction}."
             )
-        x = _DenseNetStem(
-            _zoo.scaled(64, self.width), self.stem, self.surrogate, self.dtype, name="stem"
-        )(x, train)
-        layer_kwargs = dict(
-            growth_rate=_zoo.scaled(64, self.width),
-            binary=self.binary,
-            input_quantizer=self.input_quantizer,
-            kernel_quantizer=self.kernel_quantizer,
-            kernel_clip=self.kernel_clip,
+        x = _zoo.BackToSimplicityStem(
+            _zoo.scaled(64, self.width),
+            self.stem,
+            final_bn=False,
             surrogate=self.surrogate,
-            fp_activation=self.fp_activation,
             dtype=self.dtype,
-        )
+            name="stem",
+        )(x, train)
+        layer_kwargs = dict(self.quant_fields(), growth_rate=_zoo.scaled(64, self.width))
         for i, num_layers in enumerate(self.layers):
             x = DenseStage(num_layers, layer_kwargs, name=f"stage{i + 1}")(x, train)
             if i < len(self.layers) - 1:
@@ -192,11 +142,5 @@ class BinaryDenseNet28(nn.Module, QuantMixin):
                 )(x, train)
         x = nn.relu(batch_norm(train, name="final_bn", dtype=self.dtype)(x))
         x = _zoo.global_avg_pool(x)  # (B, C)
-        x = QuantDense(
-            self.num_classes,
-            kernel_init=_zoo.he_normal,
-            surrogate=self.surrogate,
-            dtype=self.dtype,
-            name="head",
-        )(x)
+        x = self.real_dense(self.num_classes, kernel_init=_zoo.he_normal, name="head")(x)
         return x.astype(jnp.float32)

@@ -30,9 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbnn import ops
-from jbnn.layers import QuantConv, QuantDense
 from jbnn.models import _zoo
-from jbnn.models.common import QuantMixin, batch_norm, check_images
+from jbnn.models.common import QuantMixin, RealLayerMixin, batch_norm
 
 
 def blur_pool(x: jax.Array, strides: int = 2) -> jax.Array:
@@ -59,7 +58,7 @@ def blur_pool(x: jax.Array, strides: int = 2) -> jax.Array:
     )
 
 
-class QuickNetStem(nn.Module):
+class QuickNetStem(nn.Module, RealLayerMixin):
     """Real stem: ``conv`` -> ``bn`` -> ReLU -> ``depthwise`` -> ``bn_dw`` ->
     ``pointwise`` -> ``bn_pw``."""
 
@@ -72,28 +71,24 @@ class QuickNetStem(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         s = (self.strides, self.strides)
         keras_bn = dict(dtype=self.dtype, momentum=0.99, epsilon=1e-3)
-        common = dict(use_bias=False, surrogate=self.surrogate, dtype=self.dtype)
-        x = QuantConv(
-            max(1, self.features // 4), (3, 3), s, kernel_init=_zoo.he_normal, name="conv", **common
+        x = self.real_conv(
+            max(1, self.features // 4), (3, 3), s, kernel_init=_zoo.he_normal, name="conv"
         )(x)
         x = nn.relu(batch_norm(train, name="bn", **keras_bn)(x))
-        x = QuantConv(
+        x = self.real_conv(
             x.shape[-1],
             (3, 3),
             s,
             feature_group_count=x.shape[-1],
             kernel_init=_zoo.glorot_uniform,
             name="depthwise",
-            **common,
         )(x)
         x = batch_norm(train, name="bn_dw", use_scale=False, use_bias=False, **keras_bn)(x)
-        x = QuantConv(
-            self.features, (1, 1), kernel_init=_zoo.he_normal, name="pointwise", **common
-        )(x)
+        x = self.real_conv(self.features, (1, 1), kernel_init=_zoo.he_normal, name="pointwise")(x)
         return batch_norm(train, name="bn_pw", **keras_bn)(x)
 
 
-class QuickNetTransition(nn.Module):
+class QuickNetTransition(nn.Module, RealLayerMixin):
     """ReLU -> 2x2/1 max-pool -> fixed blur 3x3/2 -> real 1x1 ``conv`` -> ``bn``."""
 
     features: int
@@ -104,15 +99,7 @@ class QuickNetTransition(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = ops.max_pool(nn.relu(x), (2, 2), (1, 1), padding="VALID")
         x = blur_pool(x, 2)
-        x = QuantConv(
-            self.features,
-            (1, 1),
-            use_bias=False,
-            kernel_init=_zoo.glorot_normal,
-            surrogate=self.surrogate,
-            dtype=self.dtype,
-            name="conv",
-        )(x)
+        x = self.real_conv(self.features, (1, 1), kernel_init=_zoo.glorot_normal, name="conv")(x)
         return batch_norm(train, name="bn", dtype=self.dtype)(x)
 
 
@@ -129,17 +116,11 @@ class QuickNetBlock(nn.Module, QuantMixin):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        y = QuantConv(
+        y = self.binary_conv(
             x.shape[-1],
             (3, 3),
             pad_values=1.0 if self.binary else 0.0,
-            use_bias=False,
-            input_quantizer=self.in_q(self.input_quantizer),
-            kernel_quantizer=self.k_q(self.kernel_quantizer),
-            kernel_clip=self.clip(self.kernel_clip),
             kernel_init=_zoo.glorot_normal,
-            surrogate=self.surrogate,
-            dtype=self.dtype,
             name="conv",
         )(self.twin_act(x))
         y = batch_norm(train, name="bn", dtype=self.dtype)(nn.relu(y))
@@ -147,7 +128,11 @@ class QuickNetBlock(nn.Module, QuantMixin):
 
 
 class QuickNetStage(nn.Module):
-    """An optional ``transition`` then ``block1`` ... ``block{num_blocks}``."""
+    """An optional ``transition`` then ``block1`` ... ``block{num_blocks}``.
+
+    ``block_kwargs`` are the :class:`QuickNetBlock` fields (the model's
+    ``quant_fields()``); ``surrogate`` and ``dtype`` are the transition's.
+    """
 
     features: int
     num_blocks: int
@@ -163,12 +148,7 @@ class QuickNetStage(nn.Module):
                 x, train
             )
         for j in range(self.num_blocks):
-            x = QuickNetBlock(
-                surrogate=self.surrogate,
-                dtype=self.dtype,
-                name=f"block{j + 1}",
-                **self.block_kwargs,
-            )(x, train)
+            x = QuickNetBlock(name=f"block{j + 1}", **self.block_kwargs)(x, train)
         return x
 
 
@@ -208,9 +188,7 @@ class QuickNetSmall(nn.Module, QuantMixin):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        check_images(x, "quicknet_small")
-        _zoo.check_stem(self.stem, "quicknet_small")
-        _zoo.check_width(self.width, "quicknet_small")
+        _zoo.check_model_input(x, self.stem, self.width, "quicknet_small")
         if len(self.section_blocks) != len(self.section_filters):
             raise ValueError(
                 f"quicknet_small: section_blocks {self.section_blocks} and section_filters "
@@ -224,29 +202,16 @@ class QuickNetSmall(nn.Module, QuantMixin):
             self.dtype,
             name="stem",
         )(x, train)
-        block_kwargs = dict(
-            binary=self.binary,
-            input_quantizer=self.input_quantizer,
-            kernel_quantizer=self.kernel_quantizer,
-            kernel_clip=self.kernel_clip,
-            fp_activation=self.fp_activation,
-        )
         for i, (num_blocks, features) in enumerate(zip(self.section_blocks, filters, strict=True)):
             x = QuickNetStage(
                 features,
                 num_blocks,
                 transition=i > 0,  # larq-zoo: where the channels change, i.e. here
-                block_kwargs=block_kwargs,
+                block_kwargs=self.quant_fields(),
                 surrogate=self.surrogate,
                 dtype=self.dtype,
                 name=f"stage{i + 1}",
             )(x, train)
         x = _zoo.global_avg_pool(nn.relu(x))  # (B, C)
-        x = QuantDense(
-            self.num_classes,
-            kernel_init=_zoo.glorot_normal,
-            surrogate=self.surrogate,
-            dtype=self.dtype,
-            name="head",
-        )(x)
+        x = self.real_dense(self.num_classes, kernel_init=_zoo.glorot_normal, name="head")(x)
         return x.astype(jnp.float32)

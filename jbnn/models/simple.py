@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from jbnn import ops
-from jbnn.layers import QuantConv, QuantDense
+from jbnn.layers import QuantConv
+from jbnn.models import _zoo
 from jbnn.models.common import QuantMixin, batch_norm, check_images
 
 
@@ -37,17 +38,7 @@ class ConvBlock(nn.Module, QuantMixin):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         if self.input_quantizer is not None:
             x = self.twin_act(x)
-        x = QuantConv(
-            self.features,
-            (3, 3),
-            use_bias=False,
-            input_quantizer=self.in_q(self.input_quantizer),
-            kernel_quantizer=self.k_q(self.kernel_quantizer),
-            kernel_clip=self.clip(self.kernel_clip),
-            surrogate=self.surrogate,
-            dtype=self.dtype,
-            name="conv",
-        )(x)
+        x = self.binary_conv(self.features, (3, 3), name="conv")(x)
         if self.pool:
             x = ops.max_pool(x, (2, 2), (2, 2))
         return batch_norm(train, name="bn", dtype=self.dtype, use_scale=False)(x)
@@ -79,16 +70,8 @@ class MLP(nn.Module, QuantMixin):
             if not first:
                 x = self.twin_act(x)
             name = "head" if i == len(self.hidden) else f"dense{i + 1}"
-            x = QuantDense(
-                features,
-                use_bias=False,
-                input_quantizer=None if first else self.in_q(self.input_quantizer),
-                kernel_quantizer=self.k_q(self.kernel_quantizer),
-                kernel_clip=self.clip(self.kernel_clip),
-                surrogate=self.surrogate,
-                dtype=self.dtype,
-                name=name,
-            )(x)
+            real_pixels = {"input_quantizer": None} if first else {}
+            x = self.binary_dense(features, name=name, **real_pixels)(x)
             x = batch_norm(
                 train, name=f"{name}_bn", dtype=self.dtype, use_scale=i < len(self.hidden)
             )(x)
@@ -118,15 +101,7 @@ class BinaryNet(nn.Module, QuantMixin):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_images(x, "binarynet")
-        w = lambda c: max(8, int(round(c * self.width)))
-        common = dict(
-            binary=self.binary,
-            kernel_quantizer=self.kernel_quantizer,
-            kernel_clip=self.kernel_clip,
-            surrogate=self.surrogate,
-            fp_activation=self.fp_activation,
-            dtype=self.dtype,
-        )
+        w = lambda c: _zoo.scaled(c, self.width)
         if self.stem == "imagenet":
             x = QuantConv(w(64), (7, 7), (2, 2), use_bias=False, dtype=self.dtype, name="stem")(x)
             x = batch_norm(train, name="stem_bn", dtype=self.dtype)(x)
@@ -135,38 +110,14 @@ class BinaryNet(nn.Module, QuantMixin):
             raise ValueError(f"binarynet: stem must be 'small' or 'imagenet', got {self.stem!r}")
         channels = (128, 128, 256, 256, 512, 512)
         for i, c in enumerate(channels):
-            first = i == 0 and self.stem == "small"
-            x = ConvBlock(
-                w(c),
-                input_quantizer=None if first else self.input_quantizer,
-                pool=i % 2 == 1,
-                name=f"block{i + 1}",
-                **common,
-            )(x, train)
+            first = i == 0 and self.stem == "small"  # sees the real pixels
+            block_kwargs = dict(
+                self.quant_fields(), input_quantizer=None if first else self.input_quantizer
+            )
+            x = ConvBlock(w(c), pool=i % 2 == 1, name=f"block{i + 1}", **block_kwargs)(x, train)
         x = x.reshape((x.shape[0], -1))
-        for i, features in enumerate((w(self.dense_features), w(self.dense_features))):
-            x = self.twin_act(x)
-            x = QuantDense(
-                features,
-                use_bias=False,
-                input_quantizer=self.in_q(self.input_quantizer),
-                kernel_quantizer=self.k_q(self.kernel_quantizer),
-                kernel_clip=self.clip(self.kernel_clip),
-                surrogate=self.surrogate,
-                dtype=self.dtype,
-                name=f"dense{i + 1}",
-            )(x)
-            x = batch_norm(train, name=f"dense{i + 1}_bn", dtype=self.dtype, use_scale=False)(x)
-        x = self.twin_act(x)
-        x = QuantDense(
-            self.num_classes,
-            use_bias=False,
-            input_quantizer=self.in_q(self.input_quantizer),
-            kernel_quantizer=self.k_q(self.kernel_quantizer),
-            kernel_clip=self.clip(self.kernel_clip),
-            surrogate=self.surrogate,
-            dtype=self.dtype,
-            name="head",
-        )(x)
-        x = batch_norm(train, name="head_bn", dtype=self.dtype, use_scale=False)(x)
+        dense = w(self.dense_features)
+        for features, name in ((dense, "dense1"), (dense, "dense2"), (self.num_classes, "head")):
+            x = self.binary_dense(features, name=name)(self.twin_act(x))
+            x = batch_norm(train, name=f"{name}_bn", dtype=self.dtype, use_scale=False)(x)
         return x.astype(jnp.float32)

@@ -25,9 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from jbnn import ops
-from jbnn.layers import QuantConv, QuantDense
 from jbnn.models import _zoo
-from jbnn.models.common import QuantMixin, batch_norm, check_images
+from jbnn.models.common import QuantMixin, RealLayerMixin, batch_norm
 
 
 class XNORBlock(nn.Module, QuantMixin):
@@ -48,18 +47,12 @@ class XNORBlock(nn.Module, QuantMixin):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = QuantConv(
+        x = self.binary_conv(
             self.features,
             self.kernel_size,
             padding=self.padding,
-            use_bias=False,
-            input_quantizer=self.in_q(self.input_quantizer),
-            kernel_quantizer=self.k_q(self.kernel_quantizer),
-            kernel_clip=self.clip(self.kernel_clip),
             kernel_scale=True,
             kernel_init=_zoo.glorot_uniform,
-            surrogate=self.surrogate,
-            dtype=self.dtype,
             name="conv",
         )(self.twin_act(x))
         if self.pool:
@@ -69,7 +62,7 @@ class XNORBlock(nn.Module, QuantMixin):
         )(x)
 
 
-class _XNORStem(nn.Module):
+class _XNORStem(nn.Module, RealLayerMixin):
     """Real stem: ``conv`` -> ``bn`` -> ReLU -> 3x3/2 max-pool -> ``bn2``."""
 
     features: int
@@ -80,14 +73,11 @@ class _XNORStem(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         imagenet = self.stem == "imagenet"
-        x = QuantConv(
+        x = self.real_conv(
             self.features,
             (11, 11) if imagenet else (3, 3),
             (4, 4) if imagenet else (1, 1),
-            use_bias=False,
             kernel_init=_zoo.glorot_uniform,
-            surrogate=self.surrogate,
-            dtype=self.dtype,
             name="conv",
         )(x)
         x = batch_norm(train, name="bn", dtype=self.dtype, use_scale=False, epsilon=1e-5)(x)
@@ -95,54 +85,28 @@ class _XNORStem(nn.Module):
         return batch_norm(train, name="bn2", dtype=self.dtype, use_scale=False, epsilon=1e-4)(x)
 
 
-class XNORNet(nn.Module, QuantMixin):
+class XNORNet(_zoo.ZooModel):
     """XNOR-Net with configurable width and stem.
 
     Paths: ``stem`` (``stem/conv``, ``stem/bn``, ``stem/bn2``), ``block2`` ...
     ``block5``, ``fc6``, ``fc7`` (:class:`XNORBlock`: ``conv``, ``bn``), ``head``.
     ``block5`` is the last convolutional block (6x6 maps at 224 px, 3x3 at 32 px);
     ``fc6`` and ``fc7`` are the binary fully connected layers, as 1x1-output
-    convolutions.
-
-    Attributes:
-      num_classes: number of logits.
-      binary: True for the BNN, False for the full-precision twin.
-      width: channel multiplier.
-      stem: "small" (28-64 px) or "imagenet" (224 px).
-      input_quantizer, kernel_quantizer, kernel_clip: of the binary convolutions; the
-        kernel is always scaled by its mean magnitude per filter (``kernel_scale``).
-      surrogate: backward surrogate for the input quantizers, or None.
-      fp_activation: what the twin applies where the BNN binarizes.
-      dtype: computation dtype.
+    convolutions. Fields: those of :class:`~jbnn.models._zoo.ZooModel`, with XNOR-Net's
+    quantizers as defaults; the kernel is always scaled by its mean magnitude per filter
+    (``kernel_scale``).
     """
 
-    num_classes: int
-    binary: bool = True
-    width: float = 1.0
-    stem: str = "small"
     input_quantizer: str | None = "ste_sign"
     kernel_quantizer: str | None = "ste_sign"
     kernel_clip: float | None = 1.0
-    surrogate: str | None = None
-    fp_activation: str = "hard_tanh"
-    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        check_images(x, "xnornet")
-        _zoo.check_stem(self.stem, "xnornet")
-        _zoo.check_width(self.width, "xnornet")
+        _zoo.check_model_input(x, self.stem, self.width, "xnornet")
         w = lambda c: _zoo.scaled(c, self.width)
         in_shape = tuple(x.shape)
-        common = dict(
-            binary=self.binary,
-            input_quantizer=self.input_quantizer,
-            kernel_quantizer=self.kernel_quantizer,
-            kernel_clip=self.kernel_clip,
-            surrogate=self.surrogate,
-            fp_activation=self.fp_activation,
-            dtype=self.dtype,
-        )
+        common = self.quant_fields()
         x = _XNORStem(w(96), self.stem, self.surrogate, self.dtype, name="stem")(x, train)
         pooled = lambda n: (n - 3) // 2 + 1  # a 3x3/2 "valid" max-pool
         final = min(pooled(pooled(n)) for n in x.shape[1:3])  # side of block5's maps
@@ -162,12 +126,7 @@ class XNORNet(nn.Module, QuantMixin):
             x, train
         )
         x = nn.relu(x).reshape((x.shape[0], -1))  # (B, H * W * C)
-        x = QuantDense(
-            self.num_classes,
-            use_bias=False,
-            kernel_init=_zoo.glorot_uniform,
-            surrogate=self.surrogate,
-            dtype=self.dtype,
-            name="head",
+        x = self.real_dense(
+            self.num_classes, use_bias=False, kernel_init=_zoo.glorot_uniform, name="head"
         )(x)
         return x.astype(jnp.float32)
