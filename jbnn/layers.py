@@ -47,9 +47,36 @@ def _quantize_kernel(kernel: jax.Array, spec: QuantizerSpec, kernel_scale: bool)
             # xnor_weight_scale (which clips w to [-1, 1] before taking it).
             clipped = jnp.clip(kernel, -1.0, 1.0)
             alpha = jnp.mean(jnp.abs(clipped), axis=tuple(range(kernel.ndim - 1)), keepdims=True)
-            return alpha * qz.get(spec)(clipped)
+            return _scale_per_filter(qz.get(spec)(clipped), alpha)
         return qz.get(spec)(kernel)
     return kernel
+
+
+@jax.custom_vjp
+def _scale_per_filter(kernel: jax.Array, alpha: jax.Array) -> jax.Array:
+    """``alpha * kernel`` with ``alpha`` (1, ..., 1, C_out): one scale per filter.
+
+    The same product and gradients as the plain broadcast multiply; only the scale's
+    gradient, a sum over all but the last axis, is computed as a contraction of the
+    kernel reshaped to (fan_in, C_out): inside a training step XLA's CPU backend fused
+    the plain form's multiply-and-reduce into a kernel about 40x slower than on its own
+    (XNOR-Net's 4M-weight fc7: ~45 ms a step). Equal up to float summation order.
+    """
+    return alpha * kernel
+
+
+def _scale_per_filter_fwd(kernel, alpha):
+    return alpha * kernel, (kernel, alpha)
+
+
+def _scale_per_filter_bwd(residuals, g):
+    kernel, alpha = residuals
+    c_out = kernel.shape[-1]
+    d_alpha = jnp.einsum("ic,ic->c", g.reshape(-1, c_out), kernel.reshape(-1, c_out))
+    return (alpha * g).astype(kernel.dtype), d_alpha.reshape(alpha.shape).astype(alpha.dtype)
+
+
+_scale_per_filter.defvjp(_scale_per_filter_fwd, _scale_per_filter_bwd)
 
 
 def _check_input(x: jax.Array, ndim: int | None, layer: str) -> None:

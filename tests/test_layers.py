@@ -95,6 +95,37 @@ def test_xnor_kernel_scale():
     )
 
 
+@pytest.mark.parametrize("layer_cls", ["conv", "dense"])
+def test_xnor_kernel_scale_gradient_equals_autodiff_of_the_formula(layer_cls):
+    # larq-zoo's xnor_weight_scale: alpha = mean |clip(w)| per filter, differentiable;
+    # k = alpha * ste_sign(clip(w)). jbnn computes alpha's gradient with its own VJP;
+    # autodiff of the formula written out is the reference (up to summation order).
+    # Latent weights at exactly -1, 0, +1 and beyond the clip exercise the ties.
+    x = jax.random.normal(KEY, (3, 5, 5, 4))
+    if layer_cls == "conv":
+        layer = QuantConv(6, (3, 3), kernel_quantizer="ste_sign", kernel_scale=True)
+    else:
+        layer = QuantDense(6, kernel_quantizer="ste_sign", kernel_scale=True)
+    variables = layer.init(KEY, x)
+    w = variables["params"]["kernel"]
+    w = w.reshape(-1).at[:4].set(jnp.array([-1.0, 0.0, 1.0, 1.5])).reshape(w.shape)
+    params = {**variables["params"], "kernel": w}
+    ct = jax.random.normal(jax.random.key(7), layer.apply({"params": params}, x).shape)
+
+    def formula(params, x):
+        c = jnp.clip(params["kernel"], -1.0, 1.0)
+        alpha = jnp.mean(jnp.abs(c), axis=tuple(range(c.ndim - 1)), keepdims=True)
+        plain = QuantConv(6, (3, 3)) if layer_cls == "conv" else QuantDense(6)
+        kernel = alpha * qz.ste_sign(c)
+        return plain.apply({"params": {**params, "kernel": kernel}}, x)
+
+    loss = lambda f: jax.jit(jax.grad(lambda p, x: jnp.sum(ct * f(p, x)), (0, 1)))
+    got = loss(lambda p, x: layer.apply({"params": p}, x))(params, x)
+    want = loss(formula)(params, x)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
 def test_layer_surrogate_changes_input_gradient_only():
     x = jnp.linspace(-1.5, 1.5, 12).reshape(2, 6)
     base = QuantDense(3, input_quantizer="ste_sign", kernel_quantizer="ste_sign")
