@@ -23,13 +23,14 @@ backend lowers these backward ops slowly:
   zero (``conv(..., pad_value=1.0)``, QuickNet) runs 2-3x slower through a padded copy
   than with the convolution's own zero padding: :func:`conv` differentiates the
   zero-padded convolution plus the border's contribution instead;
-* on GPU and TPU, a strided convolution of an input with few channels (a ResNet's 7x7/2
+* on GPUs, a strided convolution of an input with few channels (a ResNet's 7x7/2
   stem over RGB images) runs as a stride-1 convolution of the space-to-depth input:
   cuDNN's strided kernels for 3 channels, above all the input gradient's, run at a
   small fraction of the matrix units' speed (on an H100 the stem took 40% of a
   bfloat16 SmoothGrad call of Bi-Real Net 18; with the rearrangement, SmoothGrad ran
   1.33x faster). The sums are the same up to float rounding; XLA's CPU backend keeps
-  the direct form, bit for bit (``lax.platform_dependent``).
+  the direct form, bit for bit, and so do TPUs, where it was not measured
+  (``lax.platform_dependent``).
 
 Neither op supports forward-mode differentiation (``jax.jvp``), like every
 ``jax.custom_vjp`` function; reverse mode, ``jit``, ``vmap`` and higher-order reverse
@@ -284,14 +285,12 @@ def conv(
     if feature_group_count != 1:
         return _conv(x, kernel, strides, pads, feature_group_count)
     if _use_space_to_depth(x.shape[-1], strides):
-        # XLA's CPU kernels run the direct form faster; GPU (and TPU) libraries the
-        # rearranged one. The choice is made where the computation is lowered.
-        return lax.platform_dependent(
-            x,
-            kernel,
-            cpu=lambda x, k: _conv_hwio_grad(x, k, strides, pads),
-            default=lambda x, k: _space_to_depth_conv(x, k, strides, pads),
-        )
+        # cuDNN runs the rearranged form much faster (measured on an H100), XLA's CPU
+        # kernels the direct one; TPUs, unmeasured, keep the direct form. The choice is
+        # made where the computation is lowered.
+        direct = lambda x, k: _conv_hwio_grad(x, k, strides, pads)
+        rearranged = lambda x, k: _space_to_depth_conv(x, k, strides, pads)
+        return lax.platform_dependent(x, kernel, cuda=rearranged, rocm=rearranged, default=direct)
     return _conv_hwio_grad(x, kernel, strides, pads)
 
 

@@ -150,7 +150,7 @@ SPACE_TO_DEPTH = [
 
 @pytest.mark.parametrize("shape,kernel,strides,padding", SPACE_TO_DEPTH)
 def test_space_to_depth_conv_equals_the_strided_conv(shape, kernel, strides, padding):
-    # The GPU/TPU form of a strided few-channel convolution: the same sums in another
+    # The GPU form of a strided few-channel convolution: the same sums in another
     # order, so values and both gradients agree to float rounding, in float32 and bf16.
     x = jax.random.normal(jax.random.key(0), shape)
     w = jax.random.normal(jax.random.key(1), kernel)
@@ -177,18 +177,17 @@ def test_space_to_depth_conv_equals_the_strided_conv(shape, kernel, strides, pad
     np.testing.assert_allclose(gx, gx_ref, rtol=1e-5, atol=1e-5)
 
 
-def test_conv_picks_space_to_depth_only_off_cpu():
-    # Where the computation is lowered decides: CPU keeps the strided convolution (bit
-    # for bit, test_conv_equals_lax), CUDA and TPU get the stride-1 convolution over
-    # sh * sw * C_in = 12 channels. Lowering for a platform needs no such device.
+def test_conv_picks_space_to_depth_only_on_gpu():
+    # Where the computation is lowered decides: the compiled CPU program keeps the
+    # strided convolution (bit for bit, test_conv_equals_lax); a CUDA lowering (no GPU
+    # needed) carries the stride-1 convolution over sh * sw * C_in = 12 channels, in the
+    # platform's branch (that it runs there was measured on an H100: see README).
     x = jnp.ones((2, 16, 16, 3))
     w = jnp.ones((7, 7, 3, 8))
     f = jax.jit(lambda x: ops.conv(x, w, (2, 2), "SAME"))
     convs = [line for line in f.lower(x).compile().as_text().splitlines() if "convolution(" in line]
     assert convs and all("size=7x7 stride=2x2" in line for line in convs), convs
-    for platform in ("cuda", "tpu"):
-        text = f.trace(x).lower(lowering_platforms=(platform,)).as_text()
-        assert "tensor<4x4x12x8xf32>" in text, platform
+    assert "tensor<4x4x12x8xf32>" in f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
     assert not ops._use_space_to_depth(5, (2, 2))
     assert not ops._use_space_to_depth(3, (1, 1))
 
