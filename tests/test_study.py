@@ -19,7 +19,6 @@ import pytest
 from scipy import stats as sps
 
 from jbnn import models, study
-from jbnn.layers import QuantDense
 from jbnn.models.common import QuantMixin, batch_norm
 from jbnn.models.simple import ConvBlock
 
@@ -250,27 +249,11 @@ class TinyCNN(nn.Module, QuantMixin):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        common = dict(
-            binary=self.binary,
-            kernel_quantizer=self.kernel_quantizer,
-            kernel_clip=self.kernel_clip,
-            surrogate=self.surrogate,
-            fp_activation=self.fp_activation,
-        )
-        x = ConvBlock(8, input_quantizer=None, name="block1", **common)(x, train)
-        x = ConvBlock(8, input_quantizer=self.input_quantizer, pool=True, name="block2", **common)(
-            x, train
-        )
+        fields = self.quant_fields()
+        x = ConvBlock(8, name="block1", **(fields | {"input_quantizer": None}))(x, train)
+        x = ConvBlock(8, pool=True, name="block2", **fields)(x, train)
         x = self.twin_act(x.reshape((x.shape[0], -1)))
-        x = QuantDense(
-            self.num_classes,
-            use_bias=False,
-            input_quantizer=self.in_q(self.input_quantizer),
-            kernel_quantizer=self.k_q(self.kernel_quantizer),
-            kernel_clip=self.clip(self.kernel_clip),
-            surrogate=self.surrogate,
-            name="head",
-        )(x)
+        x = self.binary_dense(self.num_classes, name="head")(x)
         return batch_norm(train, name="head_bn", use_scale=False)(x).astype(jnp.float32)
 
 
