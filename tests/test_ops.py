@@ -309,3 +309,86 @@ def test_models_use_the_fast_ops():
 def test_bad_input_raises_clear_errors(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+# --------------------------------------------------------------------------- platform_jit
+def _conv_grad(x, w):  # a convolution's input gradient, the op the CPU options concern
+    loss = lambda x: jnp.sum(ops.conv(jax.nn.relu(ops.conv(x, w)), w) ** 2)
+    return jax.grad(loss)(x)
+
+
+def _conv_inputs():
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 32))  # >= 32 channels: XLA uses YNN
+    w = jax.random.normal(jax.random.key(1), (3, 3, 32, 32)) / 32
+    return x, w
+
+
+def _compiled_text(jitted, *args) -> str:
+    return jitted.lower(*args).compile().as_text()
+
+
+def test_platform_jit_compiles_cpu_calls_with_its_options():
+    x, w = _conv_inputs()
+    tuned = ops.platform_jit(_conv_grad)
+    expected = jax.jit(_conv_grad)(x, w)
+    np.testing.assert_allclose(tuned(x, w), expected, rtol=1e-5, atol=1e-5)
+    # The options reach XLA: XLA's default CPU program runs these convolutions as YNNPACK
+    # fusions, the tuned one has none left.
+    assert "ynn_fusion" in _compiled_text(jax.jit(_conv_grad), x, w)
+    assert "ynn" not in _compiled_text(tuned, x, w)
+    # An option XLA does not know is an error XLA raises, so the options are not ignored.
+    bogus = ops.platform_jit(_conv_grad, cpu_compiler_options={"xla_no_such_option": "1"})
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        bogus.lower(x, w).compile()
+    cache = tuned._cache_size()
+    tuned(x, w)
+    assert tuned._cache_size() == cache  # no retrace, no recompilation
+
+
+def test_platform_jit_inside_user_transformations():
+    x, w = _conv_inputs()
+    tuned = ops.platform_jit(_conv_grad)
+    expected = tuned(x, w)
+    # jit, vmap and grad around it: JAX takes no compiler options there, the plain jit runs.
+    np.testing.assert_allclose(jax.jit(tuned)(x, w), expected, rtol=1e-5, atol=1e-5)
+    per_example = jax.vmap(lambda xi: tuned(xi[None], w)[0])(x)
+    np.testing.assert_allclose(per_example, expected, rtol=1e-5, atol=1e-5)
+    grad = jax.grad(lambda w: jnp.sum(tuned(x, w)))(w)
+    ref = jax.grad(lambda w: jnp.sum(_conv_grad(x, w)))(w)
+    np.testing.assert_allclose(grad, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_platform_jit_leaves_user_xla_flags_and_unknown_options_alone(monkeypatch):
+    x, w = _conv_inputs()
+    expected = jax.jit(_conv_grad)(x, w)
+    # The user's own XLA_FLAGS for the same option win: the plain jit runs.
+    tuned = ops.platform_jit(_conv_grad)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=+eltwise")
+    assert tuned._pick() is tuned._plain
+    monkeypatch.delenv("XLA_FLAGS")
+    assert tuned._pick() is tuned._cpu
+    # Options an XLA rejects (an older XLA without them): one failed compile, then plain.
+    old = ops.platform_jit(_conv_grad, cpu_compiler_options={"xla_no_such_option": "1"})
+    np.testing.assert_allclose(old(x, w), expected, rtol=1e-5, atol=1e-5)
+    assert old._pick() is old._plain
+    # Other errors are the function's own and propagate.
+    broken = ops.platform_jit(lambda x: x.reshape(5))
+    with pytest.raises(TypeError, match="reshape"):
+        broken(x)
+
+
+def test_explainers_use_platform_jit():
+    from jbnn.metrics import faithfulness
+    from jbnn.saliency import cam, dataset, gradients
+
+    for jitted in (
+        gradients._gradient_jit,
+        gradients._smoothgrad_jit,
+        gradients._ig_jit,
+        cam._cam_jit,
+        cam._activation_and_gradient_jit,
+        dataset._predict,
+        faithfulness._curve,
+        faithfulness._road,
+    ):
+        assert isinstance(jitted, ops._PlatformJit), jitted

@@ -29,6 +29,7 @@ import numpy as np
 
 from jbnn.metrics import _checks
 from jbnn.metrics.similarity import gaussian_filter2d
+from jbnn.ops import platform_jit
 
 SUBSTRATES = ("zero", "blur", "mean")
 OUTPUTS = ("probability", "logit", "accuracy")
@@ -143,7 +144,7 @@ _blur = jax.jit(blur, static_argnames=("sigma",))
 # Deletion and insertion
 
 
-@functools.partial(jax.jit, static_argnames=("num_steps", "insertion", "batch_size", "output"))
+@functools.partial(platform_jit, static_argnames=("num_steps", "insertion", "batch_size", "output"))
 def _curve(fn, x, maps, target, base, *, num_steps, insertion, batch_size, output):
     b, h, w, _ = x.shape
     n = h * w
@@ -357,7 +358,9 @@ def noisy_linear_imputation(
     return jnp.where(mask > 0, filled + noise * eps, x)
 
 
-@functools.partial(jax.jit, static_argnames=("counts", "batch_size", "output", "tol", "max_iter"))
+@functools.partial(
+    platform_jit, static_argnames=("counts", "batch_size", "output", "tol", "max_iter")
+)
 def _road(fn, x, maps, target, key, noise, lerf, *, counts, batch_size, output, tol, max_iter):
     b, h, w, c = x.shape
     num = len(counts)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from jbnn.ops import platform_jit
 from jbnn.saliency import _checks
 
 INTERPOLATIONS = {"bilinear": "linear", "nearest": "nearest", "bicubic": "cubic"}
@@ -69,7 +70,7 @@ def _activation_and_gradient(model, path, variables, x, target):
     return activation, grad, logits
 
 
-@functools.partial(jax.jit, static_argnames=("model", "path"))
+@functools.partial(platform_jit, static_argnames=("model", "path"))
 def _activation_and_gradient_jit(model, variables, x, target, *, path):
     activation, grad, _ = _activation_and_gradient(model, path, variables, x, target)
     return activation, grad
@@ -96,7 +97,7 @@ def layer_activation_and_gradient(
 
 
 @functools.partial(
-    jax.jit,
+    platform_jit,
     static_argnames=("model", "path", "plus_plus", "relu", "interpolation", "return_low_res"),
 )
 def _cam_jit(model, variables, x, target, *, path, plus_plus, relu, interpolation, return_low_res):

@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jbnn.ops import platform_jit
 from jbnn.saliency import _checks, cam, gradients
 
 METHODS: dict[str, Callable[..., Any]] = {
@@ -147,7 +148,7 @@ def _offset_keys(key: jax.Array, offset: jax.Array, size: int) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(offset + jnp.arange(size))
 
 
-@jax.jit
+@platform_jit
 def _predict(fn, x):
     return jnp.argmax(fn(x), axis=-1).astype(jnp.int32)
 

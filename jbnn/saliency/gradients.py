@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from jbnn.ops import platform_jit
 from jbnn.saliency import _checks
 
 SMOOTHGRAD_VARIANTS = ("smoothgrad", "smoothgrad_sq", "vargrad")
@@ -75,7 +76,7 @@ def _prepare(fn, x, target, name: str):
 
 
 # --------------------------------------------------------------------------- gradient
-@functools.partial(jax.jit, static_argnames=("times_input",))
+@functools.partial(platform_jit, static_argnames=("times_input",))
 def _gradient_jit(fn, x, target, *, times_input: bool):
     grad = _target_grad(fn, x, target)  # (B, H, W, C)
     return grad * x if times_input else grad
@@ -139,7 +140,9 @@ def _chunked(num: int, batch_size: int, compute: Callable, merge: Callable, init
     return carry
 
 
-@functools.partial(jax.jit, static_argnames=("relative", "num_samples", "variant", "batch_size"))
+@functools.partial(
+    platform_jit, static_argnames=("relative", "num_samples", "variant", "batch_size")
+)
 def _smoothgrad_jit(
     fn, x, target, keys, noise_scale, *, relative, num_samples, variant, batch_size
 ):
@@ -314,7 +317,7 @@ def quadrature(method: str, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-@functools.partial(jax.jit, static_argnames=("num_steps", "method", "batch_size"))
+@functools.partial(platform_jit, static_argnames=("num_steps", "method", "batch_size"))
 def _ig_jit(fn, x, target, baseline, *, num_steps, method, batch_size):
     if target is None:
         target = _predicted(fn, x)
