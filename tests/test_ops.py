@@ -192,6 +192,85 @@ def test_conv_picks_space_to_depth_only_on_gpu():
     assert not ops._use_space_to_depth(3, (1, 1))
 
 
+PRODUCT = [
+    # (input shape, kernel shape, strides, padding): few output positions per channel
+    ((1, 4, 4, 8), (3, 3, 8, 16), (1, 1), "SAME"),  # stage 4 at batch 1: 16 <= 16
+    ((2, 3, 5, 6), (3, 3, 6, 32), (1, 1), "SAME"),
+    ((2, 7, 7, 4), (3, 3, 4, 32), (2, 2), "SAME"),  # downsampling 3x3/2, pads (1, 1)
+    ((1, 8, 8, 4), (3, 3, 4, 16), (2, 2), "SAME"),  # pads (0, 1)
+    ((1, 7, 8, 3), (7, 7, 3, 16), (2, 2), "SAME"),  # a 7x7/2 stem
+    ((2, 9, 9, 4), (3, 3, 4, 48), (3, 2), ((2, 0), (1, 3))),  # explicit, uneven pads
+    ((2, 9, 9, 4), (2, 2, 4, 24), (3, 3), "VALID"),  # stride > kernel: rows no tap reads
+    ((2, 4, 4, 6), (1, 1, 6, 32), (2, 2), "SAME"),  # 1x1 downsampling shortcut
+    ((1, 5, 6, 4), (2, 3, 4, 32), (1, 2), ((3, 0), (0, 2))),  # padding > kernel / 2
+]
+
+
+def _slow_input_grad(x_shape, w, ct, strides, pads):
+    """Loop over outputs and taps: dx[b, sh i + p - top, sw j + q - left] += w[p, q] ct."""
+    w, ct = np.asarray(w, np.float64), np.asarray(ct, np.float64)
+    (sh, sw), ((top, _), (left, _)) = strides, pads
+    dx = np.zeros(x_shape)
+    for b, i, j, p, q in np.ndindex(ct.shape[0], *ct.shape[1:3], *w.shape[:2]):
+        row, col = sh * i + p - top, sw * j + q - left
+        if 0 <= row < x_shape[1] and 0 <= col < x_shape[2]:
+            dx[b, row, col] += w[p, q] @ ct[b, i, j]
+    return dx
+
+
+@pytest.mark.parametrize("shape,kernel,strides,padding", PRODUCT)
+def test_product_input_gradient_equals_the_transposed_convolution(shape, kernel, strides, padding):
+    # CPU form of the input gradient when the cotangent has few positions per channel:
+    # the same sums in another order, against JAX's transpose rule and a slow loop.
+    x = jax.random.normal(jax.random.key(0), shape)
+    w = jax.random.normal(jax.random.key(1), kernel)
+    pads = ops._explicit_pads(padding, shape[1:3], kernel[:2], strides, "test")
+    y = _lax_conv(x, w, strides, pads, 1)
+    ct = jax.random.normal(jax.random.key(2), y.shape)
+    assert ops._use_product_input_grad(ct.shape, w.shape, pads)
+    got = jax.jit(lambda w, ct: ops._product_input_grad(x.shape, w.dtype, w, ct, strides, pads))
+    (want,) = jax.vjp(lambda x: _lax_conv(x, w, strides, pads, 1), x)[1](ct)
+    np.testing.assert_allclose(got(w, ct), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        got(w, ct), _slow_input_grad(x.shape, w, ct, strides, pads), atol=1e-4
+    )
+    # through ops.conv, whose CPU backward takes this form here, to second order
+    loss = lambda conv: lambda x, w: jnp.sum(ct * jnp.tanh(conv(x, w, strides, pads, 1)))
+    fast = jax.jit(jax.grad(loss(ops.conv), (0, 1)))(x, w)
+    plain = jax.jit(jax.grad(loss(_lax_conv), (0, 1)))(x, w)
+    for a, b in zip(fast, plain, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    hvp = lambda conv: jax.jit(jax.grad(lambda x: jnp.sum(jax.grad(loss(conv))(x, w) ** 2)))(x)
+    np.testing.assert_allclose(hvp(ops.conv), hvp(_lax_conv), rtol=1e-4, atol=1e-4)
+    # bfloat16 in, bfloat16 out
+    gb = got(w.astype(jnp.bfloat16), ct.astype(jnp.bfloat16))
+    assert gb.dtype == jnp.bfloat16
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(gb.astype(jnp.float32), want, atol=0.03 * scale)
+
+
+def test_conv_picks_the_product_input_gradient_only_on_cpu_for_few_positions():
+    # Few positions per output channel: the compiled CPU gradient has one convolution (the
+    # forward pass) and a dot; a CUDA lowering keeps the transposed convolution. Many
+    # positions: the convolution, on CPU too.
+    w = jnp.ones((3, 3, 8, 16))
+    dx = lambda x: jax.jit(jax.grad(lambda x: jnp.sum(ops.conv(x, w) ** 2)))
+    few, many = jnp.ones((1, 4, 4, 8)), jnp.ones((2, 4, 4, 8))  # 16 and 32 positions
+    text = dx(few).lower(few).compile().as_text()
+    assert text.count("convolution(") == 1 and " dot(" in text, text
+    assert dx(many).lower(many).compile().as_text().count("convolution(") == 2
+    cuda = dx(few).trace(few).lower(lowering_platforms=("cuda",)).as_text()
+    assert cuda.count("stablehlo.convolution") == 2, cuda
+    assert not ops._use_product_input_grad((1, 4, 4, 16), (3, 3, 8, 16), ((-1, 0), (0, 0)))
+    # batched like SmoothGrad's samples: vmap folds 4 samples into the batch, still equal
+    xs = jax.random.normal(jax.random.key(0), (4, 1, 4, 4, 8))
+    per_sample = jax.vmap(lambda x: jax.grad(lambda x: jnp.sum(jnp.tanh(ops.conv(x, w))))(x))
+    plain = jax.vmap(
+        lambda x: jax.grad(lambda x: jnp.sum(jnp.tanh(_lax_conv(x, w, (1, 1), "SAME", 1))))(x)
+    )
+    np.testing.assert_allclose(per_sample(xs), plain(xs), rtol=1e-5, atol=1e-5)
+
+
 PADDED = [
     # (input shape, kernel shape, strides, padding, groups)
     ((2, 8, 8, 4), (3, 3, 4, 5), (1, 1), "SAME", 1),  # QuickNet's binary 3x3

@@ -62,6 +62,20 @@ def _target_grad(fn: Callable, x: jax.Array, target: jax.Array | None) -> jax.Ar
     return grad
 
 
+def _stacked_target_grad(fn: Callable, xs: jax.Array, target: jax.Array) -> jax.Array:
+    """:func:`_target_grad` of n stacked batches (n, B, H, W, C) as one batch of n * B.
+
+    The same numbers as ``jax.vmap`` over the stack (examples are independent, and vmap
+    folds the stack into the batch of every convolution anyway), but the model's layers
+    see the batch they really run on: jbnn.ops picks its CPU input-gradient kernels by
+    batch size, which vmap hides from them.
+    """
+    n, b = xs.shape[:2]
+    flat = xs.reshape(n * b, *xs.shape[2:])  # (n * B, H, W, C)
+    grads = _target_grad(fn, flat, jnp.tile(target, n))  # (n * B, H, W, C)
+    return grads.reshape(xs.shape)
+
+
 def _predicted(fn: Callable, x: jax.Array) -> jax.Array:
     return jnp.argmax(fn(x), axis=-1).astype(jnp.int32)  # (B,)
 
@@ -156,16 +170,17 @@ def _smoothgrad_jit(
         sigma = jnp.broadcast_to(noise_scale, (batch,))
     sigma = sigma.astype(x.dtype)[:, None, None, None]  # (B, 1, 1, 1)
 
-    def sample_grad(s):  # gradient at the noisy copy number s of every example
+    def noisy_copy(s):  # the noisy copy number s of every example
         noise = jax.vmap(
             lambda k: jax.random.normal(jax.random.fold_in(k, s), x.shape[1:], x.dtype)
         )(keys)  # (B, H, W, C)
-        return _target_grad(fn, x + sigma * noise, target)
+        return x + sigma * noise
 
     acc_dtype = jnp.promote_types(x.dtype, jnp.float32)  # accumulate in >= float32
 
     def compute(ids):  # (n,) -> (n, B, H, W, C)
-        return jax.vmap(sample_grad)(ids).astype(acc_dtype)
+        noisy = jax.vmap(noisy_copy)(ids)  # (n, B, H, W, C)
+        return _stacked_target_grad(fn, noisy, target).astype(acc_dtype)
 
     zeros = jnp.zeros(x.shape, acc_dtype)
     if variant == "vargrad":
@@ -327,13 +342,14 @@ def _ig_jit(fn, x, target, baseline, *, num_steps, method, batch_size):
     baseline = jnp.broadcast_to(baseline.astype(x.dtype), x.shape)  # (B, H, W, C)
     diff = x - baseline
 
-    def step_grad(i):  # weighted gradient at point alphas[i] of the path
-        return weights[i] * _target_grad(fn, baseline + alphas[i] * diff, target)
+    def point(i):  # point alphas[i] of the path
+        return baseline + alphas[i] * diff  # (B, H, W, C)
 
     acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
 
-    def compute(ids):  # (n,) -> (n, B, H, W, C)
-        return jax.vmap(step_grad)(ids).astype(acc_dtype)
+    def compute(ids):  # (n,) -> (n, B, H, W, C): weighted gradients at the points ids
+        grads = _stacked_target_grad(fn, jax.vmap(point)(ids), target)
+        return (weights[ids][:, None, None, None, None] * grads).astype(acc_dtype)
 
     def merge(total, grads, offset):
         del offset
