@@ -41,6 +41,12 @@ def parse_args(argv=None):
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--bop", action="store_true", help="Bop for the binary kernels")
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument(
+        "--steps-per-round",
+        type=int,
+        default=1,
+        help="steps per timed call (times are per step); more for short steps (mlp)",
+    )
     return p.parse_args(argv)
 
 
@@ -73,7 +79,8 @@ def step_runner(name: str, binary: bool, args, mesh, batch):
     holder = {"state": state}
 
     def run():
-        holder["state"] = step(holder["state"], batch)
+        for _ in range(args.steps_per_round):
+            holder["state"] = step(holder["state"], batch)
         return holder["state"].loss_sum
 
     return run, len(kernels)
@@ -89,13 +96,16 @@ def main(argv=None):
     print(f"# train_step: {common.machine()}")
     print(
         f"# {args.size} px, batch {args.batch}, width {args.width}, stem {args.stem}, "
-        f"{'Bop' if args.bop else 'latent weights (Adam)'}, {args.rounds} alternating rounds"
+        f"{'Bop' if args.bop else 'latent weights (Adam)'}, {args.rounds} alternating rounds "
+        f"of {args.steps_per_round} step(s)"
     )
     rows = []
     for name in args.models.split(","):
         bnn, num_kernels = step_runner(name, True, args, mesh, batch)
         twin, _ = step_runner(name, False, args, mesh, batch)
         t = common.alternate({"bnn": bnn, "twin": twin}, args.rounds, warmup=2)
+        for timing in t.values():  # seconds per step
+            timing.seconds = [sec / args.steps_per_round for sec in timing.seconds]
         ratio = t["bnn"].median / t["twin"].median
         paired = common.paired_ratio(t["bnn"], t["twin"])
         print(

@@ -95,17 +95,19 @@ def test_xnor_kernel_scale():
     )
 
 
-@pytest.mark.parametrize("layer_cls", ["conv", "dense"])
-def test_xnor_kernel_scale_gradient_equals_autodiff_of_the_formula(layer_cls):
+@pytest.mark.parametrize(
+    "layer_cls,spec", [("conv", "ste_sign"), ("dense", "ste_sign"), ("dense", "approx_sign")]
+)
+def test_xnor_kernel_scale_gradient_equals_autodiff_of_the_formula(layer_cls, spec):
     # larq-zoo's xnor_weight_scale: alpha = mean |clip(w)| per filter, differentiable;
-    # k = alpha * ste_sign(clip(w)). jbnn computes alpha's gradient with its own VJP;
+    # k = alpha * quantizer(clip(w)). jbnn writes the kernel's VJP out (two passes);
     # autodiff of the formula written out is the reference (up to summation order).
     # Latent weights at exactly -1, 0, +1 and beyond the clip exercise the ties.
     x = jax.random.normal(KEY, (3, 5, 5, 4))
     if layer_cls == "conv":
-        layer = QuantConv(6, (3, 3), kernel_quantizer="ste_sign", kernel_scale=True)
+        layer = QuantConv(6, (3, 3), kernel_quantizer=spec, kernel_scale=True)
     else:
-        layer = QuantDense(6, kernel_quantizer="ste_sign", kernel_scale=True)
+        layer = QuantDense(6, kernel_quantizer=spec, kernel_scale=True)
     variables = layer.init(KEY, x)
     w = variables["params"]["kernel"]
     w = w.reshape(-1).at[:4].set(jnp.array([-1.0, 0.0, 1.0, 1.5])).reshape(w.shape)
@@ -116,7 +118,7 @@ def test_xnor_kernel_scale_gradient_equals_autodiff_of_the_formula(layer_cls):
         c = jnp.clip(params["kernel"], -1.0, 1.0)
         alpha = jnp.mean(jnp.abs(c), axis=tuple(range(c.ndim - 1)), keepdims=True)
         plain = QuantConv(6, (3, 3)) if layer_cls == "conv" else QuantDense(6)
-        kernel = alpha * qz.ste_sign(c)
+        kernel = alpha * qz.get(spec)(c)
         return plain.apply({"params": {**params, "kernel": kernel}}, x)
 
     loss = lambda f: jax.jit(jax.grad(lambda p, x: jnp.sum(ct * f(p, x)), (0, 1)))
