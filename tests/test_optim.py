@@ -192,6 +192,24 @@ def test_flip_ratio_counts_sign_changes():
     assert float(optim.flip_ratio(old, new, optim.BinaryKernels(()))) == 0.0
 
 
+def test_flip_ratio_equals_a_numpy_count_for_every_kernel_rank():
+    # conv (3x3), dense, scalar kernels, with exact zeros (sign(0) = +1) and -0.0
+    rng = np.random.default_rng(0)
+    shapes = {"conv": (3, 3, 16, 24), "dense": (300, 7), "scalar": ()}
+    round_ = lambda a: np.round(a, 1).astype(np.float32)  # many exact zeros
+    old = {k: {"kernel": round_(rng.normal(0, 0.2, s))} for k, s in shapes.items()}
+    new = {
+        k: {"kernel": round_(v["kernel"] + rng.normal(0, 0.2, s))}
+        for (k, v), s in zip(old.items(), shapes.values(), strict=True)
+    }
+    new["dense"]["kernel"][0, :3] = [-0.0, 0.0, -0.0]
+    kernels = optim.BinaryKernels(tuple(((k, "kernel"), 1.0) for k in shapes))
+    changed = sum(np.sum((old[k]["kernel"] >= 0) != (new[k]["kernel"] >= 0)) for k in shapes)
+    total = sum(np.size(old[k]["kernel"]) for k in shapes)
+    got = jax.jit(optim.flip_ratio, static_argnums=2)(old, new, kernels)
+    assert float(got) == pytest.approx(changed / total, rel=1e-7)
+
+
 def test_latent_clip_leaves_unclipped_layers_alone():
     kernels = optim.BinaryKernels(((("a", "kernel"), 0.5), (("b", "kernel"), None)))
     params = {"a": {"kernel": jnp.array([-2.0, 0.3, 0.9])}, "b": {"kernel": jnp.array([3.0])}}
