@@ -813,6 +813,28 @@ _SHARDED_SCRIPT = textwrap.dedent(
         scale = float(np.abs(alone["maps"]).max())
         assert scale > 0
         errors[method] = float(np.abs(sharded["maps"] - alone["maps"]).max()) / scale
+    # SmoothGrad and IG run their samples as one batch: a batch sharded over the devices
+    # must stay sharded, with no collective moving examples between devices.
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jbnn.saliency import gradients
+    mesh = Mesh(np.asarray(jax.local_devices()), ("batch",))
+    split = lambda a: jax.device_put(a, NamedSharding(mesh, P("batch")))
+    fn = jax.device_put(models.apply_fn(model, variables), NamedSharding(mesh, P()))
+    x, t = split(images[:8]), split(np.zeros(8, np.int32))
+    keys = split(jax.random.split(jax.random.key(0), 8))
+    compiled = {{
+        "smoothgrad": gradients._smoothgrad_jit.lower(
+            fn, x, t, keys, jnp.float32(0.1), relative=False, num_samples=4,
+            variant="smoothgrad", batch_size=2).compile(),
+        "ig": gradients._ig_jit.lower(
+            fn, x, t, jnp.zeros((), jnp.float32), num_steps=4,
+            method="riemann_trapezoid", batch_size=4).compile(),
+    }}
+    for name, c in compiled.items():
+        text = c.as_text()
+        moved = [op for op in ("all-gather", "all-to-all", "collective-permute") if op in text]
+        errors[name + "_collectives"] = len(moved)
+        errors[name + "_sharded_devices"] = len(c.output_shardings.device_set)
     print(json.dumps(errors))
     """
 )
@@ -836,6 +858,9 @@ def test_explain_dataset_sharded_over_4_devices_equals_single_device():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     errors = json.loads(result.stdout.strip().splitlines()[-1])
+    for name in ("smoothgrad", "ig"):
+        assert errors.pop(name + "_collectives") == 0, name
+        assert errors.pop(name + "_sharded_devices") == 4, name
     assert set(errors) == {"gradient", "smoothgrad", "gradcam"}
     for method, error in errors.items():
         assert error < 1e-5, (method, error)

@@ -63,17 +63,18 @@ def _target_grad(fn: Callable, x: jax.Array, target: jax.Array | None) -> jax.Ar
 
 
 def _stacked_target_grad(fn: Callable, xs: jax.Array, target: jax.Array) -> jax.Array:
-    """:func:`_target_grad` of n stacked batches (n, B, H, W, C) as one batch of n * B.
+    """:func:`_target_grad` of n stacked batches (n, B, H, W, C) as one batch of B * n.
 
     The same numbers as ``jax.vmap`` over the stack (examples are independent, and vmap
     folds the stack into the batch of every convolution anyway), but the model's layers
     see the batch they really run on: jbnn.ops picks its CPU input-gradient kernels by
-    batch size, which vmap hides from them.
+    batch size, which vmap hides from them. Examples go first (B-major), so that a batch
+    sharded over devices stays sharded, each device's examples contiguous.
     """
     n, b = xs.shape[:2]
-    flat = xs.reshape(n * b, *xs.shape[2:])  # (n * B, H, W, C)
-    grads = _target_grad(fn, flat, jnp.tile(target, n))  # (n * B, H, W, C)
-    return grads.reshape(xs.shape)
+    flat = jnp.swapaxes(xs, 0, 1).reshape(b * n, *xs.shape[2:])  # (B * n, H, W, C)
+    grads = _target_grad(fn, flat, jnp.repeat(target, n))  # (B * n, H, W, C)
+    return jnp.swapaxes(grads.reshape(b, n, *xs.shape[2:]), 0, 1)  # (n, B, H, W, C)
 
 
 def _predicted(fn: Callable, x: jax.Array) -> jax.Array:
