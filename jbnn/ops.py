@@ -520,9 +520,12 @@ _YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 
 #: XLA options of :func:`platform_jit` on CPU. By default XLA's CPU backend hands
 #: convolutions, dots and elementwise fusions to the YNNPACK library; an empty list of
-#: YNN fusion types keeps XLA's classic kernels (Eigen convolutions), which on the
-#: 2-core Xeon jbnn is benchmarked on ran Bi-Real Net 18's SmoothGrad 1.3x and its
-#: Gradient 1.07x faster, for the BNN and its twin alike (``benchmarks/ynn_cpu.py``).
+#: YNN fusion types keeps XLA's classic kernels (Eigen convolutions). On the 2-core
+#: Xeon jbnn is benchmarked on (Bi-Real Net 18 and ResNet-E 18, 112 px, batch 4,
+#: ``benchmarks/ynn_cpu.py``) SmoothGrad ran 1.29-1.34x faster with them, BNN and twin
+#: alike, the twins' GradCAM 1.23-1.25x, Gradient and the BNNs' GradCAM 0.88-1.19x.
+#: Training keeps XLA's defaults: there the classic kernels were 1.2-1.3x faster for the
+#: ResNet-like models but slower for XNOR-Net's BNN, BinaryDenseNet and the MLP.
 #: The maps agree up to float rounding.
 CPU_COMPILER_OPTIONS: dict[str, str] = {_YNN_OPTION: ""}
 
