@@ -422,9 +422,9 @@ def test_platform_jit_compiles_cpu_calls_with_its_options():
     tuned = ops.platform_jit(_conv_grad)
     expected = jax.jit(_conv_grad)(x, w)
     np.testing.assert_allclose(tuned(x, w), expected, rtol=1e-5, atol=1e-5)
-    # The options reach XLA: XLA's default CPU program runs these convolutions as YNNPACK
-    # fusions, the tuned one has none left.
-    assert "ynn_fusion" in _compiled_text(jax.jit(_conv_grad), x, w)
+    # The options reach XLA: the tuned CPU program has no YNNPACK fusion left (XLA's
+    # default one runs these convolutions as YNNPACK fusions on the CPUs measured here;
+    # on a CPU where it does not, the two programs are simply alike).
     assert "ynn" not in _compiled_text(tuned, x, w)
     # An option XLA does not know is an error XLA raises, so the options are not ignored.
     bogus = ops.platform_jit(_conv_grad, cpu_compiler_options={"xla_no_such_option": "1"})
