@@ -13,6 +13,11 @@ Usage (repository root):
   python benchmarks/profile_cpu.py --model resnet18 --method gradient --ops lax
   python benchmarks/profile_cpu.py --model binary_resnet_e18 --variant twin
   python benchmarks/profile_cpu.py --conv-micro               # conv fwd / dx / dw vs torch
+  python benchmarks/profile_cpu.py --jbnn-options   # as jbnn's explainers compile on CPU
+
+By default the saliency programs compile with XLA's default flags (YNNPACK fusions), whose
+thunks the trace times faithfully; jbnn's explainers compile without them
+(``jbnn.ops.platform_jit``), see ``--jbnn-options``.
 """
 
 from __future__ import annotations
@@ -167,7 +172,7 @@ def saliency_target(args):
     target = jnp.argmax(model.apply(variables, x), axis=-1).astype(jnp.int32)
     fn = models.apply_fn(model, variables)
     if args.method == "gradient":
-        jitted = jax.jit(lambda fn, x, t: gradients._target_grad(fn, x, t))
+        jitted = _jit(args, lambda fn, x, t: gradients._target_grad(fn, x, t))
         return jitted, (fn, x, target)
     if args.method == "smoothgrad":
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(args.batch))
@@ -178,12 +183,20 @@ def saliency_target(args):
             batch_size=args.batch_size or args.samples,
         )
         sigma = jnp.float32(0.15)
-        jitted = jax.jit(lambda fn, x, t, k, s: gradients._smoothgrad_jit(fn, x, t, k, s, **static))
+        sg = lambda fn, x, t, k, s: gradients._smoothgrad_jit(fn, x, t, k, s, **static)
+        jitted = _jit(args, sg)
         return jitted, (fn, x, target, keys, sigma)
     path = ("stage4",)
-    jitted = jax.jit(lambda v, x, t: cam._activation_and_gradient(model, path, v, x, t)[:2])
+    jitted = _jit(args, lambda v, x, t: cam._activation_and_gradient(model, path, v, x, t)[:2])
     del saliency
     return jitted, (variables, x, target)
+
+
+def _jit(args, fun):
+    """jax.jit, with jbnn's CPU compiler options (what its explainers run) if asked."""
+    from jbnn import ops
+
+    return jax.jit(fun, compiler_options=ops.CPU_COMPILER_OPTIONS if args.jbnn_options else None)
 
 
 def train_target(args):
@@ -266,6 +279,13 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--conv-micro", action="store_true", help="conv fwd/dx/dw, jax vs torch")
+    p.add_argument(
+        "--jbnn-options",
+        action="store_true",
+        help="compile saliency with jbnn.ops.CPU_COMPILER_OPTIONS, as jbnn's explainers run "
+        "(XLA's classic convolutions run asynchronously: their thunks read near zero and "
+        "overlapping work absorbs their time; compare wall times, not the table)",
+    )
     p.add_argument("--show-category", default=None, help="list the top ops of one category")
     p.add_argument("--top", type=int, default=15)
     args = p.parse_args(argv)
