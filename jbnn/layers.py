@@ -145,7 +145,14 @@ class QuantDense(nn.Module):
         x = _quantize_input(x, self.input_quantizer, self.surrogate)
         kernel = _quantize_kernel(kernel, self.kernel_quantizer, self.kernel_scale)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        # lax.dot_general; a kernel of -1 / 0 / +1 multiplies exactly in bfloat16 on CPUs
+        # with native bfloat16 products (jbnn.ops.dense).
+        y = ops.dense(
+            x,
+            kernel,
+            exact_kernel=not self.kernel_scale and qz.integer_valued(self.kernel_quantizer),
+            exact_input=qz.integer_valued(self.input_quantizer),
+        )
         if bias is not None:
             y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
         return y

@@ -37,6 +37,7 @@ __all__ = [
     "dorefa",
     "get",
     "identity",
+    "integer_valued",
     "magnitude_aware_sign",
     "names",
     "parse_spec",
@@ -345,6 +346,22 @@ _HPARAMS: dict[str, tuple[str, ...]] = {
     "dorefa": ("k_bit", "mode"),
     "identity": (),
 }
+
+# Quantizers whose outputs are -1, 0 or +1 only (exact in every float format).
+_INTEGER_VALUED = frozenset({"ste_sign", "approx_sign", "swish_sign", "ste_heaviside", "ste_tern"})
+
+
+def integer_valued(spec: str | Callable | None) -> bool:
+    """True when the quantizer ``spec`` names outputs only -1, 0 or +1.
+
+    ``ste_sign``, ``approx_sign``, ``swish_sign``, ``ste_heaviside`` and ``ste_tern`` (any
+    hyper-parameters); False for ``magnitude_aware_sign`` and ``dorefa`` (scaled levels),
+    ``identity``, None and callables (unknown values).
+    """
+    if not isinstance(spec, str):
+        return False
+    return parse_spec(spec)[0] in _INTEGER_VALUED
+
 
 _SPEC_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*$", re.S)
 

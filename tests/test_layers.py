@@ -174,3 +174,34 @@ def test_bfloat16_layers():
     variables = layer.init(KEY, x)
     assert layer.apply(variables, x).dtype == jnp.bfloat16
     assert qz.get("ste_sign")(x).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize(
+    "kwargs,bf16",
+    [
+        ({"input_quantizer": "ste_sign", "kernel_quantizer": "ste_sign"}, True),
+        ({"input_quantizer": None, "kernel_quantizer": "ste_tern"}, True),
+        ({"input_quantizer": "ste_sign", "kernel_quantizer": "magnitude_aware_sign"}, False),
+        (
+            {"input_quantizer": "ste_sign", "kernel_quantizer": "ste_sign", "kernel_scale": True},
+            False,
+        ),
+        ({"input_quantizer": "ste_sign", "kernel_quantizer": None}, False),
+    ],
+)
+def test_quant_dense_multiplies_exact_kernels_in_bfloat16(monkeypatch, kwargs, bf16):
+    from jbnn import ops
+
+    layer = QuantDense(16, **kwargs)
+    x = jax.random.normal(jax.random.key(0), (5, 32))
+    variables = layer.init(jax.random.key(1), x)
+    loss = lambda v, x: jnp.sum(jnp.sin(layer.apply(v, x)))
+    outputs = {}
+    for enabled in (True, False):
+        monkeypatch.setattr(ops, "BF16_EXACT_PRODUCTS", enabled)
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+        text = step.lower(variables, x).compile().as_text()
+        assert ("bf16[" in text) == (bf16 and enabled)
+        outputs[enabled] = step(variables, x)
+    for a, b in zip(jax.tree.leaves(outputs[True]), jax.tree.leaves(outputs[False]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -178,7 +178,13 @@ class _Capture:
         def recorder(lhs, rhs, *args, **kwargs):
             _, index = self._stack[-1] if self._stack else (None, None)
             if index is not None:  # the innermost module is a quantized layer
-                jax.debug.callback(self._store(index, "ops"), lhs, rhs)
+                values = (lhs, rhs)
+                if lhs.dtype == rhs.dtype == jnp.bfloat16:
+                    # jbnn.ops.dense's bfloat16 product (CPUs with native bfloat16) of a
+                    # float32 layer multiplies the input's bfloat16 parts (1 or 3, the
+                    # leading axis): record the float32 values it multiplies.
+                    values = (jnp.sum(lhs.astype(jnp.float32), axis=0), rhs.astype(jnp.float32))
+                jax.debug.callback(self._store(index, "ops"), *values)
             return original(lhs, rhs, *args, **kwargs)
 
         return recorder

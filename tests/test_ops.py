@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -482,3 +484,76 @@ def test_explainers_use_platform_jit():
         faithfulness._road,
     ):
         assert isinstance(jitted, ops._PlatformJit), jitted
+
+
+# --------------------------------------------------------------------------- dense
+def _plain_dense(x, k):
+    return jax.lax.dot_general(x, k, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _dense_grads(f, x, k, g):
+    return jax.jit(jax.grad(lambda x, k: jnp.vdot(f(x, k), g), (0, 1)))(x, k)
+
+
+def _ternary(key, shape):
+    return jax.random.randint(key, shape, -1, 2).astype(jnp.float32)  # -1, 0, +1
+
+
+@pytest.mark.parametrize("x_shape", [(6, 40), (3, 5, 40)])
+def test_dense_in_bfloat16_is_exact_for_binary_inputs_and_float32_close_for_real_ones(
+    monkeypatch, x_shape
+):
+    monkeypatch.setattr(ops, "BF16_EXACT_PRODUCTS", True)  # any CPU: the bfloat16 form
+    k = _ternary(jax.random.key(0), (40, 12))
+    real = jax.random.normal(jax.random.key(1), x_shape) * 3.0
+    binary = jnp.sign(real)
+    g = jax.random.normal(jax.random.key(2), (*x_shape[:-1], 12))
+    for x, exact in ((binary, True), (real, False)):
+        fast = functools.partial(ops.dense, exact_kernel=True, exact_input=exact)
+        y, y_plain = jax.jit(fast)(x, k), jax.jit(_plain_dense)(x, k)
+        if exact:  # integer sums: bit for bit
+            np.testing.assert_array_equal(y, y_plain)
+        else:  # three bfloat16 parts: float32 rounding against a float64 product
+            ref = np.asarray(x, np.float64) @ np.asarray(k, np.float64)
+            scale = np.abs(np.asarray(x, np.float64)) @ np.abs(np.asarray(k, np.float64))
+            assert np.max(np.abs(np.asarray(y) - ref) / (scale + 1e-30)) < 4e-7
+        dx, dk = _dense_grads(fast, x, k, g)
+        dx_plain, dk_plain = _dense_grads(_plain_dense, x, k, g)
+        if x.ndim == 2:  # x^T g in float32, as JAX's own
+            np.testing.assert_array_equal(dk, dk_plain)
+        np.testing.assert_allclose(dk, dk_plain, rtol=1e-6, atol=1e-5)
+        np.testing.assert_allclose(dx, dx_plain, rtol=1e-6, atol=1e-5)
+    # vmap over a leading axis, and non-finite inputs propagate as in float32
+    xs = jnp.stack([real, 2 * real])
+    vm = jax.vmap(lambda x: ops.dense(x, k, exact_kernel=True))(xs)
+    np.testing.assert_allclose(vm, jax.vmap(lambda x: _plain_dense(x, k))(xs), rtol=1e-6, atol=1e-5)
+    bad = real.at[0, ..., 0].set(jnp.inf).at[-1, ..., 1].set(jnp.nan)
+    np.testing.assert_array_equal(
+        np.isfinite(ops.dense(bad, k, exact_kernel=True)), np.isfinite(_plain_dense(bad, k))
+    )
+
+
+def test_dense_takes_bfloat16_only_on_cpu_for_exact_float32_kernels(monkeypatch):
+    def has_bf16(fn, *args, platform=None):
+        fn = lambda *a, fn=fn: fn(*a)  # a new function: traced again (the flag is read then)
+        if platform is None:
+            return "bf16[" in jax.jit(fn).lower(*args).compile().as_text()
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+        return "bf16" in text
+
+    x, k = jnp.ones((4, 8)), jnp.ones((8, 3))
+    exact = lambda x, k: ops.dense(x, k, exact_kernel=True)
+    monkeypatch.setattr(ops, "BF16_EXACT_PRODUCTS", True)
+    assert has_bf16(exact, x, k)
+    assert not has_bf16(lambda x, k: ops.dense(x, k), x, k)  # kernel not known exact
+    assert not has_bf16(exact, x, k, platform="cuda")  # GPUs keep float32
+    assert not has_bf16(exact, x.astype(jnp.float16), k.astype(jnp.float16))
+    # platform_jit's CPU programs (XLA's classic kernels: bfloat16 products run slower)
+    jitted = ops.platform_jit(exact)
+    assert "bf16[" not in jitted.lower(x, k).compile().as_text()
+    np.testing.assert_array_equal(jitted(x, k), _plain_dense(x, k))
+    monkeypatch.setattr(ops, "BF16_EXACT_PRODUCTS", False)
+    assert not has_bf16(exact, x, k)
+    # None: decided by the CPU's flags
+    monkeypatch.setattr(ops, "BF16_EXACT_PRODUCTS", None)
+    assert has_bf16(exact, x, k) == ops._cpu_has_bf16_products()

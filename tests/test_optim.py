@@ -235,3 +235,43 @@ def test_schedules():
         optim.make_schedule(1.0, 10, "linear")
     with pytest.raises(ValueError, match="warmup_steps"):
         optim.make_schedule(1.0, 10, "cosine", warmup_steps=10)
+
+
+def test_flip_count_of_wide_dense_kernels_does_not_overflow_its_uint8_chunks():
+    # every sign flips: rows of 600 (chunks of 200), 257 (prime: chunks of 1), 255
+    for shape in ((40, 600), (3, 257), (2, 255)):
+        old = {"d": {"kernel": jnp.ones(shape)}}
+        new = {"d": {"kernel": -jnp.ones(shape)}}
+        kernels = optim.BinaryKernels(((("d", "kernel"), 1.0),))
+        assert float(jax.jit(optim.flip_ratio, static_argnums=2)(old, new, kernels)) == 1.0
+
+
+def test_flip_ratio_of_update_counts_flips_and_changes_no_bit_of_the_updates():
+    kernels = optim.BinaryKernels(((("a", "kernel"), 1.0), (("c", "kernel"), None)))
+    special = np.array([-0.0, 0.0, np.inf, -np.inf, np.nan, 1e-45, -3.4e38, 0.5], np.float32)
+    params = {
+        "a": {"kernel": jnp.asarray([0.1, -0.2, 0.3, -0.4, 0.5, -0.0, 0.0, -1.0])},
+        "b": {"kernel": jnp.ones(8)},
+        "c": {"kernel": jnp.asarray([[0.0, -0.5], [0.25, 1.0]])},
+    }
+    updates = {
+        "a": {"kernel": jnp.asarray(special)},
+        "b": {"kernel": jnp.asarray(special)},
+        "c": {"kernel": jnp.asarray([[-0.1, 0.5], [-0.25, -2.0]])},
+    }
+    ratio, tied = jax.jit(optim.flip_ratio_of_update, static_argnums=2)(params, updates, kernels)
+    new = optax.apply_updates(params, updates)
+    assert float(ratio) == pytest.approx(float(optim.flip_ratio(params, new, kernels)))
+    # a: 0.5 + nan (NaN counts as negative), 0 - 3.4e38; c: -0.1, 0.0 (sign(0) = +1), -1
+    assert float(ratio) == pytest.approx((2 + 3) / 12)
+    # the applied updates are the same, bit for bit (-0.0, inf, NaN, extremes included;
+    # XLA's CPU backend flushes the subnormal 1e-45 to zero in either)
+    apply = jax.jit(optax.apply_updates)
+    for leaf, ref in zip(
+        jax.tree.leaves(apply(params, tied)), jax.tree.leaves(apply(params, updates)), strict=True
+    ):
+        np.testing.assert_array_equal(
+            np.asarray(leaf).view(np.uint32), np.asarray(ref).view(np.uint32)
+        )
+    empty = optim.flip_ratio_of_update(params, updates, optim.BinaryKernels(()))
+    assert float(empty[0]) == 0.0 and empty[1] is updates

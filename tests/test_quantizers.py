@@ -240,3 +240,14 @@ def test_non_float_input_is_rejected_by_layers():
     layer = QuantDense(4, input_quantizer="ste_sign")
     with pytest.raises(TypeError, match="floating-point"):
         layer.init(jax.random.key(0), jnp.ones((2, 3), jnp.int32))
+
+
+@pytest.mark.parametrize("name", qz.names())
+def test_integer_valued_names_exactly_the_quantizers_with_outputs_in_minus_one_zero_one(name):
+    # jbnn.ops.dense multiplies by such a kernel in bfloat16: the claim must hold
+    x = jnp.asarray(np.random.default_rng(0).normal(0, 1, 4096).astype(np.float32))
+    values = np.unique(np.asarray(qz.get(name)(x)))
+    in_set = bool(np.isin(values, [-1.0, 0.0, 1.0]).all())
+    assert qz.integer_valued(name) == in_set, values[:10]
+    assert qz.integer_valued(f"{name}()") == in_set
+    assert not qz.integer_valued(None) and not qz.integer_valued(qz.ste_sign)

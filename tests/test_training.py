@@ -13,7 +13,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import traverse_util
 
 from jbnn import data as jdata
 from jbnn import training
@@ -569,3 +571,55 @@ def test_load_run_skips_a_killed_save_and_names_a_damaged_checkpoint(trained, tm
         shutil.rmtree(ckpt / str(step))
     with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
         training.load_run(run)
+
+
+@pytest.mark.parametrize("binary_optimizer", ["latent", "bop"])
+def test_train_step_equals_the_update_written_out(binary_optimizer):
+    # The donated, jitted step against optax written out step by step (separate jits):
+    # parameters, flip ratio (counted against the old kernels) and the finiteness check.
+    from configs.default import get_config
+    from jbnn import models, optim
+
+    config = get_config()
+    config.binary_optimizer.name = binary_optimizer
+    model = models.get("mlp", binary=True, num_classes=10, hidden=(48, 32))
+    shape = (1, 8, 8, 3)
+    kernels = optim.binary_kernels(model, shape)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))
+    tx, _ = training.make_optimizer(config, abstract["params"], kernels, total_steps=100)
+    mesh = training.make_mesh(jax.devices()[:1])
+    state = training.create_train_state(model, tx, shape, 0, mesh)
+    step = training.make_train_step(model, tx, kernels, binary_optimizer, mesh)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        batch = {
+            "image": rng.uniform(0, 1, (16, 8, 8, 3)).astype(np.float32),
+            "label": rng.integers(0, 10, 16).astype(np.int32),
+        }
+        old = jax.tree.map(np.array, state)  # host copies: the step donates the state
+
+        def loss_fn(params, batch=batch, old=old):
+            logits, _ = model.apply(
+                {"params": params, "batch_stats": old.batch_stats},
+                batch["image"],
+                train=True,
+                mutable=["batch_stats"],
+            )
+            return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+        grads = jax.jit(jax.grad(loss_fn))(old.params)
+        updates, _ = jax.jit(tx.update)(grads, old.opt_state, old.params)
+        expected = optim.project_binary_kernels(
+            jax.jit(optax.apply_updates)(old.params, updates), kernels, binary_optimizer
+        )
+        state = step(state, training.shard_batch(batch, mesh))
+        for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        flat_old, flat_new = (traverse_util.flatten_dict(p) for p in (old.params, state.params))
+        flips = sum(
+            int(np.sum((flat_old[p] >= 0) != (np.asarray(flat_new[p]) >= 0))) for p in kernels.paths
+        )
+        total = sum(flat_old[p].size for p in kernels.paths)
+        assert float(state.flip_sum - old.flip_sum) == pytest.approx(flips / total, abs=1e-7)
+        assert int(state.nonfinite_step) == -1
+    assert float(state.flip_sum) > 0  # weights did flip: the count was exercised
