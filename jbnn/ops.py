@@ -531,7 +531,9 @@ _conv_const_pad.defvjp(_conv_const_pad_fwd, _conv_const_pad_bwd)
 # --------------------------------------------------------------------------- dense
 #: Whether :func:`dense` runs an exact binary product in bfloat16 on CPU: None decides
 #: by the CPU (native bfloat16 products: AVX512-BF16 or AMX-BF16), True / False force it.
-#: Read when a function is traced (a compiled function keeps its choice).
+#: Read when a function is traced: a compiled function keeps its choice, and so does a
+#: jitted function traced inside another (jax.jit caches its trace), whatever the flag
+#: or the platform_jit context of a later call; results agree to float rounding.
 BF16_EXACT_PRODUCTS: bool | None = None
 
 _DENSE_DIMS = lambda ndim: (((ndim - 1,), (0,)), ((), ()))  # noqa: E731

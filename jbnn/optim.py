@@ -23,6 +23,8 @@ labels of :func:`param_labels`, which come from :func:`jbnn.layers.quantized_lay
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -348,15 +350,24 @@ def _count_changed_signs(old: jax.Array, new: jax.Array) -> jax.Array:
     """Number of entries whose sign (sign(0) = +1) differs, an exact int32 scalar.
 
     XLA's CPU backend writes the comparison out before it reduces it. A dense kernel's
-    is written as uint8 and summed in uint8 over chunks of at most 255 entries of a row
-    (exact), then as int32: a quarter of the bytes of float32 ones (an MLP's training
-    step, 1.8M binary weights, 3% faster than float32 row sums, which were 13-15% faster
-    than an int32 reduction of the whole kernel). Convolution kernels keep the int32
-    reduction, which was 2-4% faster there (Bi-Real Net 18's step).
+    whose size is a multiple of 32 is written as bits: entry ``i * n + j`` of the n =
+    size / 32 blocks goes to bit i of word j (one pass over 32 contiguous blocks, which
+    vectorises), and the words' population counts are summed, 1/32 of the entries to
+    reduce. An MLP's training step (1.8M binary weights, 2-core Xeon) took 4.72 ms where
+    uint8 chunks took 4.91 (the twin's 4.20); uint8 chunks, 3% faster than float32 row
+    sums, which were 13-15% faster than an int32 reduction of the whole kernel, remain
+    for other dense kernels. Convolution kernels keep the int32 reduction, which was 2-4%
+    faster there (Bi-Real Net 18's step).
     """
     changed = (old >= 0) != (new >= 0)
     if changed.ndim != 2:
         return jnp.sum(changed, dtype=jnp.int32)
+    if changed.size % 32 == 0:
+        blocks = changed.reshape(32, -1)
+        words = functools.reduce(
+            operator.or_, [blocks[i].astype(jnp.uint32) << i for i in range(32)]
+        )
+        return jnp.sum(jax.lax.population_count(words), dtype=jnp.int32)
     chunk = max(d for d in range(1, min(changed.shape[-1], 255) + 1) if changed.shape[-1] % d == 0)
     chunks = changed.reshape(-1, chunk).astype(jnp.uint8)
     return jnp.sum(jnp.sum(chunks, axis=-1, dtype=jnp.uint8), dtype=jnp.int32)
