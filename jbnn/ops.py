@@ -530,12 +530,17 @@ _conv_const_pad.defvjp(_conv_const_pad_fwd, _conv_const_pad_bwd)
 
 # --------------------------------------------------------------------------- dense
 #: Whether :func:`dense` runs an exact binary product in bfloat16 on CPU: None decides
-#: by the CPU (native bfloat16 products: AVX512-BF16 or AMX-BF16), True / False force it.
+#: by the environment variable ``JBNN_BF16_PRODUCTS`` (``0`` / ``1``) if set, else by the
+#: CPU (native bfloat16 products: AVX512-BF16 or AMX-BF16); True / False force it. The
+#: real-input and gradient products differ from float32 by rounding, so a BNN trains
+#: along a slightly different path: ``JBNN_BF16_PRODUCTS=0`` reproduces another
+#: machine's float32 run.
 #: Read when a function is traced: a compiled function keeps its choice, and so does a
 #: jitted function traced inside another (jax.jit caches its trace), whatever the flag
 #: or the platform_jit context of a later call; results agree to float rounding.
 BF16_EXACT_PRODUCTS: bool | None = None
 
+_BF16_ENV = "JBNN_BF16_PRODUCTS"
 _DENSE_DIMS = lambda ndim: (((ndim - 1,), (0,)), ((), ()))  # noqa: E731
 
 
@@ -558,6 +563,11 @@ def _bf16_products_enabled() -> bool:
         return False
     if BF16_EXACT_PRODUCTS is not None:
         return bool(BF16_EXACT_PRODUCTS)
+    env = os.environ.get(_BF16_ENV, "").strip()
+    if env:
+        if env not in ("0", "1"):
+            raise ValueError(f"{_BF16_ENV}={env!r}: expected 0 (float32 products) or 1 (bfloat16)")
+        return env == "1"
     return _cpu_has_bf16_products()
 
 

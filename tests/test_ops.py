@@ -554,6 +554,13 @@ def test_dense_takes_bfloat16_only_on_cpu_for_exact_float32_kernels(monkeypatch)
     np.testing.assert_array_equal(jitted(x, k), _plain_dense(x, k))
     monkeypatch.setattr(ops, "BF16_EXACT_PRODUCTS", False)
     assert not has_bf16(exact, x, k)
-    # None: decided by the CPU's flags
+    # None: decided by JBNN_BF16_PRODUCTS if set, else by the CPU's flags
     monkeypatch.setattr(ops, "BF16_EXACT_PRODUCTS", None)
+    monkeypatch.delenv("JBNN_BF16_PRODUCTS", raising=False)
     assert has_bf16(exact, x, k) == ops._cpu_has_bf16_products()
+    for value, expected in (("0", False), ("1", True)):
+        monkeypatch.setenv("JBNN_BF16_PRODUCTS", value)
+        assert has_bf16(exact, x, k) == expected
+    monkeypatch.setenv("JBNN_BF16_PRODUCTS", "yes")
+    with pytest.raises(ValueError, match="JBNN_BF16_PRODUCTS='yes'"):
+        exact(x, k)
