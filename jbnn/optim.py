@@ -382,10 +382,13 @@ def flip_ratio_of_update(
     changes, on ``optax.apply_updates(params, updates)`` before the latent clip or Bop's
     projection (both keep every sign: the clip is symmetric, Bop's update lands on +-1
     exactly). Each binary kernel's update is then multiplied by ``1 + 0 * count`` of its
-    own kernel, exactly 1: the applied update keeps every bit, but XLA must count the kernel's
+    own kernel, exactly 1: the update keeps every bit, but XLA must count the kernel's
     flips, which reads the old kernel, before it applies the update. A training step
     that donates its state then writes the new kernel over the old one in place, where
-    it would otherwise copy the old kernel first (an MLP's step: 0.4 ms of 5).
+    it would otherwise copy the old kernel first (an MLP's step: 0.4 ms of 5). XLA
+    compiles the step's fusions differently then, which can change the last bit of some
+    new weights (float rounding: in one BinaryNet step 12% of the weights moved by at
+    most 1.5e-8 against the step that counts flips after the update).
 
     Args:
       params: ``variables["params"]`` before the step.
