@@ -47,6 +47,48 @@ def _plain_conv(x, kernel, strides=(1, 1), padding="SAME", feature_group_count=1
     )
 
 
+def _prev_max_pool_fwd(x, window, strides, pads):
+    y = ops._reduce_window_max(x, window, strides, pads)
+    return y, (x, y)
+
+
+def _prev_max_pool_bwd(window, strides, pads, residuals, g):
+    x, y = residuals
+    taps = window[0] * window[1]
+    index = jnp.full(y.shape, taps, jnp.int32)
+    for k in reversed(range(taps)):
+        tap = ops._window_tap(x, k // window[1], k % window[1], y.shape[1:3], strides, pads)
+        index = jnp.where(tap == y, jnp.int32(k), index)
+    # a no-op that XLA counts as expensive: keeps the index materialised
+    index = jax.lax.rem(index, jnp.int32(taps + 1))
+    x_like = jnp.zeros((0, *x.shape[1:3], 0), x.dtype)
+    return ops._max_pool_bwd(window, strides, pads, (index, x_like), g)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _prev_max_pool(x, window, strides, pads):
+    return ops._reduce_window_max(x, window, strides, pads)
+
+
+_prev_max_pool.defvjp(_prev_max_pool_fwd, _prev_max_pool_bwd)
+
+
+@contextlib.contextmanager
+def previous_max_pool():
+    """Within the block, ops.max_pool's VJP is the one before commit "max-pool index in
+    the forward pass": x and y saved, the int32 first-maximum index found in the backward
+    pass. The same gradient, bit for bit."""
+    saved = ops._max_pool
+    ops._max_pool = _prev_max_pool
+    try:
+        yield
+    finally:
+        ops._max_pool = saved
+
+
+BASELINES = {"plain": lambda: plain_ops(), "prev-pool": lambda: previous_max_pool()}
+
+
 @contextlib.contextmanager
 def plain_ops():
     """Within the block, jbnn's layers and models trace the plain JAX ops."""
@@ -69,8 +111,14 @@ def main(argv=None):
     p.add_argument("--chunk", type=int, default=4, help="SmoothGrad batch_size of the scan")
     p.add_argument("--train-batch", type=int, default=16)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument(
+        "--baseline",
+        default="plain",
+        choices=tuple(BASELINES),
+        help="plain: flax/lax ops; prev-pool: the previous max-pool VJP",
+    )
     args = p.parse_args(argv)
-    print(f"# ops_ab: {common.machine()}")
+    print(f"# ops_ab: {common.machine()}; baseline {args.baseline}")
     model = models.get(args.model, binary=args.variant == "bnn", num_classes=1000, stem=args.stem)
     x = common.random_images(jax.random.key(1), args.batch, args.size)
     variables = common.calibrated(model, model.init(jax.random.key(0), x[:1]), x)
@@ -118,7 +166,7 @@ def main(argv=None):
         }
 
     fast = programs()
-    with plain_ops():
+    with BASELINES[args.baseline]():
         plain = programs()
         for f, a in plain.values():  # compile (trace) while the plain ops are active
             jax.block_until_ready(f(*a))

@@ -16,8 +16,11 @@ after a warm-up of each:
 * ``captum bf16``: Captum under ``torch.autocast("cuda", dtype=torch.bfloat16)``;
 * ``captum-cl``: Captum again with the port and images in channels-last memory (often
   faster on tensor cores);
-* ``jbnn-plain bf16``: the bf16 jbnn model traced with plain ``lax``/``flax`` ops
-  instead of :mod:`jbnn.ops` (whose custom VJPs were written for XLA's CPU backend).
+* ``jbnn-plain bf16`` (``--ab plain``, the default): the bf16 jbnn model traced with
+  plain ``lax``/``flax`` ops instead of :mod:`jbnn.ops` (whose custom VJPs were written
+  for XLA's CPU backend);
+* ``jbnn-prevpool f32`` / ``bf16`` (``--ab prev-pool``): jbnn with the max-pool VJP
+  before the first-maximum index moved to the forward pass (``ops_ab.previous_max_pool``).
 
 The jbnn/Captum ratio of each jbnn row is taken against the faster Captum layout of the
 same dtype.
@@ -84,8 +87,17 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak")
     p.add_argument("--xla-flops", action="store_true", help="also print XLA's FLOP count")
+    p.add_argument(
+        "--ab",
+        default="plain",
+        help="extra jbnn contestants, comma-separated: plain, prev-pool (or none)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny sizes, runs on CPU")
     args = p.parse_args(argv)
+    args.ab = [a for a in args.ab.split(",") if a and a != "none"]
+    unknown = set(args.ab) - {"plain", "prev-pool"}
+    if unknown:
+        p.error(f"unknown --ab contestant(s) {sorted(unknown)}; known: plain, prev-pool")
     if args.smoke:
         args.size, args.batch, args.samples, args.width, args.rounds = 32, 2, 2, 0.125, 2
     return args
@@ -186,10 +198,9 @@ def bench_model(name: str, variant: str, args, device: str, peak: float | None) 
 
         return autocast
 
-    def jbnn(fn, plain=False):
+    def jbnn(fn, context=contextlib.nullcontext):
         def run():
-            ctx = ops_ab.plain_ops() if plain else contextlib.nullcontext()
-            with ctx:
+            with context():
                 return saliency.smoothgrad(
                     fn, x, target, key, num_samples=args.samples, noise_sigma=args.noise_sigma
                 )
@@ -201,10 +212,15 @@ def bench_model(name: str, variant: str, args, device: str, peak: float | None) 
         "captum f32": captum(tm, xt),
         "captum-cl f32": captum(tm_cl, xt_cl),
         "jbnn bf16": jbnn(fn16),
-        "jbnn-plain bf16": jbnn(fn16_plain, plain=True),
         "captum bf16": bf16(captum(tm, xt)),
         "captum-cl bf16": bf16(captum(tm_cl, xt_cl)),
     }
+    if "plain" in args.ab:
+        runs["jbnn-plain bf16"] = jbnn(fn16_plain, ops_ab.plain_ops)
+    if "prev-pool" in args.ab:  # functions of their own, for the same reason
+        for dtype, m in (("f32", model), ("bf16", model_bf16)):
+            fn = jax.tree_util.Partial(lambda v, xx, m=m: m.apply(v, xx), variables)
+            runs[f"jbnn-prevpool {dtype}"] = jbnn(fn, ops_ab.previous_max_pool)
     t = common.alternate(runs, args.rounds)
     rows = []
     for dtype in ("f32", "bf16"):

@@ -170,7 +170,14 @@ def _max_pool(x, window, strides, pads):
 
 def _max_pool_fwd(x, window, strides, pads):
     y = _reduce_window_max(x, window, strides, pads)
-    return y, (x, y)
+    # The backward pass needs only where each window's maximum is: its tap number, in
+    # the smallest integer type that holds it (int8 for windows up to 126 taps), a
+    # quarter of y's bytes in float32, instead of x and y themselves. XLA computes it
+    # with the forward pass (one read of x, fused with the pooling on GPU), and x can
+    # be freed as soon as the forward pass no longer needs it.
+    index = _first_max_index(x, y, window, strides, pads)
+    # a zero-size array carries x's shape and dtype to the backward pass
+    return y, (index, jnp.zeros((0, *x.shape[1:3], 0), x.dtype))
 
 
 def _window_tap(x, kh, kw, out_hw, strides, pads):
@@ -202,20 +209,31 @@ def _window_tap(x, kh, kw, out_hw, strides, pads):
     return tap_values
 
 
+def _index_dtype(taps: int):
+    return jnp.int8 if taps < jnp.iinfo(jnp.int8).max else jnp.int32
+
+
+def _first_max_index(x, y, window, strides, pads):
+    """First maximum of each window of x, as a tap number kh * ww + kw (row-major).
+
+    ``taps`` (one past the last tap) where no tap equals the window's maximum y (a NaN
+    window): such a window sends its cotangent nowhere. Shape y.shape.
+    """
+    ww, taps = window[1], window[0] * window[1]
+    dtype = _index_dtype(taps)
+    index = jnp.full(y.shape, taps, dtype)
+    for k in reversed(range(taps)):
+        tap = _window_tap(x, k // ww, k % ww, y.shape[1:3], strides, pads)
+        index = jnp.where(tap == y, jnp.asarray(k, dtype), index)
+    return index
+
+
 def _max_pool_bwd(window, strides, pads, residuals, g):
-    x, y = residuals  # (B, H, W, C), (B, Ho, Wo, C)
-    batch, height, width, channels = x.shape
-    out_h, out_w = y.shape[1:3]
+    index, x_like = residuals  # (B, Ho, Wo, C) tap numbers; (0, H, W, 0)
+    batch, (height, width), channels = g.shape[0], x_like.shape[1:3], g.shape[3]
+    out_h, out_w = g.shape[1:3]
     (wh, ww), (sh, sw) = window, strides
     taps = wh * ww
-    # First maximum of each window, as a tap number kh * ww + kw (row-major).
-    index = jnp.full(y.shape, taps, jnp.int32)
-    for k in reversed(range(taps)):
-        tap = _window_tap(x, k // ww, k % ww, (out_h, out_w), strides, pads)
-        index = jnp.where(tap == y, jnp.int32(k), index)
-    # A no-op (index <= taps) that XLA counts as expensive: it keeps the index array
-    # materialised instead of recomputing it inside every consumer below.
-    index = lax.rem(index, jnp.int32(taps + 1))
 
     # Input row r = sh*u + a - top (padded coordinates sh*u + a) receives the window
     # i = u - m through tap kh = sh*m + a; same for columns. Each stride phase (a, b)
@@ -225,7 +243,7 @@ def _max_pool_bwd(window, strides, pads, residuals, g):
     phase_h = max(-(-(height + top + bottom) // sh), out_h + mh)
     phase_w = max(-(-(width + left + right) // sw), out_w + mw)
     shift = ((0, 0, 0), (mh, phase_h - out_h, 0), (mw, phase_w - out_w, 0), (0, 0, 0))
-    index = lax.pad(index, jnp.int32(taps), shift)  # (B, mh + phase_h, mw + phase_w, C)
+    index = lax.pad(index, jnp.asarray(taps, index.dtype), shift)  # (B, mh+phase_h, mw+phase_w, C)
     g_pad = lax.pad(g, jnp.zeros((), g.dtype), shift)
     zero = jnp.zeros((), g.dtype)
     rows = []

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# jbnn's GPU benchmarks in one command, for a time-limited GPU machine without network.
+#
+# Usage (repository root, on the GPU machine):
+#   bash benchmarks/run_gpu.sh [LOG_DIR]      # LOG_DIR defaults to $OUT, else ./gpu-logs
+#
+# If a folder .whl holds wheels (captum and ml_collections: the GPU image lacks them;
+# see benchmarks/results/*/README.md), they are installed into /tmp/site first. Each
+# step has its own time limit, so that a slow step cannot take the later ones with it,
+# and writes its log as it goes:
+#   1_saliency_gpu.log  SmoothGrad against Captum, BNN and twin, float32 and bfloat16,
+#                       with the previous max-pool VJP as an A/B contestant
+#   2_train_step.log    training step, BNN against twin, 224 px ImageNet stem
+#   3_profile_twin.log  where the twin's float32 SmoothGrad call spends its time
+set -u
+LOG=${1:-${OUT:-gpu-logs}}
+mkdir -p "$LOG"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+{
+  date -u
+  git log --oneline -1 2>/dev/null || true
+  git status --short 2>/dev/null | head -20 || true
+  nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv || true
+  python3 -c "import jax, flax, optax, torch, captum; print(jax.__version__, flax.__version__, optax.__version__, torch.__version__, captum.__version__, jax.devices())"
+} >"$LOG/0_env.log" 2>&1
+cat "$LOG/0_env.log"
+
+step() {  # step SECONDS LOGNAME COMMAND...
+  local limit=$1 name=$2
+  shift 2
+  echo "== $name: $*"
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$LOG/$name" 2>&1
+  echo "   rc $? after $((SECONDS - start)) s"
+  grep -v "Delay kernel timed out" "$LOG/$name" | tail -25
+}
+
+step 270 1_saliency_gpu.log python3 benchmarks/saliency_gpu.py --ab prev-pool --rounds 5
+step 110 2_train_step.log python3 benchmarks/train_step.py --size 224 --stem imagenet \
+  --batch 64 --width 1.0 --num-classes 1000 --models birealnet18,xnornet,quicknet_small \
+  --rounds 5
+step 90 3_profile_twin.log python3 benchmarks/profile_gpu.py --variants twin \
+  --dtype float32 --top 20
