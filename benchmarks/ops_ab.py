@@ -86,7 +86,59 @@ def previous_max_pool():
         ops._max_pool = saved
 
 
-BASELINES = {"plain": lambda: plain_ops(), "prev-pool": lambda: previous_max_pool()}
+def _pad_max_pool_bwd(window, strides, pads, residuals, g):
+    """The max-pool VJP as a sum of interior-padded copies of the cotangent, one per tap.
+
+    Tap (kh, kw) of window (i, j) reads input (i*sh + kh - top, j*sw + kw - left): its
+    share of the cotangent, where(index == tap, g, 0), lands there through ``lax.pad``
+    with interior padding sh - 1 (and a negative edge where it falls outside). The taps
+    are added in reverse order, which is the windows' row-major order at every input:
+    the same sums as ``ops._max_pool_bwd`` (up to the sign of a zero).
+    """
+    index, x_like = residuals
+    height, width = x_like.shape[1:3]
+    (wh, ww), (sh, sw) = window, strides
+    (top, _), (left, _) = pads
+    out_h, out_w = g.shape[1:3]
+    zero = jnp.zeros((), g.dtype)
+    dx = None
+    for k in reversed(range(wh * ww)):
+        kh, kw = divmod(k, ww)
+        lo_h, lo_w = kh - top, kw - left
+        hi_h = height - (lo_h + (out_h - 1) * sh + 1)
+        hi_w = width - (lo_w + (out_w - 1) * sw + 1)
+        term = jnp.where(index == k, g, zero)
+        placed = jax.lax.pad(
+            term, zero, ((0, 0, 0), (lo_h, hi_h, sh - 1), (lo_w, hi_w, sw - 1), (0, 0, 0))
+        )
+        dx = placed if dx is None else dx + placed
+    return (dx,)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _pad_max_pool(x, window, strides, pads):
+    return ops._reduce_window_max(x, window, strides, pads)
+
+
+_pad_max_pool.defvjp(ops._max_pool_fwd, _pad_max_pool_bwd)
+
+
+@contextlib.contextmanager
+def pad_max_pool():
+    """Within the block, ops.max_pool's backward pass is :func:`_pad_max_pool_bwd`."""
+    saved = ops._max_pool
+    ops._max_pool = _pad_max_pool
+    try:
+        yield
+    finally:
+        ops._max_pool = saved
+
+
+BASELINES = {
+    "plain": lambda: plain_ops(),
+    "prev-pool": lambda: previous_max_pool(),
+    "pad-pool": lambda: pad_max_pool(),
+}
 
 
 @contextlib.contextmanager
@@ -115,7 +167,7 @@ def main(argv=None):
         "--baseline",
         default="plain",
         choices=tuple(BASELINES),
-        help="plain: flax/lax ops; prev-pool: the previous max-pool VJP",
+        help="plain: flax/lax ops; prev-pool: the previous max-pool VJP; pad-pool: padded taps",
     )
     args = p.parse_args(argv)
     print(f"# ops_ab: {common.machine()}; baseline {args.baseline}")

@@ -20,7 +20,9 @@ after a warm-up of each:
   plain ``lax``/``flax`` ops instead of :mod:`jbnn.ops` (whose custom VJPs were written
   for XLA's CPU backend);
 * ``jbnn-prevpool f32`` / ``bf16`` (``--ab prev-pool``): jbnn with the max-pool VJP
-  before the first-maximum index moved to the forward pass (``ops_ab.previous_max_pool``).
+  before the first-maximum index moved to the forward pass (``ops_ab.previous_max_pool``);
+* ``jbnn-padpool f32`` / ``bf16`` (``--ab pad-pool``): jbnn with the max-pool backward
+  pass as a sum of interior-padded taps (``ops_ab.pad_max_pool``).
 
 The jbnn/Captum ratio of each jbnn row is taken against the faster Captum layout of the
 same dtype.
@@ -90,14 +92,14 @@ def parse_args(argv=None):
     p.add_argument(
         "--ab",
         default="plain",
-        help="extra jbnn contestants, comma-separated: plain, prev-pool (or none)",
+        help="extra jbnn contestants, comma-separated: plain, prev-pool, pad-pool (or none)",
     )
     p.add_argument("--smoke", action="store_true", help="tiny sizes, runs on CPU")
     args = p.parse_args(argv)
     args.ab = [a for a in args.ab.split(",") if a and a != "none"]
-    unknown = set(args.ab) - {"plain", "prev-pool"}
+    unknown = set(args.ab) - {"plain", "prev-pool", "pad-pool"}
     if unknown:
-        p.error(f"unknown --ab contestant(s) {sorted(unknown)}; known: plain, prev-pool")
+        p.error(f"unknown --ab contestant(s) {sorted(unknown)}; known: plain, prev-pool, pad-pool")
     if args.smoke:
         args.size, args.batch, args.samples, args.width, args.rounds = 32, 2, 2, 0.125, 2
     return args
@@ -217,10 +219,13 @@ def bench_model(name: str, variant: str, args, device: str, peak: float | None) 
     }
     if "plain" in args.ab:
         runs["jbnn-plain bf16"] = jbnn(fn16_plain, ops_ab.plain_ops)
-    if "prev-pool" in args.ab:  # functions of their own, for the same reason
+    for ab, context in (("prev-pool", ops_ab.previous_max_pool), ("pad-pool", ops_ab.pad_max_pool)):
+        if ab not in args.ab:
+            continue
         for dtype, m in (("f32", model), ("bf16", model_bf16)):
+            # functions of their own, for the same reason
             fn = jax.tree_util.Partial(lambda v, xx, m=m: m.apply(v, xx), variables)
-            runs[f"jbnn-prevpool {dtype}"] = jbnn(fn, ops_ab.previous_max_pool)
+            runs[f"jbnn-{ab.replace('-', '')} {dtype}"] = jbnn(fn, context)
     t = common.alternate(runs, args.rounds)
     rows = []
     for dtype in ("f32", "bf16"):

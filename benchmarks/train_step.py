@@ -17,7 +17,9 @@ Usage (repository root):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -27,6 +29,7 @@ import common  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import traverse_util  # noqa: E402
 
 from jbnn import models, optim, training  # noqa: E402
 
@@ -47,7 +50,63 @@ def parse_args(argv=None):
         default=1,
         help="steps per timed call (times are per step); more for short steps (mlp)",
     )
-    return p.parse_args(argv)
+    p.add_argument(
+        "--bnn-variants",
+        default="",
+        help="extra BNN contestants (A/B of the flip count), comma-separated: noflip (no "
+        "count), notie (counted, update not tied to it), sumflip (an int32 sum of the "
+        "comparison, tied)",
+    )
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="also trace this many steps of each contestant (jax.profiler) and print the "
+        "device ops that cost most (GPU)",
+    )
+    p.add_argument("--top", type=int, default=15, help="ops printed per contestant")
+    args = p.parse_args(argv)
+    args.bnn_variants = [v for v in args.bnn_variants.split(",") if v]
+    unknown = set(args.bnn_variants) - set(FLIP_VARIANTS)
+    if unknown:
+        p.error(f"unknown --bnn-variants {sorted(unknown)}; known: {', '.join(FLIP_VARIANTS)}")
+    return args
+
+
+def _no_flip_count(params, updates, kernels):
+    return jnp.zeros([], jnp.float32), updates
+
+
+def _untied_flip_count(params, updates, kernels):
+    old, upd = traverse_util.flatten_dict(params), traverse_util.flatten_dict(updates)
+    count = sum(optim._count_changed_signs(old[p], old[p] + upd[p]) for p in kernels.paths)
+    return count.astype(jnp.float32) / sum(old[p].size for p in kernels.paths), updates
+
+
+def _int32_sum_count(old, new):
+    return jnp.sum((old >= 0) != (new >= 0), dtype=jnp.int32)
+
+
+# name -> (module, attribute, replacement) patched while the variant's step is traced
+FLIP_VARIANTS = {
+    "noflip": (optim, "flip_ratio_of_update", _no_flip_count),
+    "notie": (optim, "flip_ratio_of_update", _untied_flip_count),
+    "sumflip": (optim, "_count_changed_signs", _int32_sum_count),
+}
+
+
+@contextlib.contextmanager
+def patched(variant: str | None):
+    if variant is None:
+        yield
+        return
+    module, attr, replacement = FLIP_VARIANTS[variant]
+    saved = getattr(module, attr)
+    setattr(module, attr, replacement)
+    try:
+        yield
+    finally:
+        setattr(module, attr, saved)
 
 
 def _model_kwargs(name: str, args) -> dict:
@@ -83,7 +142,46 @@ def step_runner(name: str, binary: bool, args, mesh, batch):
             holder["state"] = step(holder["state"], batch)
         return holder["state"].loss_sum
 
+    run.hlo = lambda: step.lower(holder["state"], batch).compile().as_text()
     return run, len(kernels)
+
+
+def profile(contestants: dict, steps: int, top: int) -> None:
+    """Device time per op of ``steps`` steps of each contestant, the costliest first."""
+    import collections
+    import tempfile
+    import time
+
+    import profile_gpu
+
+    out = tempfile.mkdtemp(prefix="jbnn-train-trace-")
+    for name, run in contestants.items():
+        hlo = run.hlo()
+        index, fusions = profile_gpu.hlo_index(hlo), profile_gpu.fused_ops(hlo)
+        trace_dir = os.path.join(out, name)
+        with jax.profiler.trace(trace_dir):
+            for _ in range(steps):
+                common.block(run())
+        time.sleep(0.5)
+        ops, _ = profile_gpu.device_op_times(trace_dir)
+        if not ops:
+            print(f"## {name}: no device op line in the trace")
+            continue
+        total = sum(ops.values())
+        kinds = collections.Counter()
+        for op, sec in ops.items():
+            kinds[profile_gpu.kind_of(index.get(op, op))] += sec
+        print(f"\n## {name}: device time per step {1e3 * total / steps:.2f} ms; by kind:")
+        for kind, sec in kinds.most_common(6):
+            print(f"  {kind:<44} {1e3 * sec / steps:7.3f} ms")
+        for op, sec in sorted(ops.items(), key=lambda kv: -kv[1])[:top]:
+            what = index.get(op, "?")
+            called = re.search(r"calls ([\w.\-]+)", what)
+            inner = ""
+            if called and called.group(1) in fusions:
+                counts = fusions[called.group(1)].most_common(6)
+                inner = " [" + ", ".join(f"{k}x{v}" for k, v in counts) + "]"
+            print(f"  {1e3 * sec / steps:7.3f} ms  {op[:60]}: {what[:110]}{inner}")
 
 
 def main(argv=None):
@@ -103,7 +201,13 @@ def main(argv=None):
     for name in args.models.split(","):
         bnn, num_kernels = step_runner(name, True, args, mesh, batch)
         twin, _ = step_runner(name, False, args, mesh, batch)
-        t = common.alternate({"bnn": bnn, "twin": twin}, args.rounds, warmup=2)
+        contestants = {"bnn": bnn, "twin": twin}
+        for variant in args.bnn_variants:
+            with patched(variant):  # traced (first call) while patched
+                run, _ = step_runner(name, True, args, mesh, batch)
+                common.block(run())
+            contestants[f"bnn-{variant}"] = run
+        t = common.alternate(contestants, args.rounds, warmup=2)
         for timing in t.values():  # seconds per step
             timing.seconds = [sec / args.steps_per_round for sec in timing.seconds]
         ratio = t["bnn"].median / t["twin"].median
@@ -113,6 +217,14 @@ def main(argv=None):
             f"ms, BNN/twin {ratio:.2f} (median of paired rounds {paired:.2f}); "
             f"{num_kernels} binary kernels"
         )
+        for variant in args.bnn_variants:
+            v = t[f"bnn-{variant}"]
+            print(
+                f"  bnn-{variant}: {v.median * 1e3:.1f} ms, /twin "
+                f"{v.median / t['twin'].median:.2f} (paired "
+                f"{common.paired_ratio(v, t['twin']):.2f}), /bnn "
+                f"{v.median / t['bnn'].median:.2f}"
+            )
         rows.append(
             [
                 name,
@@ -123,6 +235,8 @@ def main(argv=None):
                 f"{100 * max(t['bnn'].spread, t['twin'].spread):.0f}%",
             ]
         )
+        if args.profile:
+            profile(contestants, args.profile, args.top)
     header = ["model", "BNN ms/step", "twin ms/step", "BNN/twin", "paired", "spread"]
     print()
     print(common.fmt_table(rows, header))
