@@ -31,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
-from jbnn import models, optim, training  # noqa: E402
+from jbnn import layers, models, ops, optim, training  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -53,9 +53,12 @@ def parse_args(argv=None):
     p.add_argument(
         "--bnn-variants",
         default="",
-        help="extra BNN contestants (A/B of the flip count), comma-separated: noflip (no "
-        "count), notie (counted, update not tied to it), sumflip (an int32 sum of the "
-        "comparison, tied)",
+        help="extra BNN contestants, comma-separated: noflip (no flip count), notie "
+        "(counted, update not tied to it), sumflip (an int32 sum of the comparison, "
+        "tied), xnorplain (XNOR kernel scale differentiated by JAX), xnorsum (its custom "
+        "VJP with alpha's gradient as a multiply-and-sum), wholeconv (a kernel as large as "
+        "its input as a convolution, not a matrix product, on GPU); twin-NAME: the twin "
+        "with that change",
     )
     p.add_argument(
         "--profile",
@@ -67,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--top", type=int, default=15, help="ops printed per contestant")
     args = p.parse_args(argv)
     args.bnn_variants = [v for v in args.bnn_variants.split(",") if v]
-    unknown = set(args.bnn_variants) - set(FLIP_VARIANTS)
+    unknown = {v.removeprefix("twin-") for v in args.bnn_variants} - set(FLIP_VARIANTS)
     if unknown:
         p.error(f"unknown --bnn-variants {sorted(unknown)}; known: {', '.join(FLIP_VARIANTS)}")
     return args
@@ -87,11 +90,39 @@ def _int32_sum_count(old, new):
     return jnp.sum((old >= 0) != (new >= 0), dtype=jnp.int32)
 
 
+def _plain_xnor_kernel(kernel, quantizer):
+    """XNOR-Net's kernel as the formula, differentiated by JAX (no custom VJP)."""
+    clipped = jnp.clip(kernel, -1.0, 1.0)
+    alpha = jnp.mean(jnp.abs(clipped), axis=tuple(range(kernel.ndim - 1)), keepdims=True)
+    return alpha * quantizer(clipped)
+
+
+def _xnor_bwd_sum(quantizer, residuals, g):
+    """layers._xnor_kernel_bwd with alpha's gradient as a plain multiply-and-sum."""
+    kernel, alpha = residuals
+    clipped = jnp.clip(kernel, -1.0, 1.0)
+    binary, pullback = jax.vjp(quantizer, clipped)
+    d_alpha = jnp.sum(g * binary, axis=tuple(range(kernel.ndim - 1)), keepdims=True)
+    (d_clipped,) = pullback((alpha * g).astype(binary.dtype))
+    abs_grad = jnp.where(clipped >= 0, 1.0, -1.0).astype(kernel.dtype)
+    d_clipped = d_clipped + abs_grad * (d_alpha / (kernel.size // kernel.shape[-1]))
+    magnitude = jnp.abs(kernel)
+    clip_grad = jnp.where(magnitude < 1.0, 1.0, jnp.where(magnitude == 1.0, 0.5, 0.0))
+    return ((d_clipped * clip_grad.astype(kernel.dtype)).astype(kernel.dtype),)
+
+
+_xnor_sum = jax.custom_vjp(layers._xnor_kernel.fun, nondiff_argnums=(1,))
+_xnor_sum.defvjp(layers._xnor_kernel_fwd, _xnor_bwd_sum)
+
 # name -> (module, attribute, replacement) patched while the variant's step is traced
 FLIP_VARIANTS = {
     "noflip": (optim, "flip_ratio_of_update", _no_flip_count),
     "notie": (optim, "flip_ratio_of_update", _untied_flip_count),
     "sumflip": (optim, "_count_changed_signs", _int32_sum_count),
+    "xnorplain": (layers, "_xnor_kernel", _plain_xnor_kernel),
+    "xnorsum": (layers, "_xnor_kernel", _xnor_sum),
+    # a kernel as large as its input as a convolution on every platform
+    "wholeconv": (ops, "_is_whole_input_window", lambda *a: False),
 }
 
 
@@ -100,7 +131,7 @@ def patched(variant: str | None):
     if variant is None:
         yield
         return
-    module, attr, replacement = FLIP_VARIANTS[variant]
+    module, attr, replacement = FLIP_VARIANTS[variant.removeprefix("twin-")]
     saved = getattr(module, attr)
     setattr(module, attr, replacement)
     try:
@@ -203,10 +234,11 @@ def main(argv=None):
         twin, _ = step_runner(name, False, args, mesh, batch)
         contestants = {"bnn": bnn, "twin": twin}
         for variant in args.bnn_variants:
+            binary = not variant.startswith("twin-")
             with patched(variant):  # traced (first call) while patched
-                run, _ = step_runner(name, True, args, mesh, batch)
+                run, _ = step_runner(name, binary, args, mesh, batch)
                 common.block(run())
-            contestants[f"bnn-{variant}"] = run
+            contestants[f"bnn-{variant}" if binary else variant] = run
         t = common.alternate(contestants, args.rounds, warmup=2)
         for timing in t.values():  # seconds per step
             timing.seconds = [sec / args.steps_per_round for sec in timing.seconds]
@@ -218,9 +250,10 @@ def main(argv=None):
             f"{num_kernels} binary kernels"
         )
         for variant in args.bnn_variants:
-            v = t[f"bnn-{variant}"]
+            variant = variant if variant.startswith("twin-") else f"bnn-{variant}"
+            v = t[variant]
             print(
-                f"  bnn-{variant}: {v.median * 1e3:.1f} ms, /twin "
+                f"  {variant}: {v.median * 1e3:.1f} ms, /twin "
                 f"{v.median / t['twin'].median:.2f} (paired "
                 f"{common.paired_ratio(v, t['twin']):.2f}), /bnn "
                 f"{v.median / t['bnn'].median:.2f}"

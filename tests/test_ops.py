@@ -74,6 +74,22 @@ def test_max_pool_default_strides_and_bfloat16():
     np.testing.assert_array_equal(fast, plain)
 
 
+def test_max_pool_keeps_only_an_int8_index_for_its_backward_pass():
+    # The VJP's residuals: the first maximum's tap number per window, int8, and no copy
+    # of x or y (so that x can be freed after the forward pass).
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
+    y, pullback = jax.vjp(lambda x: ops.max_pool(x, (3, 3), (2, 2), "SAME"), x)
+    residuals = [r for r in jax.tree.leaves(pullback) if hasattr(r, "dtype")]
+    assert {(r.dtype, r.shape) for r in residuals if r.size} == {(np.dtype(np.int8), y.shape)}
+    index = next(r for r in residuals if r.size)
+    # against a loop: the row-major first maximum of each window
+    xp = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+    for b, i, j, c in np.ndindex(*y.shape):
+        window = xp[b, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3, c].ravel()
+        assert index[b, i, j, c] == int(np.argmax(window))
+    assert ops._index_dtype(9) == jnp.int8 and ops._index_dtype(127) == jnp.int32
+
+
 def test_max_pool_under_vmap_and_scan():
     x = _inputs((3, 2, 8, 8, 3), ties=True)  # (S, B, H, W, C)
 
@@ -203,6 +219,45 @@ def test_conv_picks_space_to_depth_only_on_gpu():
     cpu = dx.lower(x).compile().as_text()
     assert "lhs_dilate" not in cpu and "size=4x4" in cpu, cpu
     assert "lhs_dilate = [2, 2]" in dx.trace(x).lower(lowering_platforms=("tpu",)).as_text()
+
+
+@pytest.mark.parametrize(
+    "shape,kernel",
+    [((3, 6, 6, 8), (6, 6, 8, 16)), ((2, 3, 5, 4), (3, 5, 4, 7)), ((2, 1, 1, 5), (1, 1, 5, 3))],
+)
+def test_whole_input_dense_equals_the_convolution(shape, kernel):
+    # The GPU form of a convolution whose VALID window covers the whole input (XNOR-Net's
+    # fc6): a matrix product. Checked against a float64 loop over taps, and its gradients
+    # against the convolution's, to float rounding.
+    x = jax.random.normal(jax.random.key(0), shape)
+    w = jax.random.normal(jax.random.key(1), kernel)
+    y = jax.jit(ops._whole_input_dense)(x, w)
+    assert y.shape == (shape[0], 1, 1, kernel[-1])
+    want = np.einsum("bhwc,hwco->bo", np.asarray(x, np.float64), np.asarray(w, np.float64))
+    np.testing.assert_allclose(y[:, 0, 0], want, rtol=1e-5, atol=1e-5)
+    ref = lambda x, w: _lax_conv(x, w, (1, 1), ((0, 0), (0, 0)), 1)
+    ct = jax.random.normal(jax.random.key(2), y.shape)
+    grads = lambda f: jax.jit(jax.grad(lambda x, w: jnp.sum(ct * f(x, w)), (0, 1)))(x, w)
+    for got, want in zip(grads(ops._whole_input_dense), grads(ref), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_picks_the_whole_input_dense_only_on_gpu():
+    x, w = jnp.ones((2, 6, 6, 8)), jnp.ones((6, 6, 8, 16))
+    f = jax.jit(lambda x: ops.conv(x, w, padding="VALID"))
+    # CPU: the convolution itself, bit for bit (test_conv_equals_lax)
+    cpu = f.lower(x).compile().as_text()
+    assert "convolution(" in cpu and " dot(" not in cpu, cpu
+    np.testing.assert_array_equal(f(x), _lax_conv(x, w, (1, 1), ((0, 0), (0, 0)), 1))
+    cuda = f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    assert "stablehlo.dot_general" in cuda and "stablehlo.convolution" not in cuda, cuda
+    assert "stablehlo.convolution" in f.trace(x).lower(lowering_platforms=("tpu",)).as_text()
+    # padding, or a window smaller than the input: an ordinary convolution everywhere
+    for padding, kernel in (("SAME", (6, 6, 8, 16)), ("VALID", (5, 6, 8, 16))):
+        k = jnp.ones(kernel)
+        g = jax.jit(functools.partial(lambda x, k, p: ops.conv(x, k, padding=p), k=k, p=padding))
+        lowered = g.trace(x).lower(lowering_platforms=("cuda",)).as_text()
+        assert "stablehlo.dot_general" not in lowered
 
 
 PRODUCT = [
