@@ -22,7 +22,11 @@ after a warm-up of each:
 * ``jbnn-prevpool f32`` / ``bf16`` (``--ab prev-pool``): jbnn with the max-pool VJP
   before the first-maximum index moved to the forward pass (``ops_ab.previous_max_pool``);
 * ``jbnn-padpool f32`` / ``bf16`` (``--ab pad-pool``): jbnn with the max-pool backward
-  pass as a sum of interior-padded taps (``ops_ab.pad_max_pool``).
+  pass as a sum of interior-padded taps (``ops_ab.pad_max_pool``);
+* ``jbnn-nativepool f32`` / ``bf16`` (``--ab native-pool``): jbnn with flax's max-pool,
+  whose gradient is XLA's own select-and-scatter (``ops_ab.native_max_pool``);
+* ``jbnn-foldbn f32`` / ``bf16`` (``--ab fold-bn``, twin only): the twin with its
+  inference BatchNorms folded into the convolutions (``ops_ab.folded_batchnorm``).
 
 The jbnn/Captum ratio of each jbnn row is taken against the faster Captum layout of the
 same dtype.
@@ -92,14 +96,16 @@ def parse_args(argv=None):
     p.add_argument(
         "--ab",
         default="plain",
-        help="extra jbnn contestants, comma-separated: plain, prev-pool, pad-pool (or none)",
+        help="extra jbnn contestants, comma-separated: plain, prev-pool, pad-pool, "
+        "native-pool, fold-bn (twin only) (or none)",
     )
     p.add_argument("--smoke", action="store_true", help="tiny sizes, runs on CPU")
     args = p.parse_args(argv)
     args.ab = [a for a in args.ab.split(",") if a and a != "none"]
-    unknown = set(args.ab) - {"plain", "prev-pool", "pad-pool"}
+    known = ("plain", "prev-pool", "pad-pool", "native-pool", "fold-bn")
+    unknown = set(args.ab) - set(known)
     if unknown:
-        p.error(f"unknown --ab contestant(s) {sorted(unknown)}; known: plain, prev-pool, pad-pool")
+        p.error(f"unknown --ab contestant(s) {sorted(unknown)}; known: {', '.join(known)}")
     if args.smoke:
         args.size, args.batch, args.samples, args.width, args.rounds = 32, 2, 2, 0.125, 2
     return args
@@ -219,8 +225,13 @@ def bench_model(name: str, variant: str, args, device: str, peak: float | None) 
     }
     if "plain" in args.ab:
         runs["jbnn-plain bf16"] = jbnn(fn16_plain, ops_ab.plain_ops)
-    for ab, context in (("prev-pool", ops_ab.previous_max_pool), ("pad-pool", ops_ab.pad_max_pool)):
-        if ab not in args.ab:
+    for ab, context in (
+        ("prev-pool", ops_ab.previous_max_pool),
+        ("pad-pool", ops_ab.pad_max_pool),
+        ("native-pool", ops_ab.native_max_pool),
+        ("fold-bn", ops_ab.folded_batchnorm),
+    ):
+        if ab not in args.ab or (ab == "fold-bn" and binary):
             continue
         for dtype, m in (("f32", model), ("bf16", model_bf16)):
             # functions of their own, for the same reason
