@@ -28,7 +28,7 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from jbnn import layers, models, ops  # noqa: E402
+from jbnn import models, ops  # noqa: E402
 from jbnn.saliency import _checks, gradients  # noqa: E402
 
 
@@ -132,45 +132,6 @@ def pad_max_pool():
         yield
     finally:
         ops._max_pool = saved
-
-
-# a real convolution -> the BatchNorm it feeds, in Bi-Real Net's blocks and stem
-_FOLDED = {"conv": "bn", "shortcut_conv": "shortcut_bn"}
-
-
-def _fold_batchnorm(next_fun, args, kwargs, context):
-    module = context.module
-    if context.method_name != "__call__":
-        return next_fun(*args, **kwargs)
-    if isinstance(module, layers.QuantConv) and module.name in _FOLDED:
-        if module.input_quantizer is not None or module.kernel_quantizer is not None:
-            raise ValueError("folded_batchnorm: real convolutions only (use the twin)")
-        parent = module.parent
-        bn = _FOLDED[module.name]
-        params, stats = parent.variables["params"][bn], parent.variables["batch_stats"][bn]
-        eps = getattr(parent, "bn_epsilon", None) or parent.bn_kwargs["epsilon"]
-        scale = params["scale"] * jax.lax.rsqrt(stats["var"] + eps)  # (C_out,)
-        shift = params["bias"] - stats["mean"] * scale
-        kernel = module.variables["params"]["kernel"] * scale
-        x, kernel = nn.dtypes.promote_dtype(args[0], kernel, dtype=module.dtype)
-        padding = module.padding
-        padding = padding if isinstance(padding, str) else tuple(map(tuple, padding))
-        y = ops.conv(x, kernel, tuple(module.strides), padding)
-        return y + shift.astype(y.dtype)
-    if isinstance(module, nn.BatchNorm) and module.name in _FOLDED.values():
-        if not module.use_running_average:
-            raise ValueError("folded_batchnorm: inference only")
-        return args[0]  # folded into the convolution before it
-    return next_fun(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def folded_batchnorm():
-    """Within the block, a twin Bi-Real Net's inference BatchNorms are folded into the
-    convolutions before them (kernel * gamma / sqrt(var + eps), plus a bias): the same
-    function up to float rounding, without BatchNorm's passes."""
-    with nn.intercept_methods(_fold_batchnorm):
-        yield
 
 
 @contextlib.contextmanager

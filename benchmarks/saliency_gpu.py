@@ -25,8 +25,9 @@ after a warm-up of each:
   pass as a sum of interior-padded taps (``ops_ab.pad_max_pool``);
 * ``jbnn-nativepool f32`` / ``bf16`` (``--ab native-pool``): jbnn with flax's max-pool,
   whose gradient is XLA's own select-and-scatter (``ops_ab.native_max_pool``);
-* ``jbnn-foldbn f32`` / ``bf16`` (``--ab fold-bn``, twin only): the twin with its
-  inference BatchNorms folded into the convolutions (``ops_ab.folded_batchnorm``).
+* ``jbnn-foldbn f32`` / ``bf16`` (``--ab fold-bn``): jbnn with the inference
+  BatchNorms folded into the convolutions before them
+  (``models.apply_fn(..., fold_batchnorm=True)``).
 
 The jbnn/Captum ratio of each jbnn row is taken against the faster Captum layout of the
 same dtype.
@@ -97,7 +98,7 @@ def parse_args(argv=None):
         "--ab",
         default="plain",
         help="extra jbnn contestants, comma-separated: plain, prev-pool, pad-pool, "
-        "native-pool, fold-bn (twin only) (or none)",
+        "native-pool, fold-bn (or none)",
     )
     p.add_argument("--smoke", action="store_true", help="tiny sizes, runs on CPU")
     args = p.parse_args(argv)
@@ -229,14 +230,17 @@ def bench_model(name: str, variant: str, args, device: str, peak: float | None) 
         ("prev-pool", ops_ab.previous_max_pool),
         ("pad-pool", ops_ab.pad_max_pool),
         ("native-pool", ops_ab.native_max_pool),
-        ("fold-bn", ops_ab.folded_batchnorm),
     ):
-        if ab not in args.ab or (ab == "fold-bn" and binary):
+        if ab not in args.ab:
             continue
         for dtype, m in (("f32", model), ("bf16", model_bf16)):
             # functions of their own, for the same reason
             fn = jax.tree_util.Partial(lambda v, xx, m=m: m.apply(v, xx), variables)
             runs[f"jbnn-{ab.replace('-', '')} {dtype}"] = jbnn(fn, context)
+    if "fold-bn" in args.ab:
+        for dtype, m in (("f32", model), ("bf16", model_bf16)):
+            fn = models.apply_fn(m, variables, fold_batchnorm=True)
+            runs[f"jbnn-foldbn {dtype}"] = jbnn(fn)
     t = common.alternate(runs, args.rounds)
     rows = []
     for dtype in ("f32", "bf16"):

@@ -213,8 +213,33 @@ class QuantConv(nn.Module):
             if self.use_bias
             else None
         )
+        return self.forward(x, kernel, bias)
+
+    def forward(
+        self,
+        x: jax.Array,
+        kernel: jax.Array,
+        bias: jax.Array | None,
+        out_scale: jax.Array | None = None,
+    ) -> jax.Array:
+        """The layer's computation from given parameters (``__call__`` takes its own).
+
+        Args:
+          x: (B, H, W, C_in) input.
+          kernel: the latent (kh, kw, C_in / groups, C_out) kernel.
+          bias: (C_out,) or None.
+          out_scale: (C_out,) factors applied to the quantized kernel and the bias, so
+            that the output is the layer's times ``out_scale`` (a BatchNorm folded in,
+            :func:`jbnn.models.fold_batchnorm`); None for the layer itself.
+
+        Returns:
+          (B, H', W', C_out).
+        """
         x = _quantize_input(x, self.input_quantizer, self.surrogate)
         kernel = _quantize_kernel(kernel, self.kernel_quantizer, self.kernel_scale)
+        if out_scale is not None:
+            kernel = kernel * out_scale.astype(kernel.dtype)
+            bias = None if bias is None else bias * out_scale.astype(bias.dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
 
         padding = self.padding

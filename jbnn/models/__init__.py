@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jbnn.models import fold
 from jbnn.models.birealnet import BiRealNet18
 from jbnn.models.common import ACTIVATIONS, check_images
 from jbnn.models.densenet import BinaryDenseNet28
@@ -140,14 +141,27 @@ def _eval_apply(model: nn.Module) -> Callable:
     return apply
 
 
-def apply_fn(model: nn.Module, variables) -> jax.tree_util.Partial:
+def apply_fn(model: nn.Module, variables, fold_batchnorm: bool = False) -> jax.tree_util.Partial:
     """``x -> model.apply(variables, x)`` in inference mode, as a pytree.
 
     The result is a ``jax.tree_util.Partial`` whose function is cached per model, so
     that jitted code taking it as an argument (all of :mod:`jbnn.saliency`) does not
     recompile when called again with other variables of the same shapes.
+
+    Args:
+      model: the Flax model.
+      variables: its variables (``params``, ``batch_stats``).
+      fold_batchnorm: fold every BatchNorm that reads a convolution's output into that
+        convolution (:mod:`jbnn.models.fold`): the same function up to float rounding,
+        faster on GPUs (a twin Bi-Real Net 18's bfloat16 SmoothGrad 1.11x on an H100).
+        A binarized activation within rounding of zero can take the other sign, so a
+        BNN's maps can differ for a few examples, as between two float precisions.
+
+    Returns:
+      The function, a pytree holding ``variables``.
     """
-    return jax.tree_util.Partial(_eval_apply(model), variables)
+    apply = fold.folded_apply(model) if fold_batchnorm else _eval_apply(model)
+    return jax.tree_util.Partial(apply, variables)
 
 
 __all__ = [

@@ -1,0 +1,161 @@
+"""jbnn.models.fold: inference BatchNorm folded into the convolution that feeds it."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jbnn import models
+from jbnn.layers import QuantConv
+from jbnn.models import fold
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compiles():
+    previous = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def _small(name: str, binary: bool, **kwargs) -> nn.Module:
+    fields = models._REGISTRY[name].__dataclass_fields__
+    kw = {"width": 0.125} if "width" in fields else {}
+    if "hidden" in fields:
+        kw["hidden"] = (32, 32)
+    return models.get(name, binary=binary, num_classes=5, **kw, **kwargs)
+
+
+def _variables(model, x, seed: int = 0):
+    """Initialised variables with BatchNorm statistics and affine parameters far from
+    the identity, so that a wrong fold shows."""
+    variables = model.init(jax.random.key(seed), x[:1])
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        key = path[-1].key
+        if key == "mean":
+            return jnp.asarray(0.3 * rng.normal(size=leaf.shape), leaf.dtype)
+        if key == "var":
+            return jnp.asarray(rng.uniform(0.3, 2.0, size=leaf.shape), leaf.dtype)
+        if key in ("scale", "bias") and any(
+            getattr(p, "key", "").startswith(("bn", "shortcut_bn", "stem_bn")) for p in path
+        ):
+            return jnp.asarray(
+                rng.uniform(0.5, 1.5, size=leaf.shape) * rng.choice([-1, 1], size=leaf.shape),
+                leaf.dtype,
+            )
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(fill, variables)
+
+
+def _images(size: int = 32, batch: int = 2, dtype=jnp.float32) -> jax.Array:
+    rng = np.random.default_rng(size)
+    return jnp.asarray(rng.uniform(0, 1, size=(batch, size, size, 3)), dtype)
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+# folds expected at 32 px (small stems): every BatchNorm that reads a convolution's
+# output and nothing else reads that output
+EXPECTED_FOLDS = {
+    "birealnet18": 20,  # stem, 16 blocks, 3 downsampling shortcuts
+    "binary_resnet_e18": 19,  # stem, 16 blocks, 2 shortcuts (the first avg-pooled)
+    "binarynet": 3,  # the three conv blocks without a pool before their BN
+    "quicknet_small": 6,
+    "xnornet": 5,
+    "binary_densenet28": 0,  # its stem's output is also concatenated: not foldable
+    "mlp": 0,  # no convolutions
+}
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_folded_twin_equals_the_model_and_its_input_gradient(name):
+    x = _images()
+    model = _small(name, binary=False)
+    variables = _variables(model, x)
+    folds = fold.batchnorm_folds(model, variables, x)
+    assert len(folds) == EXPECTED_FOLDS[name], folds
+    if not folds:  # nothing to fold: the same program
+        return
+    plain = models.apply_fn(model, variables)
+    folded = models.apply_fn(model, variables, fold_batchnorm=True)
+    assert _rel(jax.jit(lambda f, x: f(x))(folded, x), plain(x)) < 1e-5
+    ct = jax.random.normal(jax.random.key(1), plain(x).shape)
+    grad = lambda f: jax.jit(jax.grad(lambda x, f: jnp.sum(ct * f(x))))(x, f)
+    assert _rel(grad(folded), grad(plain)) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["xnornet", "quicknet_small"])
+def test_folded_bnn_equals_the_model_in_float64(name):
+    # In float32 a binarized activation within rounding of zero can take the other sign
+    # (XNOR-Net's logits then move by 30%); in float64 none does, and the folded BNN
+    # equals the BNN to the float32 rounding of its output.
+    with jax.enable_x64(True):
+        x = _images(dtype=jnp.float64)
+        model = _small(name, binary=True, dtype=jnp.float64)
+        variables = jax.tree.map(lambda a: a.astype(jnp.float64), _variables(model, x))
+        assert fold.batchnorm_folds(model, variables, x)
+        plain = models.apply_fn(model, variables)(x)
+        folded = models.apply_fn(model, variables, fold_batchnorm=True)(x)
+        assert _rel(folded, plain) < 1e-6
+
+
+class _Toy(nn.Module):
+    """conv -> BN (folds); conv -> relu -> BN (does not); conv read by BN and a sum
+    (does not); a BN without scale or bias after a conv (folds)."""
+
+    @nn.compact
+    def __call__(self, x):
+        bn = lambda name, **kw: nn.BatchNorm(use_running_average=True, name=name, **kw)
+        a = bn("bn_a")(QuantConv(4, use_bias=True, name="conv_a")(x))
+        b = bn("bn_b")(nn.relu(QuantConv(4, name="conv_b")(a)))
+        c = QuantConv(4, name="conv_c")(b)
+        d = bn("bn_c")(c) + c
+        e = bn("bn_e", use_scale=False, use_bias=False)(QuantConv(4, name="conv_e")(d))
+        return e
+
+
+def test_only_batchnorms_that_alone_read_a_convolution_are_folded():
+    x = _images(size=8)
+    model = _Toy()
+    variables = _variables(model, x)
+    # the toy's BN names do not start with "bn"-prefixed paths only: randomise all
+    rng = np.random.default_rng(3)
+    variables = jax.tree.map(
+        lambda a: jnp.asarray(rng.uniform(0.5, 1.5, size=a.shape), a.dtype), variables
+    )
+    assert fold.batchnorm_folds(model, variables, x) == {"conv_a": "bn_a", "conv_e": "bn_e"}
+    plain = model.apply(variables, x)
+    folded = fold.folded_apply(model)(variables, x)
+    assert _rel(folded, plain) < 1e-5
+    assert fold.folded_apply(model) is fold.folded_apply(model)  # one function per model
+
+
+def test_folding_skips_the_batchnorm_passes():
+    # The folded program has no BatchNorm arithmetic on activations: fewer elementwise
+    # ops of the activations' shape than the plain one.
+    x = _images()
+    model = _small("birealnet18", binary=False)
+    variables = _variables(model, x)
+
+    def count(f):
+        jaxpr = jax.make_jaxpr(f)(x)
+        shape = (2, 32, 32, 8)  # stage 1 at width 0.125
+        return sum(
+            1
+            for eqn in jaxpr.jaxpr.eqns
+            if eqn.primitive.name in ("mul", "sub", "add", "rsqrt")
+            and any(getattr(v.aval, "shape", None) == shape for v in eqn.outvars)
+        )
+
+    plain = count(models.apply_fn(model, variables))
+    folded = count(models.apply_fn(model, variables, fold_batchnorm=True))
+    assert folded < plain / 2, (folded, plain)
