@@ -447,6 +447,7 @@ class Settings:
     confidence: float = 0.95
     alpha: float = 0.05
     similarity_margin: float = 0.2
+    fold_batchnorm: bool = False
 
     def to_dict(self) -> dict:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -908,6 +909,7 @@ def compute_maps(plan: Plan, verbose: bool = True) -> tuple[dict, dict]:
                 key=key,  # the same noise for every model: a paired comparison
                 target="label",
                 progress=False,
+                fold_batchnorm=s.fold_batchnorm,
                 **method_options(method, s),
             )["maps"]
             if out.ndim == 4:
@@ -1016,7 +1018,7 @@ def per_image_metrics(plan: Plan, maps: Mapping, signed: Mapping, verbose: bool 
         for method in METHODS:
             curves[kind][method] = {}
             for model in MODELS:
-                fn = apply_fn(plan.models[model], plan.variables[model])
+                fn = apply_fn(plan.models[model], plan.variables[model], s.fold_batchnorm)
                 c, auc = curve_fn(
                     fn,
                     images,
@@ -1043,7 +1045,7 @@ def _mprt_explain(methods: Sequence[str], settings: Settings, key: jax.Array):
         options = method_options(method, settings)
         if method == "gradcam":
             return saliency.gradcam(model, variables, x, target, **options)
-        fn = apply_fn(model, variables)
+        fn = apply_fn(model, variables, settings.fold_batchnorm)
         if method == "gradient":
             out = saliency.gradient(fn, x, target)
         elif method == "integrated_gradients":
@@ -1338,7 +1340,7 @@ def _predictions(plan: Plan) -> dict[str, np.ndarray]:
     s = plan.settings
     out = {}
     for model in MODELS:
-        fn = jax.jit(apply_fn(plan.models[model], plan.variables[model]))
+        fn = jax.jit(apply_fn(plan.models[model], plan.variables[model], s.fold_batchnorm))
         preds = [
             np.asarray(fn(plan.images[i : i + s.batch_size]).argmax(-1))
             for i in range(0, len(plan.labels), s.batch_size)

@@ -159,3 +159,22 @@ def test_folding_skips_the_batchnorm_passes():
     plain = count(models.apply_fn(model, variables))
     folded = count(models.apply_fn(model, variables, fold_batchnorm=True))
     assert folded < plain / 2, (folded, plain)
+
+
+def test_explain_dataset_folds_on_request():
+    from jbnn import saliency
+
+    x = _images(batch=3)
+    model = _small("birealnet18", binary=False)
+    variables = _variables(model, x)
+    run = lambda **kw: saliency.explain_dataset(
+        "gradient", [np.asarray(x)], model=model, variables=variables, progress=False, **kw
+    )
+    plain, folded = run(), run(fold_batchnorm=True)
+    np.testing.assert_array_equal(folded["predictions"], plain["predictions"])
+    assert _rel(folded["maps"], plain["maps"]) < 1e-5
+    fn = models.apply_fn(model, variables)
+    with pytest.raises(ValueError, match="fold_batchnorm=True folds model= and variables="):
+        saliency.explain_dataset("gradient", [np.asarray(x)], fn=fn, fold_batchnorm=True)
+    with pytest.raises(TypeError, match="fold_batchnorm must be True or False"):
+        run(fold_batchnorm="yes")

@@ -165,6 +165,7 @@ def explain_dataset(
     mesh: Mesh | None = None,
     progress: bool = True,
     path: str | os.PathLike | None = None,
+    fold_batchnorm: bool = False,
     **options,
 ) -> dict[str, np.ndarray]:
     """Runs a saliency method over a stream of batches, sharded over the local devices.
@@ -185,6 +186,9 @@ def explain_dataset(
         one-axis mesh ``("batch",)`` over ``jax.local_devices()``.
       progress: show a tqdm progress bar.
       path: if given, the results are also written there with ``numpy.savez``.
+      fold_batchnorm: with ``model`` and ``variables``, fold the inference BatchNorms
+        into the convolutions that feed them (``jbnn.models.apply_fn``; the same function
+        up to float rounding, faster on GPUs). GradCAM runs the model as it is.
       **options: the method's keyword options (``num_samples``, ``layer``...).
 
     Returns:
@@ -203,12 +207,19 @@ def explain_dataset(
     _checks.check_choice(target, ("predicted", "label"), "target", name)
     if method in _CAM_METHODS and (model is None or variables is None):
         raise ValueError(f"{name}: {method} needs model= and variables=.")
+    if not isinstance(fold_batchnorm, bool):
+        raise TypeError(f"{name}: fold_batchnorm must be True or False, got {fold_batchnorm!r}.")
+    if fold_batchnorm and fn is not None:
+        raise ValueError(
+            f"{name}: fold_batchnorm=True folds model= and variables=; with fn= fold when "
+            "building it (jbnn.models.apply_fn(model, variables, fold_batchnorm=True))."
+        )
     if fn is None:
         if model is None or variables is None:
             raise ValueError(f"{name}: give fn= (x -> logits) or model= and variables=.")
         from jbnn.models import apply_fn
 
-        fn = apply_fn(model, variables)
+        fn = apply_fn(model, variables, fold_batchnorm=fold_batchnorm)
     fn = _checks.as_partial(fn, name)
     if method in _KEY_METHODS:
         key = _checks.typed_key(key, name)
