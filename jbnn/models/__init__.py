@@ -153,7 +153,8 @@ def apply_fn(model: nn.Module, variables, fold_batchnorm: bool = False) -> jax.t
       variables: its variables (``params``, ``batch_stats``).
       fold_batchnorm: fold every BatchNorm that reads a convolution's output into that
         convolution (:mod:`jbnn.models.fold`): the same function up to float rounding,
-        faster on GPUs (a twin Bi-Real Net 18's bfloat16 SmoothGrad 1.11x on an H100).
+        faster on GPUs (a twin Bi-Real Net 18's bfloat16 SmoothGrad 1.11x on an H100),
+        not on CPUs (Gradient 0.79x on a 2-core VM).
         A binarized activation within rounding of zero can take the other sign, so a
         BNN's maps can differ for a few examples, as between two float precisions.
 

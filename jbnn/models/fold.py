@@ -8,6 +8,9 @@ so the BatchNorm's own passes over the activations, forward and backward, disapp
 The function is the same up to float rounding; the input gradient too. On an H100 this
 made a twin Bi-Real Net 18's bfloat16 SmoothGrad 1.11x faster (444 -> 493 img/s, 224 px,
 batch 16, 50 samples; float32 286 -> 305 img/s; `benchmarks/saliency_gpu.py --ab fold-bn`).
+On CPU it is no faster: on this project's 2-core VM (112 px, batch 4) SmoothGrad ran
+1.01-1.02x and the twin's Gradient 0.79x (the scaled kernels are recomputed per call and
+outweigh the BatchNorm passes there). Leave it off on CPU.
 
 Which BatchNorm follows which convolution is found by tracing the model once (shapes
 only) under ``flax.linen.intercept_methods``: a BatchNorm in inference mode whose input is
