@@ -187,6 +187,8 @@ def test_space_to_depth_conv_equals_the_strided_conv(shape, kernel, strides, pad
     grads = lambda conv: jax.jit(jax.grad(lambda x, w: jnp.sum(ct * conv(x, w)), (0, 1)))(x, w)
     for got, want in zip(grads(s2d), grads(ref), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    if (shape, kernel) != SPACE_TO_DEPTH[0][:2]:
+        return  # bfloat16 and vmap: the stem's case is enough (keeps the suite short)
     xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
     yb = s2d(xb, wb)
     assert yb.dtype == jnp.bfloat16
