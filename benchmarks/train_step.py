@@ -55,10 +55,9 @@ def parse_args(argv=None):
         default="",
         help="extra BNN contestants, comma-separated: noflip (no flip count), notie "
         "(counted, update not tied to it), sumflip (an int32 sum of the comparison, "
-        "tied), xnorplain (XNOR kernel scale differentiated by JAX), xnorsum (its custom "
-        "VJP with alpha's gradient as a multiply-and-sum), wholeconv (a kernel as large as "
-        "its input as a convolution, not a matrix product, on GPU); twin-NAME: the twin "
-        "with that change",
+        "tied), xnorplain (XNOR kernel scale differentiated by JAX), wholeconv (a kernel "
+        "as large as its input as a convolution, not a matrix product, on GPU); "
+        "twin-NAME: the twin with that change",
     )
     p.add_argument(
         "--profile",
@@ -97,30 +96,12 @@ def _plain_xnor_kernel(kernel, quantizer):
     return alpha * quantizer(clipped)
 
 
-def _xnor_bwd_sum(quantizer, residuals, g):
-    """layers._xnor_kernel_bwd with alpha's gradient as a plain multiply-and-sum."""
-    kernel, alpha = residuals
-    clipped = jnp.clip(kernel, -1.0, 1.0)
-    binary, pullback = jax.vjp(quantizer, clipped)
-    d_alpha = jnp.sum(g * binary, axis=tuple(range(kernel.ndim - 1)), keepdims=True)
-    (d_clipped,) = pullback((alpha * g).astype(binary.dtype))
-    abs_grad = jnp.where(clipped >= 0, 1.0, -1.0).astype(kernel.dtype)
-    d_clipped = d_clipped + abs_grad * (d_alpha / (kernel.size // kernel.shape[-1]))
-    magnitude = jnp.abs(kernel)
-    clip_grad = jnp.where(magnitude < 1.0, 1.0, jnp.where(magnitude == 1.0, 0.5, 0.0))
-    return ((d_clipped * clip_grad.astype(kernel.dtype)).astype(kernel.dtype),)
-
-
-_xnor_sum = jax.custom_vjp(layers._xnor_kernel.fun, nondiff_argnums=(1,))
-_xnor_sum.defvjp(layers._xnor_kernel_fwd, _xnor_bwd_sum)
-
 # name -> (module, attribute, replacement) patched while the variant's step is traced
 FLIP_VARIANTS = {
     "noflip": (optim, "flip_ratio_of_update", _no_flip_count),
     "notie": (optim, "flip_ratio_of_update", _untied_flip_count),
     "sumflip": (optim, "_count_changed_signs", _int32_sum_count),
     "xnorplain": (layers, "_xnor_kernel", _plain_xnor_kernel),
-    "xnorsum": (layers, "_xnor_kernel", _xnor_sum),
     # a kernel as large as its input as a convolution on every platform
     "wholeconv": (ops, "_is_whole_input_window", lambda *a: False),
 }

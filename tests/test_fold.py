@@ -12,13 +12,7 @@ from jbnn import models
 from jbnn.layers import QuantConv
 from jbnn.models import fold
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-    previous = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _small(name: str, binary: bool, **kwargs) -> nn.Module:

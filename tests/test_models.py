@@ -118,12 +118,7 @@ def _images(size: int, batch: int = 2) -> jax.Array:
     return jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-    previous = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 # ----------------------------------------------------------------- operand capture

@@ -12,16 +12,17 @@ On CPU it is no faster: on this project's 2-core VM (112 px, batch 4) SmoothGrad
 1.01-1.02x and the twin's Gradient 0.79x (the scaled kernels are recomputed per call and
 outweigh the BatchNorm passes there). Leave it off on CPU.
 
-Which BatchNorm follows which convolution is found by tracing the model once (shapes
-only) under ``flax.linen.intercept_methods``: a BatchNorm in inference mode whose input is
-the very array a :class:`~jbnn.layers.QuantConv` returned, and whose feature axis is the
-last, is folded into it; every other BatchNorm (after a pooling, an activation or a sum)
-runs as it is. The fold assumes that nothing else reads the convolution's raw output,
-which holds for every jbnn model (``tests/test_models.py`` checks them all against the
-unfolded model). Module interceptors of the caller still see every module call, but a
-folded convolution returns its BatchNorm's output, and the BatchNorm returns its input:
-capture a BatchNorm's output, not its convolution's, from a folded model (GradCAM's
-layers are stages and blocks, whose outputs do not change).
+Which BatchNorm follows which convolution is found by tracing the model (shapes only)
+under ``flax.linen.intercept_methods``: a BatchNorm in inference mode whose input is the
+very array a :class:`~jbnn.layers.QuantConv` returned, and whose feature axis is the
+last, is a candidate; a second trace keeps the candidates whose convolution's output
+nothing else reads (DenseNet's stem output is also concatenated: not folded). Every other
+BatchNorm (after a pooling, an activation or a sum) runs as it is; ``tests/test_fold.py``
+checks every jbnn model against its unfolded self. Module interceptors of the caller
+still see every module call, but a folded convolution returns its BatchNorm's output,
+and the BatchNorm returns its input: capture a BatchNorm's output, not its
+convolution's, from a folded model (GradCAM's layers are stages and blocks, whose outputs
+do not change).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class _Fold:
     use_scale: bool
     use_bias: bool
     out_dtype: Any
+    conv_out: jax.ShapeDtypeStruct  # the convolution's output
 
 
 def _find_folds(model: nn.Module, variables, x: jax.Array) -> dict[Path, _Fold]:
@@ -70,9 +72,14 @@ def _find_folds(model: nn.Module, variables, x: jax.Array) -> dict[Path, _Fold]:
             and id(args[0]) in outputs
             and outputs[id(args[0])][1] is args[0]
         ):
-            conv_path, _ = outputs.pop(id(args[0]))  # one BatchNorm per convolution
+            conv_path, conv_out = outputs.pop(id(args[0]))  # one BatchNorm per convolution
             folds[conv_path] = _Fold(
-                module.scope.path, module.epsilon, module.use_scale, module.use_bias, out.dtype
+                module.scope.path,
+                module.epsilon,
+                module.use_scale,
+                module.use_bias,
+                out.dtype,
+                jax.ShapeDtypeStruct(conv_out.shape, conv_out.dtype),
             )
         return out
 
@@ -116,17 +123,7 @@ def _read_only_by_their_batchnorm(model, variables, x, folds: dict[Path, _Fold])
         with nn.intercept_methods(interceptor):
             return model.apply(variables, x)
 
-    shapes = {}
-
-    def record(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if context.method_name == "__call__" and context.module.scope.path in folds:
-            shapes[context.module.scope.path] = jax.ShapeDtypeStruct(out.shape, out.dtype)
-        return out
-
-    with nn.intercept_methods(record):
-        jax.eval_shape(lambda v, x: model.apply(v, x), variables, x)
-    deltas = [jnp.zeros(shapes[p].shape, shapes[p].dtype) for p in paths]
+    deltas = [folds[p].conv_out for p in paths]  # abstract: nothing is allocated
     jaxpr = jax.make_jaxpr(traced)(deltas, variables, x).jaxpr
     needed = {v for v in jaxpr.outvars if not _is_literal(v)}
     for eqn in reversed(jaxpr.eqns):
