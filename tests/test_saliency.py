@@ -9,6 +9,7 @@ formula. Tiny Linen models and 8x8 to 16x16 images keep every test on CPU.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ import textwrap
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -359,6 +361,106 @@ def test_integrated_gradients_quadrature_and_completeness(net):
     for method in ("gausslegendre", "riemann_trapezoid"):
         ig = sal.integrated_gradients(fn, x, target, num_steps=32, method=method)
         np.testing.assert_allclose(ig.sum(axis=(1, 2, 3)), delta, atol=tol)
+
+
+# --------------------------------------------------------------------------- input layer
+class _Preprocessed(nn.Module):  # the input is rescaled inside the model
+    @nn.compact
+    def __call__(self, x):
+        return SplitNet()(2.0 * x - 1.0)
+
+
+class _InputReadTwice(nn.Module):  # the input reaches the logits besides the conv
+    @nn.compact
+    def __call__(self, x):
+        return SplitNet()(x) + jnp.sum(jnp.square(x), axis=(1, 2, 3))[:, None]
+
+
+class _QuantizedInput(nn.Module):  # the first layer binarizes its input: not affine
+    @nn.compact
+    def __call__(self, x):
+        from jbnn import layers
+
+        y = layers.QuantConv(4, (3, 3), input_quantizer="ste_sign", name="conv")(x)
+        return nn.Dense(NUM_CLASSES)(jnp.tanh(y).reshape(x.shape[0], -1))
+
+
+class _SharedConv(nn.Module):  # one conv applied to x and to its own output
+    @nn.compact
+    def __call__(self, x):
+        conv = nn.Conv(3, (3, 3), name="conv")
+        y = conv(jnp.tanh(conv(x)))
+        return nn.Dense(NUM_CLASSES)(y.reshape(x.shape[0], -1))
+
+
+def _conv_output_shapes(jaxpr) -> list[tuple[int, ...]]:
+    """Output shapes of every convolution in a jaxpr, sub-programs included."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            shapes.append(tuple(eqn.outvars[0].aval.shape))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            shapes += _conv_output_shapes(sub)
+    return shapes
+
+
+def test_split_input_layer_is_the_same_map_with_one_pullback(net):
+    """The stem's input gradient runs once per example, and the maps do not change."""
+    from jbnn.saliency import _input_layer
+
+    model, variables, x, target = net
+    fn = models.apply_fn(model, variables)
+    assert _input_layer.find(fn, x) == ("features", "conv1")
+    key = jax.random.key(3)
+    for batch_size in (None, 4):  # all at once; a scanned chunk of 4 and a remainder of 2
+        kw = dict(num_samples=6, batch_size=batch_size)
+        split = sal.smoothgrad(fn, x, target, key, **kw)
+        full = sal.smoothgrad(fn, x, target, key, **kw, split_input_layer=False)
+        np.testing.assert_allclose(split, full, rtol=1e-5, atol=1e-6 * np.abs(full).max())
+        kw = dict(num_steps=6, batch_size=batch_size, method="gausslegendre")
+        split = sal.integrated_gradients(fn, x, target, **kw)
+        full = sal.integrated_gradients(fn, x, target, **kw, split_input_layer=False)
+        np.testing.assert_allclose(split, full, rtol=1e-5, atol=1e-6 * np.abs(full).max())
+
+    # The convolutions whose output has x's shape (the input layer's input gradient):
+    # one over the B * 6 noisy copies without the split, one over the B examples with it.
+    def x_shaped_convs(split):
+        run = functools.partial(
+            sal_gradients._smoothgrad_jit.__wrapped__,
+            relative=True,
+            num_samples=6,
+            variant="smoothgrad",
+            batch_size=6,
+            split_input_layer=split,
+        )
+        keys = jax.random.split(key, x.shape[0])
+        jaxpr = jax.make_jaxpr(run)(fn, x, target, keys, jnp.float32(0.2)).jaxpr
+        return [s for s in _conv_output_shapes(jaxpr) if s[1:] == x.shape[1:]]
+
+    assert x_shaped_convs(False) == [(6 * x.shape[0], *x.shape[1:])]
+    assert x_shaped_convs(True) == [x.shape]
+
+
+@pytest.mark.parametrize(
+    "module",
+    [_Preprocessed, _InputReadTwice, _QuantizedInput, _SharedConv],
+    ids=lambda m: m.__name__,
+)
+def test_split_input_layer_only_where_the_model_allows_it(module):
+    """No split where it would be wrong; the maps still equal the slow loop there."""
+    from jbnn.saliency import _input_layer
+
+    model = module()
+    x = _uniform((2, 8, 8, 3), 5)
+    variables = _init(model, x.shape)
+    fn = models.apply_fn(model, variables)
+    assert _input_layer.find(fn, x) is None
+    target = jnp.array([1, 4], jnp.int32)
+    key = jax.random.key(7)
+    ours = sal.smoothgrad(fn, x, target, key, num_samples=3, noise_level=0.2)
+    sigmas = 0.2 * (np.asarray(x).max(axis=(1, 2, 3)) - np.asarray(x).min(axis=(1, 2, 3)))
+    ref = _smoothgrad_loop(model, variables, x, target, key, 3, sigmas, "smoothgrad")
+    np.testing.assert_allclose(ours, ref, rtol=2e-4, atol=1e-6 * np.abs(ref).max())
 
 
 # --------------------------------------------------------------------------- GradCAM
@@ -772,6 +874,18 @@ def test_explain_dataset_matches_direct_calls(net, tmp_path):
         fn, images[4:], a["predictions"][4:], keys, num_samples=6, noise_level=0.2
     )
     np.testing.assert_allclose(a["maps"][4:], direct, rtol=1e-5, atol=1e-9)
+    # The split input layer's option passes through (here: every gradient in full).
+    ig = sal.explain_dataset(
+        "integrated_gradients",
+        batches[:1],
+        fn=fn,
+        num_steps=4,
+        split_input_layer=False,
+        target="label",
+        progress=False,
+    )
+    direct = sal.integrated_gradients(fn, images[:3], labels[:3], num_steps=4)
+    np.testing.assert_allclose(ig["maps"], direct, rtol=1e-5, atol=1e-6 * np.abs(direct).max())
 
 
 _SHARDED_SCRIPT = textwrap.dedent(

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from jbnn import layers
+from jbnn._jaxpr import inputs_read
 
 Path = tuple[str, ...]
 
@@ -96,8 +97,7 @@ def _read_only_by_their_batchnorm(model, variables, x, folds: dict[Path, _Fold])
     Each candidate convolution's output gets ``+ delta`` (a traced input of its own)
     while its BatchNorm is handed the output without it; ``delta`` then reaches the
     model's output only through another reader. Which deltas the output depends on is
-    read off the traced program, walking back from its outputs (conservatively: an
-    equation reads all of its inputs).
+    read off the traced program (:func:`jbnn._jaxpr.inputs_read`).
     """
     paths = list(folds)
     bn_of = {folds[p].bn_path: p for p in paths}
@@ -125,16 +125,8 @@ def _read_only_by_their_batchnorm(model, variables, x, folds: dict[Path, _Fold])
 
     deltas = [folds[p].conv_out for p in paths]  # abstract: nothing is allocated
     jaxpr = jax.make_jaxpr(traced)(deltas, variables, x).jaxpr
-    needed = {v for v in jaxpr.outvars if not _is_literal(v)}
-    for eqn in reversed(jaxpr.eqns):
-        if any(v in needed for v in eqn.outvars):
-            needed.update(v for v in eqn.invars if not _is_literal(v))
-    delta_vars = jaxpr.invars[: len(paths)]
-    return [p for p, v in zip(paths, delta_vars, strict=True) if v not in needed]
-
-
-def _is_literal(v) -> bool:
-    return type(v).__name__ == "Literal"
+    read = inputs_read(jaxpr)[: len(paths)]
+    return [p for p, r in zip(paths, read, strict=True) if not r]
 
 
 def _lookup(tree, path: Path):

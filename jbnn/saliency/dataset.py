@@ -66,7 +66,13 @@ def _build_step(method, fn, model, variables, x_shape, kwargs) -> Callable:
         times_input = method == "input_x_gradient"
         return lambda x, t, k: gradients._gradient_jit(fn, x, t, times_input=times_input)
     if method in _KEY_METHODS:
-        options = dict(num_samples=50, noise_level=0.15, noise_sigma=None, batch_size=None)
+        options = dict(
+            num_samples=50,
+            noise_level=0.15,
+            noise_sigma=None,
+            batch_size=None,
+            split_input_layer=True,
+        )
         options["variant"] = {"smoothgrad_sq": "smoothgrad_sq", "vargrad": "vargrad"}.get(
             method, "smoothgrad"
         )
@@ -80,11 +86,18 @@ def _build_step(method, fn, model, variables, x_shape, kwargs) -> Callable:
             options["noise_sigma"],
             options["variant"],
             options["batch_size"],
+            options["split_input_layer"],
             name,
         )
         return lambda x, t, k: gradients._smoothgrad_jit(fn, x, t, k, scale, **static)
     if method == "integrated_gradients":
-        options = dict(baseline=0.0, num_steps=50, method="riemann_trapezoid", batch_size=None)
+        options = dict(
+            baseline=0.0,
+            num_steps=50,
+            method="riemann_trapezoid",
+            batch_size=None,
+            split_input_layer=True,
+        )
         options.update(kwargs)
         if np.ndim(options["baseline"]) > 3:
             raise ValueError(
@@ -96,6 +109,7 @@ def _build_step(method, fn, model, variables, x_shape, kwargs) -> Callable:
             options["num_steps"],
             options["method"],
             options["batch_size"],
+            options["split_input_layer"],
             name,
         )
         return lambda x, t, k: gradients._ig_jit(fn, x, t, base, **static)

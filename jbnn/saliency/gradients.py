@@ -25,7 +25,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jbnn.ops import platform_jit
-from jbnn.saliency import _checks
+from jbnn.saliency import _checks, _input_layer
 
 SMOOTHGRAD_VARIANTS = ("smoothgrad", "smoothgrad_sq", "vargrad")
 IG_METHODS = (
@@ -75,6 +75,32 @@ def _stacked_target_grad(fn: Callable, xs: jax.Array, target: jax.Array) -> jax.
     flat = jnp.swapaxes(xs, 0, 1).reshape(b * n, *xs.shape[2:])  # (B * n, H, W, C)
     grads = _target_grad(fn, flat, jnp.repeat(target, n))  # (B * n, H, W, C)
     return jnp.swapaxes(grads.reshape(b, n, *xs.shape[2:]), 0, 1)  # (n, B, H, W, C)
+
+
+def _stacked_layer_grad(fn: Callable, path, xs: jax.Array, target: jax.Array) -> jax.Array:
+    """The target logit's gradient at the output of the input layer at ``path``.
+
+    As :func:`_stacked_target_grad`, for n stacked batches (n, B, H, W, C), but taken at
+    the layer's output (n, B, ...): the layer's own input gradient is left out, to be
+    applied once to a sum of these (:func:`_pull_back`).
+    """
+    n, b = xs.shape[:2]
+    flat = jnp.swapaxes(xs, 0, 1).reshape(b * n, *xs.shape[2:])  # (B * n, H, W, C)
+    z = _input_layer.stem(fn, path, flat)  # (B * n, ...)
+    grads = _target_grad(lambda z: _input_layer.head(fn, path, flat, z), z, jnp.repeat(target, n))
+    return jnp.swapaxes(grads.reshape(b, n, *z.shape[1:]), 0, 1)  # (n, B, ...)
+
+
+def _pull_back(fn: Callable, path, x: jax.Array, cotangent: jax.Array) -> jax.Array:
+    """The input gradient of the (affine) input layer at ``path`` applied to ``cotangent``."""
+    z, pull = jax.vjp(lambda x: _input_layer.stem(fn, path, x), x)
+    (grad,) = pull(cotangent.astype(z.dtype))
+    return grad
+
+
+def _split_path(fn: Callable, x: jax.Array, split: bool):
+    """The path of fn's affine input layer when ``split`` and there is one, else None."""
+    return _input_layer.find(fn, x) if split else None
 
 
 def _predicted(fn: Callable, x: jax.Array) -> jax.Array:
@@ -156,10 +182,21 @@ def _chunked(num: int, batch_size: int, compute: Callable, merge: Callable, init
 
 
 @functools.partial(
-    platform_jit, static_argnames=("relative", "num_samples", "variant", "batch_size")
+    platform_jit,
+    static_argnames=("relative", "num_samples", "variant", "batch_size", "split_input_layer"),
 )
 def _smoothgrad_jit(
-    fn, x, target, keys, noise_scale, *, relative, num_samples, variant, batch_size
+    fn,
+    x,
+    target,
+    keys,
+    noise_scale,
+    *,
+    relative,
+    num_samples,
+    variant,
+    batch_size,
+    split_input_layer=True,
 ):
     if target is None:
         target = _predicted(fn, x)  # the class predicted for the clean input
@@ -178,6 +215,23 @@ def _smoothgrad_jit(
         return x + sigma * noise
 
     acc_dtype = jnp.promote_types(x.dtype, jnp.float32)  # accumulate in >= float32
+    # The mean of the gradients is linear in them: with an affine input layer it is
+    # summed at the layer's output and pulled back through the layer once.
+    path = _split_path(fn, x, split_input_layer and variant == "smoothgrad")
+
+    if path is not None:
+        z_shape = jax.eval_shape(lambda x: _input_layer.stem(fn, path, x), x).shape
+
+        def compute(ids):  # (n,) -> (n, B, ...): gradients at the input layer's output
+            noisy = jax.vmap(noisy_copy)(ids)  # (n, B, H, W, C)
+            return _stacked_layer_grad(fn, path, noisy, target).astype(acc_dtype)
+
+        def merge(total, grads, offset):
+            del offset
+            return total + jnp.sum(grads, axis=0)
+
+        total = _chunked(num_samples, batch_size, compute, merge, jnp.zeros(z_shape, acc_dtype))
+        return _pull_back(fn, path, x, total / num_samples).astype(x.dtype)
 
     def compute(ids):  # (n,) -> (n, B, H, W, C)
         noisy = jax.vmap(noisy_copy)(ids)  # (n, B, H, W, C)
@@ -210,7 +264,9 @@ def _smoothgrad_jit(
     return (total / num_samples).astype(x.dtype)
 
 
-def _smoothgrad_options(batch, num_samples, noise_level, noise_sigma, variant, batch_size, name):
+def _smoothgrad_options(
+    batch, num_samples, noise_level, noise_sigma, variant, batch_size, split_input_layer, name
+):
     num_samples = _checks.check_positive_int(num_samples, "num_samples", name)
     _checks.check_choice(variant, SMOOTHGRAD_VARIANTS, "variant", name)
     if batch_size is None:
@@ -229,7 +285,11 @@ def _smoothgrad_options(batch, num_samples, noise_level, noise_sigma, variant, b
     if np.any(scale_np < 0):
         raise ValueError(f"{name}: {arg} must be >= 0, got {scale!r}.")
     static = dict(
-        relative=relative, num_samples=num_samples, variant=variant, batch_size=batch_size
+        relative=relative,
+        num_samples=num_samples,
+        variant=variant,
+        batch_size=batch_size,
+        split_input_layer=bool(split_input_layer),
     )
     return jnp.asarray(scale_np, jnp.float32), static
 
@@ -245,6 +305,7 @@ def smoothgrad(
     noise_sigma: float | ArrayLike | None = None,
     variant: str = "smoothgrad",
     batch_size: int | None = None,
+    split_input_layer: bool = True,
 ) -> jax.Array:
     """SmoothGrad (Smilkov et al. 2017) and its squared and variance variants.
 
@@ -269,6 +330,12 @@ def smoothgrad(
     copies of the batch), whatever ``num_samples`` is. ``batch_size=None`` evaluates all
     samples at once (fastest, memory grows with ``num_samples``).
 
+    For ``"smoothgrad"``, when the model's input layer is affine (a convolution or
+    dense layer without input quantizer that alone reads ``x``, e.g. a ResNet's stem),
+    the gradients are summed at that layer's output and pulled back through the layer
+    once per example, not once per noisy copy (:mod:`jbnn.saliency._input_layer`): the
+    same map up to float rounding, the forward passes unchanged.
+
     Args:
       fn: ``x -> logits`` (B, K), in inference mode.
       x: float images (B, H, W, C), finite.
@@ -280,6 +347,8 @@ def smoothgrad(
         ``noise_level`` when not None.
       variant: ``"smoothgrad"``, ``"smoothgrad_sq"`` or ``"vargrad"``.
       batch_size: noisy copies evaluated together, or None for all.
+      split_input_layer: pull the summed gradient back through an affine input layer
+        once (above); False computes every copy's input gradient in full.
 
     Returns:
       The map, shape (B, H, W, C), x's dtype.
@@ -288,7 +357,14 @@ def smoothgrad(
     fn, x, target = _prepare(fn, x, target, name)
     keys = _checks.per_example_keys(key, x.shape[0], name)
     scale, static = _smoothgrad_options(
-        x.shape[0], num_samples, noise_level, noise_sigma, variant, batch_size, name
+        x.shape[0],
+        num_samples,
+        noise_level,
+        noise_sigma,
+        variant,
+        batch_size,
+        split_input_layer,
+        name,
     )
     return _smoothgrad_jit(fn, x, target, keys, scale, **static)
 
@@ -333,8 +409,10 @@ def quadrature(method: str, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-@functools.partial(platform_jit, static_argnames=("num_steps", "method", "batch_size"))
-def _ig_jit(fn, x, target, baseline, *, num_steps, method, batch_size):
+@functools.partial(
+    platform_jit, static_argnames=("num_steps", "method", "batch_size", "split_input_layer")
+)
+def _ig_jit(fn, x, target, baseline, *, num_steps, method, batch_size, split_input_layer=True):
     if target is None:
         target = _predicted(fn, x)
     alphas, weights = quadrature(method, num_steps)
@@ -347,20 +425,34 @@ def _ig_jit(fn, x, target, baseline, *, num_steps, method, batch_size):
         return baseline + alphas[i] * diff  # (B, H, W, C)
 
     acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    # The weighted sum of the gradients is linear in them: with an affine input layer it
+    # is taken at the layer's output and pulled back through the layer once.
+    path = _split_path(fn, x, split_input_layer)
 
-    def compute(ids):  # (n,) -> (n, B, H, W, C): weighted gradients at the points ids
-        grads = _stacked_target_grad(fn, jax.vmap(point)(ids), target)
-        return (weights[ids][:, None, None, None, None] * grads).astype(acc_dtype)
+    def compute(ids):  # (n,) -> (n, B, ...): weighted gradients at the points ids
+        points = jax.vmap(point)(ids)  # (n, B, H, W, C)
+        if path is None:
+            grads = _stacked_target_grad(fn, points, target)
+        else:  # at the input layer's output
+            grads = _stacked_layer_grad(fn, path, points, target)
+        w = weights[ids].reshape((-1,) + (1,) * (grads.ndim - 1))
+        return (w * grads).astype(acc_dtype)
 
     def merge(total, grads, offset):
         del offset
         return total + jnp.sum(grads, axis=0)
 
-    total = _chunked(num_steps, batch_size, compute, merge, jnp.zeros(x.shape, acc_dtype))
+    if path is None:
+        shape = x.shape
+    else:
+        shape = jax.eval_shape(lambda x: _input_layer.stem(fn, path, x), x).shape
+    total = _chunked(num_steps, batch_size, compute, merge, jnp.zeros(shape, acc_dtype))
+    if path is not None:
+        total = _pull_back(fn, path, x, total)
     return diff * total.astype(x.dtype)
 
 
-def _ig_options(x_shape, baseline, num_steps, method, batch_size, name):
+def _ig_options(x_shape, baseline, num_steps, method, batch_size, split_input_layer, name):
     num_steps = _checks.check_positive_int(num_steps, "num_steps", name)
     _checks.check_choice(method, IG_METHODS, "method", name)
     quadrature(method, num_steps)  # checks num_steps for the method
@@ -383,7 +475,12 @@ def _ig_options(x_shape, baseline, num_steps, method, batch_size, name):
         )
     if not isinstance(base, jax.core.Tracer) and not bool(np.isfinite(np.asarray(base)).all()):
         raise ValueError(f"{name}: baseline contains NaN or inf values.")
-    static = dict(num_steps=num_steps, method=method, batch_size=batch_size)
+    static = dict(
+        num_steps=num_steps,
+        method=method,
+        batch_size=batch_size,
+        split_input_layer=bool(split_input_layer),
+    )
     return jnp.asarray(base), static
 
 
@@ -396,6 +493,7 @@ def integrated_gradients(
     num_steps: int = 50,
     method: str = "riemann_trapezoid",
     batch_size: int | None = None,
+    split_input_layer: bool = True,
 ) -> jax.Array:
     """Integrated Gradients (Sundararajan et al. 2017).
 
@@ -403,7 +501,9 @@ def integrated_gradients(
     :func:`quadrature` (``alpha_i``, ``w_i``) along the straight path from the baseline
     ``x'`` to ``x``. Captum's defaults are 50 steps of ``gausslegendre``, PAIR's 25
     uniform steps; the baseline is zero in both. Path points are evaluated with
-    ``vmap`` in chunks of ``batch_size`` (None: all at once), as in :func:`smoothgrad`.
+    ``vmap`` in chunks of ``batch_size`` (None: all at once), as in :func:`smoothgrad`,
+    and the weighted sum is taken at the output of an affine input layer and pulled back
+    through it once, as there.
 
     Args:
       fn: ``x -> logits`` (B, K), in inference mode.
@@ -413,6 +513,7 @@ def integrated_gradients(
       num_steps: number of path points (> 0; >= 2 for the trapezoid rule).
       method: one of :data:`IG_METHODS`.
       batch_size: path points evaluated together, or None for all.
+      split_input_layer: as in :func:`smoothgrad`.
 
     Returns:
       Attributions of shape (B, H, W, C); they sum (per example) to about
@@ -420,5 +521,7 @@ def integrated_gradients(
     """
     name = "integrated_gradients"
     fn, x, target = _prepare(fn, x, target, name)
-    base, static = _ig_options(x.shape, baseline, num_steps, method, batch_size, name)
+    base, static = _ig_options(
+        x.shape, baseline, num_steps, method, batch_size, split_input_layer, name
+    )
     return _ig_jit(fn, x, target, base, **static)
