@@ -9,7 +9,8 @@
 # step has its own time limit, so that a slow step cannot take the later ones with it,
 # and writes its log as it goes:
 #   1_saliency_gpu.log  SmoothGrad against Captum, BNN and twin, float32 and bfloat16,
-#                       with the previous max-pool VJP as an A/B contestant
+#                       with the per-copy stem gradient (no split input layer) and the
+#                       folded BatchNorms as A/B contestants
 #   2_train_step.log    training step, BNN against twin, 224 px ImageNet stem
 #   3_profile_twin.log  where the twin's float32 SmoothGrad call spends its time
 set -u
@@ -40,7 +41,7 @@ step() {  # step SECONDS LOGNAME COMMAND...
   grep -v "Delay kernel timed out" "$LOG/$name" | tail -25
 }
 
-step 270 1_saliency_gpu.log python3 benchmarks/saliency_gpu.py --ab prev-pool --rounds 5
+step 330 1_saliency_gpu.log python3 benchmarks/saliency_gpu.py --ab no-split,fold-bn --rounds 5
 step 110 2_train_step.log python3 benchmarks/train_step.py --size 224 --stem imagenet \
   --batch 64 --width 1.0 --num-classes 1000 --models birealnet18,xnornet,quicknet_small \
   --rounds 5

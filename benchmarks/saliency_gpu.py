@@ -45,9 +45,10 @@ gradient; the model's MACs from :func:`jbnn.summary.summary`); achieved TFLOP/s 
 FLOPs / median time. jbnn's default SmoothGrad skips part of that count: the stem's
 input gradient runs once per image instead of once per sample (the stem's MACs, about
 6.5% of a Bi-Real Net 18's, so about 3% of the count); the count is not reduced for it,
-so its TFLOP/s are those of the computation it replaces. ``--xla-flops`` also prints XLA's own count of the compiled
-float32 computation (one more compilation; on CPU it agrees with the analytic count to
-about 10%, BatchNorm and the kernel-free ops making up the difference). XLA's count of
+so its TFLOP/s are those of the computation it replaces. ``--xla-flops`` also prints
+XLA's own count of the compiled float32 computation (one more compilation; on CPU it
+agrees with the analytic count to about 10%, BatchNorm and the kernel-free ops making
+up the difference). XLA's count of
 the *lowered* computation, used by an earlier version, read 52 GFLOP instead of about
 5.8 TFLOP on the H100 (jax 0.11.2): do not use it. The bf16 matrix peak of the device
 (dense, from ``--peak-tflops`` or the device name) gives the fraction of peak.

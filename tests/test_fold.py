@@ -181,3 +181,23 @@ def test_explain_dataset_folds_on_request():
         saliency.explain_dataset("gradient", [np.asarray(x)], fn=fn, fold_batchnorm=True)
     with pytest.raises(TypeError, match="fold_batchnorm must be True or False"):
         run(fold_batchnorm="yes")
+
+
+def test_a_folded_model_splits_its_input_layer_too():
+    """SmoothGrad's split input layer (jbnn.saliency._input_layer) sees through the
+    fold's own analysis traces: the folded stem (conv and BatchNorm) is split off, and
+    the map equals the unfolded model's, every copy's gradient taken in full."""
+    from jbnn import saliency
+    from jbnn.saliency import _input_layer
+
+    x = _images(batch=2)
+    model = _small("birealnet18", binary=False)
+    variables = _variables(model, x)
+    folded = models.apply_fn(model, variables, fold_batchnorm=True)
+    assert _input_layer.find(folded, x) == ("stem", "conv")
+    key = jax.random.key(0)
+    ours = saliency.smoothgrad(folded, x, None, key, num_samples=3)
+    plain = saliency.smoothgrad(
+        models.apply_fn(model, variables), x, None, key, num_samples=3, split_input_layer=False
+    )
+    assert _rel(ours, plain) < 1e-5

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from jbnn import layers
-from jbnn._jaxpr import inputs_read
+from jbnn._tracing import analysis, inputs_read
 
 Path = tuple[str, ...]
 
@@ -53,7 +53,16 @@ class _Fold:
 
 
 def _find_folds(model: nn.Module, variables, x: jax.Array) -> dict[Path, _Fold]:
-    """Convolution path -> the inference BatchNorm that reads its output directly."""
+    """Convolution path -> the inference BatchNorm that reads its output directly.
+
+    The traces are marked as jbnn's analysis (:func:`jbnn._tracing.analysis`): an
+    explainer tracing the folded function does not rewrite module calls in them.
+    """
+    with analysis():
+        return _find_folds_traced(model, variables, x)
+
+
+def _find_folds_traced(model, variables, x) -> dict[Path, _Fold]:
     outputs: dict[int, tuple[Path, jax.Array]] = {}  # id(conv output) -> (path, output)
     folds: dict[Path, _Fold] = {}
 
@@ -97,7 +106,7 @@ def _read_only_by_their_batchnorm(model, variables, x, folds: dict[Path, _Fold])
     Each candidate convolution's output gets ``+ delta`` (a traced input of its own)
     while its BatchNorm is handed the output without it; ``delta`` then reaches the
     model's output only through another reader. Which deltas the output depends on is
-    read off the traced program (:func:`jbnn._jaxpr.inputs_read`).
+    read off the traced program (:func:`jbnn._tracing.inputs_read`).
     """
     paths = list(folds)
     bn_of = {folds[p].bn_path: p for p in paths}

@@ -17,6 +17,9 @@ compute anything), and whose module is called once. A second trace, with that ca
 output replaced by an input of its own, checks that nothing else reads ``x`` (the
 program's output must not depend on it). Any other model (input preprocessed inside
 it, two layers reading the input, an input quantizer) is explained the plain way.
+Module calls in the traces jbnn makes to analyse a model (:func:`jbnn._tracing.analysis`,
+e.g. to fold BatchNorms) are left alone, so a folded model splits too: its input
+layer's output is then the folded convolution's, i.e. its BatchNorm's.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import flax.linen as nn
 import jax
 
 from jbnn import layers
-from jbnn._jaxpr import inputs_read
+from jbnn._tracing import in_analysis, inputs_read
 
 Path = tuple[str, ...]
 
@@ -42,9 +45,19 @@ def _affine_in_input(module: nn.Module) -> bool:
     return type(module) in _FLAX_LINEAR
 
 
+def _is_call(context, path: Path) -> bool:
+    """Whether this is the call of the layer at ``path`` in the traced function itself
+    (not in a trace that jbnn makes to analyse the model, e.g. to fold BatchNorms)."""
+    return (
+        context.method_name == "__call__"
+        and context.module.scope.path == path
+        and not in_analysis()
+    )
+
+
 def _replacing(path: Path, z: jax.Array) -> Callable:
     def interceptor(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and context.module.scope.path == path:
+        if _is_call(context, path):
             return z
         return next_fun(*args, **kwargs)
 
@@ -68,7 +81,7 @@ def stem(fn: Callable, path: Path, x: jax.Array) -> jax.Array:
 
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
-        if context.method_name == "__call__" and context.module.scope.path == path:
+        if _is_call(context, path):
             raise _Stop(out)
         return out
 
@@ -92,7 +105,11 @@ def find(fn: Callable, x: jax.Array) -> Path | None:
     def traced(fn, x):
         def interceptor(next_fun, args, kwargs, context):
             out = next_fun(*args, **kwargs)
-            if context.method_name == "__call__" and context.module.scope is not None:
+            if (
+                context.method_name == "__call__"
+                and context.module.scope is not None
+                and not in_analysis()
+            ):
                 path = context.module.scope.path
                 calls[path] += 1
                 if (
