@@ -70,7 +70,10 @@ def head(fn: Callable, path: Path, x: jax.Array, z: jax.Array) -> jax.Array:
         return fn(x)
 
 
-class _Stop(Exception):  # noqa: N818 (control flow, not an error)
+class _Stop(BaseException):  # noqa: N818 (control flow, not an error)
+    """Carries the layer's output out of ``fn``; a BaseException, so that an
+    ``except Exception`` inside ``fn`` does not swallow it."""
+
     def __init__(self, out):
         super().__init__()
         self.out = out
