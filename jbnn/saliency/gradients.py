@@ -62,7 +62,7 @@ def _target_grad(fn: Callable, x: jax.Array, target: jax.Array | None) -> jax.Ar
     return grad
 
 
-def _stacked_target_grad(fn: Callable, xs: jax.Array, target: jax.Array) -> jax.Array:
+def _stacked_target_grad(fn: Callable, xs: jax.Array, target: jax.Array, path=None) -> jax.Array:
     """:func:`_target_grad` of n stacked batches (n, B, H, W, C) as one batch of B * n.
 
     The same numbers as ``jax.vmap`` over the stack (examples are independent, and vmap
@@ -70,37 +70,37 @@ def _stacked_target_grad(fn: Callable, xs: jax.Array, target: jax.Array) -> jax.
     see the batch they really run on: jbnn.ops picks its CPU input-gradient kernels by
     batch size, which vmap hides from them. Examples go first (B-major), so that a batch
     sharded over devices stays sharded, each device's examples contiguous.
+
+    With ``path`` (an affine input layer, :mod:`jbnn.saliency._input_layer`), the
+    gradient is taken at that layer's output, (n, B, ...): the layer's own input
+    gradient is left out, to be applied once to a sum of these (:func:`_pull_back`).
     """
     n, b = xs.shape[:2]
     flat = jnp.swapaxes(xs, 0, 1).reshape(b * n, *xs.shape[2:])  # (B * n, H, W, C)
-    grads = _target_grad(fn, flat, jnp.repeat(target, n))  # (B * n, H, W, C)
-    return jnp.swapaxes(grads.reshape(b, n, *xs.shape[2:]), 0, 1)  # (n, B, H, W, C)
+    if path is None:
+        at, at_fn = flat, fn
+    else:
+        at = _input_layer.stem(fn, path, flat)  # (B * n, ...)
+        at_fn = lambda z: _input_layer.head(fn, path, flat, z)
+    grads = _target_grad(at_fn, at, jnp.repeat(target, n))  # (B * n, ...)
+    return jnp.swapaxes(grads.reshape(b, n, *at.shape[1:]), 0, 1)  # (n, B, ...)
 
 
-def _stacked_layer_grad(fn: Callable, path, xs: jax.Array, target: jax.Array) -> jax.Array:
-    """The target logit's gradient at the output of the input layer at ``path``.
-
-    As :func:`_stacked_target_grad`, for n stacked batches (n, B, H, W, C), but taken at
-    the layer's output (n, B, ...): the layer's own input gradient is left out, to be
-    applied once to a sum of these (:func:`_pull_back`).
-    """
-    n, b = xs.shape[:2]
-    flat = jnp.swapaxes(xs, 0, 1).reshape(b * n, *xs.shape[2:])  # (B * n, H, W, C)
-    z = _input_layer.stem(fn, path, flat)  # (B * n, ...)
-    grads = _target_grad(lambda z: _input_layer.head(fn, path, flat, z), z, jnp.repeat(target, n))
-    return jnp.swapaxes(grads.reshape(b, n, *z.shape[1:]), 0, 1)  # (n, B, ...)
+def _grad_shape(fn: Callable, x: jax.Array, path) -> tuple[int, ...]:
+    """The shape of the gradients :func:`_stacked_target_grad` takes, per stacked batch."""
+    if path is None:
+        return x.shape
+    return jax.eval_shape(lambda x: _input_layer.stem(fn, path, x), x).shape
 
 
 def _pull_back(fn: Callable, path, x: jax.Array, cotangent: jax.Array) -> jax.Array:
-    """The input gradient of the (affine) input layer at ``path`` applied to ``cotangent``."""
+    """The input gradient of the (affine) input layer at ``path`` applied to ``cotangent``;
+    ``cotangent`` itself without a layer (``path`` None)."""
+    if path is None:
+        return cotangent
     z, pull = jax.vjp(lambda x: _input_layer.stem(fn, path, x), x)
     (grad,) = pull(cotangent.astype(z.dtype))
     return grad
-
-
-def _split_path(fn: Callable, x: jax.Array, split: bool):
-    """The path of fn's affine input layer when ``split`` and there is one, else None."""
-    return _input_layer.find(fn, x) if split else None
 
 
 def _predicted(fn: Callable, x: jax.Array) -> jax.Array:
@@ -217,27 +217,14 @@ def _smoothgrad_jit(
     acc_dtype = jnp.promote_types(x.dtype, jnp.float32)  # accumulate in >= float32
     # The mean of the gradients is linear in them: with an affine input layer it is
     # summed at the layer's output and pulled back through the layer once.
-    path = _split_path(fn, x, split_input_layer and variant == "smoothgrad")
+    split = split_input_layer and variant == "smoothgrad"
+    path = _input_layer.find(fn, x) if split else None
 
-    if path is not None:
-        z_shape = jax.eval_shape(lambda x: _input_layer.stem(fn, path, x), x).shape
-
-        def compute(ids):  # (n,) -> (n, B, ...): gradients at the input layer's output
-            noisy = jax.vmap(noisy_copy)(ids)  # (n, B, H, W, C)
-            return _stacked_layer_grad(fn, path, noisy, target).astype(acc_dtype)
-
-        def merge(total, grads, offset):
-            del offset
-            return total + jnp.sum(grads, axis=0)
-
-        total = _chunked(num_samples, batch_size, compute, merge, jnp.zeros(z_shape, acc_dtype))
-        return _pull_back(fn, path, x, total / num_samples).astype(x.dtype)
-
-    def compute(ids):  # (n,) -> (n, B, H, W, C)
+    def compute(ids):  # (n,) -> (n, B, ...): gradients at x (or the input layer's output)
         noisy = jax.vmap(noisy_copy)(ids)  # (n, B, H, W, C)
-        return _stacked_target_grad(fn, noisy, target).astype(acc_dtype)
+        return _stacked_target_grad(fn, noisy, target, path).astype(acc_dtype)
 
-    zeros = jnp.zeros(x.shape, acc_dtype)
+    zeros = jnp.zeros(_grad_shape(fn, x, path), acc_dtype)
     if variant == "vargrad":
         # Chan et al.'s pairwise update of (mean, sum of squared deviations): stable,
         # unlike E[g^2] - E[g]^2.
@@ -261,7 +248,7 @@ def _smoothgrad_jit(
         return total + jnp.sum(jnp.square(grads) if square else grads, axis=0)
 
     total = _chunked(num_samples, batch_size, compute, merge, zeros)
-    return (total / num_samples).astype(x.dtype)
+    return _pull_back(fn, path, x, total / num_samples).astype(x.dtype)
 
 
 def _smoothgrad_options(
@@ -427,14 +414,10 @@ def _ig_jit(fn, x, target, baseline, *, num_steps, method, batch_size, split_inp
     acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
     # The weighted sum of the gradients is linear in them: with an affine input layer it
     # is taken at the layer's output and pulled back through the layer once.
-    path = _split_path(fn, x, split_input_layer)
+    path = _input_layer.find(fn, x) if split_input_layer else None
 
     def compute(ids):  # (n,) -> (n, B, ...): weighted gradients at the points ids
-        points = jax.vmap(point)(ids)  # (n, B, H, W, C)
-        if path is None:
-            grads = _stacked_target_grad(fn, points, target)
-        else:  # at the input layer's output
-            grads = _stacked_layer_grad(fn, path, points, target)
+        grads = _stacked_target_grad(fn, jax.vmap(point)(ids), target, path)
         w = weights[ids].reshape((-1,) + (1,) * (grads.ndim - 1))
         return (w * grads).astype(acc_dtype)
 
@@ -442,14 +425,9 @@ def _ig_jit(fn, x, target, baseline, *, num_steps, method, batch_size, split_inp
         del offset
         return total + jnp.sum(grads, axis=0)
 
-    if path is None:
-        shape = x.shape
-    else:
-        shape = jax.eval_shape(lambda x: _input_layer.stem(fn, path, x), x).shape
-    total = _chunked(num_steps, batch_size, compute, merge, jnp.zeros(shape, acc_dtype))
-    if path is not None:
-        total = _pull_back(fn, path, x, total)
-    return diff * total.astype(x.dtype)
+    zeros = jnp.zeros(_grad_shape(fn, x, path), acc_dtype)
+    total = _chunked(num_steps, batch_size, compute, merge, zeros)
+    return diff * _pull_back(fn, path, x, total).astype(x.dtype)
 
 
 def _ig_options(x_shape, baseline, num_steps, method, batch_size, split_input_layer, name):
