@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import re
 import sys
@@ -32,6 +33,7 @@ import numpy as np  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
 from jbnn import layers, models, ops, optim, training  # noqa: E402
+from jbnn import quantizers as qz  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -55,9 +57,10 @@ def parse_args(argv=None):
         default="",
         help="extra BNN contestants, comma-separated: noflip (no flip count), notie "
         "(counted, update not tied to it), sumflip (an int32 sum of the comparison, "
-        "tied), xnorplain (XNOR kernel scale differentiated by JAX), wholeconv (a kernel "
-        "as large as its input as a convolution, not a matrix product, on GPU); "
-        "twin-NAME: the twin with that change",
+        "tied), xnorplain (XNOR kernel scale differentiated by JAX), xnorkernel (XNOR's "
+        "scale in the kernel, as before 2026-11-27, not on the output), wholeconv (a kernel "
+        "as large as its input as a convolution, not a matrix product); NAME+NAME: "
+        "both; twin-NAME: the twin with that change",
     )
     p.add_argument(
         "--profile",
@@ -69,7 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--top", type=int, default=15, help="ops printed per contestant")
     args = p.parse_args(argv)
     args.bnn_variants = [v for v in args.bnn_variants.split(",") if v]
-    unknown = {v.removeprefix("twin-") for v in args.bnn_variants} - set(FLIP_VARIANTS)
+    names = {n for v in args.bnn_variants for n in v.removeprefix("twin-").split("+")}
+    unknown = names - set(FLIP_VARIANTS)
     if unknown:
         p.error(f"unknown --bnn-variants {sorted(unknown)}; known: {', '.join(FLIP_VARIANTS)}")
     return args
@@ -90,10 +94,47 @@ def _int32_sum_count(old, new):
 
 
 def _plain_xnor_kernel(kernel, quantizer):
-    """XNOR-Net's kernel as the formula, differentiated by JAX (no custom VJP)."""
+    """XNOR-Net's binary kernel and scale as the formula, differentiated by JAX."""
+    clipped = jnp.clip(kernel, -1.0, 1.0)
+    return quantizer(clipped), jnp.mean(jnp.abs(clipped), axis=tuple(range(kernel.ndim - 1)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _scaled_xnor_kernel(kernel, quantizer):
+    """jbnn's XNOR-Net kernel before 2026-11-27: ``alpha * quantizer(clip(w))`` as the
+    MAC op's kernel, with its VJP (one contraction for alpha's gradient, one
+    elementwise pass)."""
+    return _scaled_xnor_kernel_fwd(kernel, quantizer)[0]
+
+
+def _scaled_xnor_kernel_fwd(kernel, quantizer):
     clipped = jnp.clip(kernel, -1.0, 1.0)
     alpha = jnp.mean(jnp.abs(clipped), axis=tuple(range(kernel.ndim - 1)), keepdims=True)
-    return alpha * quantizer(clipped)
+    return alpha * quantizer(clipped), (kernel, alpha)
+
+
+def _scaled_xnor_kernel_bwd(quantizer, residuals, g):
+    kernel, alpha = residuals
+    c_out = kernel.shape[-1]
+    clipped = jnp.clip(kernel, -1.0, 1.0)
+    binary, quantizer_pullback = jax.vjp(quantizer, clipped)
+    d_alpha = jnp.einsum("ic,ic->c", g.reshape(-1, c_out), binary.reshape(-1, c_out))
+    (d_clipped,) = quantizer_pullback((alpha * g).astype(binary.dtype))
+    abs_grad = jnp.where(clipped >= 0, 1.0, -1.0).astype(kernel.dtype)
+    d_clipped = d_clipped + abs_grad * (d_alpha.reshape(alpha.shape) * c_out / kernel.size)
+    magnitude = jnp.abs(kernel)
+    clip_grad = jnp.where(magnitude < 1.0, 1.0, jnp.where(magnitude == 1.0, 0.5, 0.0))
+    return ((d_clipped * clip_grad.astype(kernel.dtype)).astype(kernel.dtype),)
+
+
+_scaled_xnor_kernel.defvjp(_scaled_xnor_kernel_fwd, _scaled_xnor_kernel_bwd)
+
+
+def _kernel_scaled_layers(kernel, spec, kernel_scale):
+    """XNOR-Net's scale in the kernel, not on the layer's output (the earlier form)."""
+    if spec is None or not kernel_scale:
+        return layers._quantize_kernel(kernel, spec), None
+    return _scaled_xnor_kernel(kernel, qz.get(spec)), None
 
 
 # name -> (module, attribute, replacement) patched while the variant's step is traced
@@ -102,23 +143,24 @@ FLIP_VARIANTS = {
     "notie": (optim, "flip_ratio_of_update", _untied_flip_count),
     "sumflip": (optim, "_count_changed_signs", _int32_sum_count),
     "xnorplain": (layers, "_xnor_kernel", _plain_xnor_kernel),
-    # a kernel as large as its input as a convolution on every platform
+    "xnorkernel": (layers, "_binary_kernel_and_scale", _kernel_scaled_layers),
+    # a kernel as large as its input as a convolution (before 2026-11-27 on CPUs)
     "wholeconv": (ops, "_is_whole_input_window", lambda *a: False),
 }
 
 
 @contextlib.contextmanager
 def patched(variant: str | None):
+    """Applies a variant's patches ("a+b": both) while the step is traced."""
     if variant is None:
         yield
         return
-    module, attr, replacement = FLIP_VARIANTS[variant.removeprefix("twin-")]
-    saved = getattr(module, attr)
-    setattr(module, attr, replacement)
-    try:
+    with contextlib.ExitStack() as stack:
+        for name in variant.removeprefix("twin-").split("+"):
+            module, attr, replacement = FLIP_VARIANTS[name]
+            stack.callback(setattr, module, attr, getattr(module, attr))
+            setattr(module, attr, replacement)
         yield
-    finally:
-        setattr(module, attr, saved)
 
 
 def _model_kwargs(name: str, args) -> dict:

@@ -41,56 +41,75 @@ def _quantize_input(x: jax.Array, spec: QuantizerSpec, surrogate: str | None) ->
     return quantizer(x)
 
 
-def _quantize_kernel(kernel: jax.Array, spec: QuantizerSpec, kernel_scale: bool) -> jax.Array:
-    if spec is not None:
-        if kernel_scale:
-            return _xnor_kernel(kernel, qz.get(spec))
-        return qz.get(spec)(kernel)
-    return kernel
+def _quantize_kernel(kernel: jax.Array, spec: QuantizerSpec) -> jax.Array:
+    return kernel if spec is None else qz.get(spec)(kernel)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _xnor_kernel(kernel: jax.Array, quantizer) -> jax.Array:
-    """XNOR-Net's scaled binary kernel ``alpha * quantizer(clip(w, -1, 1))``.
+def _xnor_kernel(kernel: jax.Array, quantizer) -> tuple[jax.Array, jax.Array]:
+    """XNOR-Net's binary kernel ``quantizer(clip(w, -1, 1))`` and its scale alpha.
 
-    ``alpha = mean |clip(w, -1, 1)|`` per output filter (over all but the last axis),
-    differentiable, as larq-zoo's ``xnor_weight_scale`` (which clips ``w`` before taking
-    it). The values and gradients are those of the formula written out in JAX ops
-    (``jnp.clip``, ``jnp.abs``, ``jnp.mean``, with their tie rules: ``clip`` passes half
-    the gradient at exactly +-1, ``abs`` passes +1 at 0), up to float summation order;
-    the VJP is written out so that a training step makes two passes over the kernel
-    instead of six: one contraction for alpha's gradient, of ``g`` and the binary kernel
-    reshaped to (fan_in, C_out) (inside a training step XLA's CPU backend had fused the
-    plain multiply-and-reduce into a kernel about 40x slower, ~45 ms a step for
-    XNOR-Net's 4M-weight fc7), and one elementwise pass for the kernel's gradient.
+    ``alpha = mean |clip(w, -1, 1)|`` per output filter (over all but the last axis:
+    (C_out,)), differentiable, as larq-zoo's ``xnor_weight_scale``. The values and
+    gradients are those of the formula written out in JAX ops (``jnp.clip``,
+    ``jnp.abs``, ``jnp.mean``, with their tie rules: ``clip`` passes half the gradient
+    at exactly +-1, ``abs`` passes +1 at 0), up to float summation order. The VJP is
+    written out so that the kernel's gradient is one elementwise pass over the binary
+    kernel's gradient and the kernel: JAX's own rules for ``clip`` and ``abs`` make
+    XLA write out each tie mask as a kernel-sized array.
     """
     return _xnor_kernel_fwd(kernel, quantizer)[0]
 
 
 def _xnor_kernel_fwd(kernel, quantizer):
     clipped = jnp.clip(kernel, -1.0, 1.0)
-    alpha = jnp.mean(jnp.abs(clipped), axis=tuple(range(kernel.ndim - 1)), keepdims=True)
-    return alpha * quantizer(clipped), (kernel, alpha)
+    magnitude = jnp.where(clipped >= 0, clipped, -clipped)  # |c|
+    alpha = jnp.sum(magnitude, axis=tuple(range(kernel.ndim - 1))) / (
+        kernel.size // kernel.shape[-1]
+    )
+    return (quantizer(clipped), alpha), kernel
 
 
-def _xnor_kernel_bwd(quantizer, residuals, g):
-    kernel, alpha = residuals  # alpha: (1, ..., 1, C_out)
-    c_out = kernel.shape[-1]
-    fan_in = kernel.size // c_out
+def _xnor_kernel_bwd(quantizer, kernel, cotangents):
+    g_binary, g_alpha = cotangents
+    fan_in = kernel.size // kernel.shape[-1]
     clipped = jnp.clip(kernel, -1.0, 1.0)
-    binary, quantizer_pullback = jax.vjp(quantizer, clipped)
-    d_alpha = jnp.einsum("ic,ic->c", g.reshape(-1, c_out), binary.reshape(-1, c_out))
-    (d_clipped,) = quantizer_pullback((alpha * g).astype(binary.dtype))
+    _, quantizer_pullback = jax.vjp(quantizer, clipped)
+    (d_clipped,) = quantizer_pullback(g_binary)
     # d mean|c| / dc = sign(c) / fan_in, with JAX's abs'(0) = +1
-    abs_grad = jnp.where(clipped >= 0, 1.0, -1.0).astype(kernel.dtype)
-    d_clipped = d_clipped + abs_grad * (d_alpha.reshape(alpha.shape) / fan_in).astype(kernel.dtype)
+    d_mean = (g_alpha / fan_in).astype(kernel.dtype)
+    d_clipped = d_clipped + jnp.where(clipped >= 0, d_mean, -d_mean)
     # d clip(w) / dw: 1 inside, 1/2 at exactly +-1 (min/max ties), 0 beyond
     magnitude = jnp.abs(kernel)
-    clip_grad = jnp.where(magnitude < 1.0, 1.0, jnp.where(magnitude == 1.0, 0.5, 0.0))
-    return ((d_clipped * clip_grad.astype(kernel.dtype)).astype(kernel.dtype),)
+    tie = jnp.where(magnitude == 1.0, 0.5 * d_clipped, jnp.zeros_like(d_clipped))
+    return (jnp.where(magnitude < 1.0, d_clipped, tie).astype(kernel.dtype),)
 
 
 _xnor_kernel.defvjp(_xnor_kernel_fwd, _xnor_kernel_bwd)
+
+
+def _binary_kernel_and_scale(
+    kernel: jax.Array, spec: QuantizerSpec, kernel_scale: bool
+) -> tuple[jax.Array, jax.Array | None]:
+    """The kernel the MAC op multiplies by, and a per-output-channel scale of its result.
+
+    XNOR-Net's kernel ``alpha * quantizer(clip(w, -1, 1))`` (``kernel_scale``; larq-zoo's
+    ``xnor_weight_scale``, with alpha differentiable) is returned as the binary kernel
+    ``quantizer(clip(w, -1, 1))`` and the scale ``alpha``: the layer multiplies its
+    output by alpha, which is the same linear map (one alpha per output channel) and the
+    same gradients, up to float rounding. Written this way alpha and its gradient are
+    one reduction of the kernel and of the (B, ..., C_out) output, where the scaled
+    kernel took a full-size product in the forward pass and a contraction of the kernel
+    gradient with the binary kernel in the backward pass. Other kernels: (the quantized
+    kernel, None).
+    """
+    if spec is None or not kernel_scale:
+        return _quantize_kernel(kernel, spec), None
+    return _xnor_kernel(kernel, qz.get(spec))
+
+
+def _apply_scale(y: jax.Array, scale: jax.Array | None) -> jax.Array:
+    return y if scale is None else y * scale.astype(y.dtype)
 
 
 def _check_input(x: jax.Array, ndim: int | None, layer: str) -> None:
@@ -143,16 +162,17 @@ class QuantDense(nn.Module):
             else None
         )
         x = _quantize_input(x, self.input_quantizer, self.surrogate)
-        kernel = _quantize_kernel(kernel, self.kernel_quantizer, self.kernel_scale)
+        kernel, scale = _binary_kernel_and_scale(kernel, self.kernel_quantizer, self.kernel_scale)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         # lax.dot_general; a kernel of -1 / 0 / +1 multiplies exactly in bfloat16 on CPUs
         # with native bfloat16 products (jbnn.ops.dense).
         y = ops.dense(
             x,
             kernel,
-            exact_kernel=not self.kernel_scale and qz.integer_valued(self.kernel_quantizer),
+            exact_kernel=qz.integer_valued(self.kernel_quantizer),
             exact_input=qz.integer_valued(self.input_quantizer),
         )
+        y = _apply_scale(y, scale)
         if bias is not None:
             y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
         return y
@@ -236,8 +256,10 @@ class QuantConv(nn.Module):
           (B, H', W', C_out).
         """
         x = _quantize_input(x, self.input_quantizer, self.surrogate)
-        kernel = _quantize_kernel(kernel, self.kernel_quantizer, self.kernel_scale)
+        kernel, scale = _binary_kernel_and_scale(kernel, self.kernel_quantizer, self.kernel_scale)
         if out_scale is not None:
+            if scale is not None:  # folded for inference: one scaled kernel
+                kernel, scale = kernel * scale.astype(kernel.dtype), None
             kernel = kernel * out_scale.astype(kernel.dtype)
             bias = None if bias is None else bias * out_scale.astype(bias.dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
@@ -256,6 +278,7 @@ class QuantConv(nn.Module):
             self.feature_group_count,
             pad_value=self.pad_values,
         )
+        y = _apply_scale(y, scale)
         if bias is not None:
             y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
         return y

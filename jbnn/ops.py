@@ -43,12 +43,16 @@ backend lowers these backward ops slowly:
   runs in a generic loop: 1.8x slower at 64 x 112 x 112 x 3); TPUs, where it was not
   measured, keep the direct form (``lax.platform_dependent``).
 
-* on GPUs, a convolution whose unpadded window covers its whole input (one output
-  position: XNOR-Net's 6x6 ``fc6``) runs as the matrix product it is. cuDNN takes
-  kernels as OHWI, so XLA transposed the large kernel both ways around every step; the
-  product keeps it HWIO. On an H100, XNOR-Net's training step at 224 px, batch 64,
-  ran 1.35x faster (BNN 7.7 -> 5.7 ms, twin 6.4 -> 4.8 ms). The sums are the same up
-  to float rounding; CPUs keep the convolution, bit for bit, TPUs (unmeasured) too.
+* a convolution whose unpadded window covers its whole input (one output position:
+  XNOR-Net's 6x6 ``fc6``) runs as the matrix product it is. cuDNN takes kernels as
+  OHWI, so XLA transposed the large kernel both ways around every step; the product
+  keeps it HWIO. On an H100, XNOR-Net's training step at 224 px, batch 64, ran 1.35x
+  faster (BNN 7.7 -> 5.7 ms, twin 6.4 -> 4.8 ms). On XLA's CPU backend, which turns
+  that convolution into a dot of its own, the product lets a binary kernel be written
+  out once instead of once per layout: a BNN's XNOR-Net step at 224 px, batch 8, ran
+  1.2x faster on a 2-core Xeon, the twin's and the explainers' the same
+  (``benchmarks/results/cpu-2026-11-27b``). The sums are the same up to float rounding
+  (in another order; exact, so bit for bit, for +-1 operands).
 
 :func:`dense` multiplies by a kernel of -1 / 0 / +1 (a binary layer's) in bfloat16 on
 CPUs with native bfloat16 products, where it is exact: a binary input's product equals
@@ -304,7 +308,9 @@ def conv(
     fast CPU convolution kernels only take HWIO kernels, and inside a loop (``lax.scan``,
     as chunked SmoothGrad and Integrated Gradients use) XLA does not restore that layout
     by itself, so JAX's own input gradient falls back to a generic loop 3-6x slower.
-    Grouped convolutions (``feature_group_count > 1``) use the plain op.
+    Grouped convolutions (``feature_group_count > 1``) use the plain op. An unpadded
+    window that covers the whole input is a matrix product (module docstring), and
+    strided RGB stems are rearranged on GPUs.
 
     ``pad_value`` fills the padding with a constant other than zero (QuickNet pads
     binary inputs with +1). The forward pass is then the convolution of the padded
@@ -341,15 +347,9 @@ def conv(
     if feature_group_count != 1:
         return _conv(x, kernel, strides, pads, feature_group_count)
     if _is_whole_input_window(x.shape, kernel.shape, pads):
-        # One output position: a fully connected layer (XNOR-Net's fc6). On GPUs it runs
-        # as the matrix product it is, which keeps the kernel in its HWIO layout (cuDNN
-        # takes kernels as OHWI, and XLA transposes them both ways around each step).
-        # The same sums in another order: float rounding. XLA's CPU backend keeps the
-        # convolution, bit for bit; TPUs, unmeasured, too.
-        direct = lambda x, k: _conv_hwio_grad(x, k, strides, pads)
-        return lax.platform_dependent(
-            x, kernel, cuda=_whole_input_dense, rocm=_whole_input_dense, default=direct
-        )
+        # One output position: a fully connected layer (XNOR-Net's fc6), run as the
+        # matrix product it is (see the module docstring).
+        return _whole_input_dense(x, kernel)
     if _use_space_to_depth(x.shape[-1], strides):
         # cuDNN runs the rearranged form much faster (measured on an H100), XLA's CPU
         # kernels the direct forward pass (its input gradient is rearranged in the VJP);

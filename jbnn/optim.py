@@ -349,19 +349,21 @@ def project_binary_kernels(
 def _count_changed_signs(old: jax.Array, new: jax.Array) -> jax.Array:
     """Number of entries whose sign (sign(0) = +1) differs, an exact int32 scalar.
 
-    XLA's CPU backend writes the comparison out before it reduces it. A dense kernel's
-    whose size is a multiple of 32 is written as bits: entry ``i * n + j`` of the n =
-    size / 32 blocks goes to bit i of word j (one pass over 32 contiguous blocks, which
-    vectorises), and the words' population counts are summed, 1/32 of the entries to
-    reduce. An MLP's training step (1.8M binary weights, 2-core Xeon) took 4.72 ms where
-    uint8 chunks took 4.91 (the twin's 4.20); uint8 chunks, 3% faster than float32 row
-    sums, which were 13-15% faster than an int32 reduction of the whole kernel, remain
-    for other dense kernels. Convolution kernels keep the int32 reduction, which was 2-4%
-    faster there (Bi-Real Net 18's step).
+    XLA's CPU backend writes the comparison out before it reduces it. The kernel is
+    viewed as (fan_in, C_out); one whose size is a multiple of 32 is written as bits:
+    entry ``i * n + j`` of the n = size / 32 blocks goes to bit i of word j (one pass
+    over 32 contiguous blocks, which vectorises), and the words' population counts are
+    summed, 1/32 of the entries to reduce. An MLP's training step (1.8M binary weights,
+    2-core Xeon) took 4.72 ms where uint8 chunks took 4.91 (the twin's 4.20); uint8
+    chunks, 3% faster than float32 row sums, which were 13-15% faster than an int32
+    reduction of the whole kernel, remain for other sizes. Convolution kernels counted
+    as an int32 reduction of the 4-D comparison had measured the same as this on small
+    models (32 px, within 1%), but XNOR-Net's 224 px step (38M-weight fc6, batch 8)
+    took 8% longer with it (``benchmarks/results/cpu-2026-11-27b``).
     """
     changed = (old >= 0) != (new >= 0)
     if changed.ndim != 2:
-        return jnp.sum(changed, dtype=jnp.int32)
+        changed = changed.reshape(-1, changed.shape[-1] if changed.ndim else 1)
     if changed.size % 32 == 0:
         blocks = changed.reshape(32, -1)
         words = functools.reduce(

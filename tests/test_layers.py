@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jbnn import layers
 from jbnn import quantizers as qz
 from jbnn.layers import QuantConv, QuantDense, quantized_layers
 
@@ -82,17 +83,66 @@ def test_pad_values_one_keeps_binary_conv_binary():
     assert np.all(np.asarray(layer.apply(variables, x)) % 2 == 0)
 
 
-def test_xnor_kernel_scale():
-    x = jax.random.normal(KEY, (2, 4, 4, 3))
-    layer = QuantConv(5, (3, 3), kernel_quantizer="ste_sign", kernel_scale=True, use_bias=False)
+@pytest.mark.parametrize("layer_cls", ["conv", "dense"])
+def test_xnor_kernel_scale(layer_cls):
+    # The output of the real layer whose kernel is alpha * sign(clip(w)) (numpy), with
+    # latent weights beyond the clip; the bias is added after the scale.
+    if layer_cls == "conv":
+        x = jax.random.normal(KEY, (2, 4, 4, 3))
+        layer = QuantConv(5, (3, 3), kernel_quantizer="ste_sign", kernel_scale=True)
+        ref = QuantConv(5, (3, 3))
+    else:
+        x = jax.random.normal(KEY, (2, 7))
+        layer = QuantDense(5, kernel_quantizer="ste_sign", kernel_scale=True)
+        ref = QuantDense(5)
     variables = layer.init(KEY, x)
     w = np.asarray(variables["params"]["kernel"])
-    alpha = np.abs(np.clip(w, -1, 1)).mean(axis=(0, 1, 2))
-    ref = QuantConv(5, (3, 3), use_bias=False)
-    scaled = {"params": {"kernel": np.where(w >= 0, 1.0, -1.0) * alpha}}
+    w = 1.5 * w / np.abs(w).max()
+    bias = np.linspace(-1.0, 1.0, 5).astype(np.float32)
+    alpha = np.abs(np.clip(w, -1, 1)).mean(axis=tuple(range(w.ndim - 1)))
+    assert np.any(np.abs(w) > 1.0)
+    scaled = {"params": {"kernel": np.where(w >= 0, 1.0, -1.0) * alpha, "bias": bias}}
     np.testing.assert_allclose(
-        layer.apply(variables, x), ref.apply(scaled, x), rtol=1e-5, atol=1e-6
+        layer.apply({"params": {"kernel": w, "bias": bias}}, x),
+        ref.apply(scaled, x),
+        rtol=1e-5,
+        atol=1e-6,
     )
+
+
+@pytest.mark.parametrize("layer_cls", ["conv", "dense"])
+def test_xnor_layer_with_binary_input_is_alpha_times_an_exact_integer(layer_cls):
+    # Binary input and kernel: each output is alpha times an integer sum of +-1 (numpy),
+    # with one float32 rounding, whatever order the sum takes; where the integer is 0
+    # the output is exactly 0, so the next sign is +1 (such ties are frequent: even
+    # fan-ins, 36 and 18 here).
+    rng = np.random.default_rng(0)
+    quantizers = {"input_quantizer": "ste_sign", "kernel_quantizer": "ste_sign"}
+    if layer_cls == "conv":
+        x = rng.normal(size=(4, 5, 5, 4)).astype(np.float32)
+        layer = QuantConv(8, (3, 3), kernel_scale=True, use_bias=False, **quantizers)
+    else:
+        x = rng.normal(size=(64, 18)).astype(np.float32)
+        layer = QuantDense(8, kernel_scale=True, use_bias=False, **quantizers)
+    variables = layer.init(KEY, x)
+    w = np.asarray(variables["params"]["kernel"])
+    xs, ws = np.where(x >= 0, 1.0, -1.0), np.where(w >= 0, 1.0, -1.0)
+    if layer_cls == "conv":
+        padded = np.pad(xs, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        counts = sum(
+            np.einsum("bhwc,co->bhwo", padded[:, i : i + 5, j : j + 5], ws[i, j])
+            for i in range(3)
+            for j in range(3)
+        )
+    else:
+        counts = xs @ ws
+    _, alpha = jax.jit(layers._xnor_kernel, static_argnums=1)(w, qz.get("ste_sign"))
+    alpha = np.asarray(alpha)
+    want_alpha = np.abs(np.clip(w, -1, 1)).mean(axis=tuple(range(w.ndim - 1)))
+    np.testing.assert_allclose(alpha, want_alpha, rtol=1e-6)
+    got = np.asarray(jax.jit(layer.apply)(variables, x))
+    np.testing.assert_array_equal(got, (counts * alpha.astype(np.float64)).astype(np.float32))
+    assert np.mean(counts == 0) > 0.01 and np.all(got[counts == 0] == 0.0)
 
 
 @pytest.mark.parametrize(
@@ -183,8 +233,9 @@ def test_bfloat16_layers():
         ({"input_quantizer": None, "kernel_quantizer": "ste_tern"}, True),
         ({"input_quantizer": "ste_sign", "kernel_quantizer": "magnitude_aware_sign"}, False),
         (
+            # XNOR-Net: the binary kernel multiplies, alpha scales the output
             {"input_quantizer": "ste_sign", "kernel_quantizer": "ste_sign", "kernel_scale": True},
-            False,
+            True,
         ),
         ({"input_quantizer": "ste_sign", "kernel_quantizer": None}, False),
     ],

@@ -212,12 +212,15 @@ def _np_sign(w: np.ndarray) -> np.ndarray:
 
 
 def _expected_kernel(latent: np.ndarray, spec: str, kernel_scale: bool) -> np.ndarray:
-    """REFERENCE.md's kernel quantizers, in numpy."""
+    """REFERENCE.md's kernel quantizers, in numpy: the kernel the MAC op multiplies by."""
     name, hparams = qz.parse_spec(spec)
     axes = tuple(range(latent.ndim - 1))
-    if kernel_scale:  # XNOR-Net: alpha = mean |clip(w, -1, 1)| per output filter
-        clipped = np.clip(latent, -1.0, 1.0)
-        return np.mean(np.abs(clipped), axis=axes, keepdims=True) * _np_sign(clipped)
+    if kernel_scale:
+        # XNOR-Net: alpha * sign(clip(w, -1, 1)), alpha = mean |clip(w, -1, 1)| per
+        # output filter; the layer multiplies by the sign and scales its output by alpha
+        # (the same linear map; test_layers checks the output against the scaled kernel).
+        assert name == "ste_sign", f"no numpy reference for XNOR kernel quantizer {spec!r}"
+        return _np_sign(np.clip(latent, -1.0, 1.0))
     if name == "magnitude_aware_sign":
         return np.mean(np.abs(latent), axis=axes, keepdims=True) * _np_sign(latent)
     assert name == "ste_sign", f"no numpy reference for kernel quantizer {spec!r}"
@@ -318,6 +321,12 @@ def test_forward_and_binarized_operands(name, stem, size):
     ):
         latent = np.asarray(_leaf(variables["params"], path)["kernel"])
         inp, lhs, rhs, t_inp, t_lhs, t_rhs = map(np.asarray, (inp, lhs, rhs, t_inp, t_lhs, t_rhs))
+        if lhs.ndim == 2 and inp.ndim == 4:
+            # a convolution whose window covers its whole input (XNOR-Net's fc6) runs as
+            # the matrix product of the flattened input and kernel (jbnn.ops.conv)
+            assert latent.shape[:2] == inp.shape[1:3], path
+            lhs, t_lhs = lhs.reshape(inp.shape), t_lhs.reshape(t_inp.shape)
+            rhs, t_rhs = rhs.reshape(latent.shape), t_rhs.reshape(latent.shape)
         # Twin: the layer's input and latent kernel reach the MAC op unchanged.
         np.testing.assert_array_equal(t_lhs, t_inp, err_msg=f"twin input of {path}")
         np.testing.assert_array_equal(t_rhs, latent, err_msg=f"twin kernel of {path}")

@@ -228,7 +228,7 @@ def test_conv_picks_space_to_depth_only_on_gpu():
     [((3, 6, 6, 8), (6, 6, 8, 16)), ((2, 3, 5, 4), (3, 5, 4, 7)), ((2, 1, 1, 5), (1, 1, 5, 3))],
 )
 def test_whole_input_dense_equals_the_convolution(shape, kernel):
-    # The GPU form of a convolution whose VALID window covers the whole input (XNOR-Net's
+    # The form of a convolution whose VALID window covers the whole input (XNOR-Net's
     # fc6): a matrix product. Checked against a float64 loop over taps, and its gradients
     # against the convolution's, to float rounding.
     x = jax.random.normal(jax.random.key(0), shape)
@@ -244,16 +244,21 @@ def test_whole_input_dense_equals_the_convolution(shape, kernel):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_conv_picks_the_whole_input_dense_only_on_gpu():
-    x, w = jnp.ones((2, 6, 6, 8)), jnp.ones((6, 6, 8, 16))
-    f = jax.jit(lambda x: ops.conv(x, w, padding="VALID"))
-    # CPU: the convolution itself, bit for bit (test_conv_equals_lax)
-    cpu = f.lower(x).compile().as_text()
-    assert "convolution(" in cpu and " dot(" not in cpu, cpu
-    np.testing.assert_array_equal(f(x), _lax_conv(x, w, (1, 1), ((0, 0), (0, 0)), 1))
-    cuda = f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
-    assert "stablehlo.dot_general" in cuda and "stablehlo.convolution" not in cuda, cuda
-    assert "stablehlo.convolution" in f.trace(x).lower(lowering_platforms=("tpu",)).as_text()
+def test_conv_runs_a_whole_input_window_as_a_product_everywhere():
+    x = jax.random.normal(jax.random.key(0), (3, 6, 6, 8))
+    w = jax.random.normal(jax.random.key(1), (6, 6, 8, 16))
+    f = jax.jit(lambda x, w: ops.conv(x, w, padding="VALID"))
+    cpu = f.lower(x, w).compile().as_text()
+    assert " dot(" in cpu and "convolution(" not in cpu, cpu
+    ref = lambda x, w: _lax_conv(x, w, (1, 1), ((0, 0), (0, 0)), 1)
+    # the same sums in another order; exact for +-1 operands (a BNN's), bit for bit
+    np.testing.assert_allclose(f(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+    xb, wb = jnp.where(x >= 0, 1.0, -1.0), jnp.where(w >= 0, 1.0, -1.0)
+    np.testing.assert_array_equal(f(xb, wb), ref(xb, wb))
+    for platform in ("cuda", "tpu"):
+        lowered = f.trace(x, w).lower(lowering_platforms=(platform,)).as_text()
+        assert "stablehlo.dot_general" in lowered, platform
+        assert "stablehlo.convolution" not in lowered, platform
     # padding, or a window smaller than the input: an ordinary convolution everywhere
     for padding, kernel in (("SAME", (6, 6, 8, 16)), ("VALID", (5, 6, 8, 16))):
         k = jnp.ones(kernel)

@@ -193,10 +193,18 @@ def test_flip_ratio_counts_sign_changes():
 
 
 def test_flip_ratio_equals_a_numpy_count_for_every_kernel_rank():
-    # conv (3x3), dense (300 x 7: uint8 chunks; 48 x 40: 32 bits a word), scalar kernels,
-    # with exact zeros (sign(0) = +1) and -0.0
+    # conv (3x3: 32 bits a word; 3x3x3x5: uint8 chunks), dense (300 x 7: uint8 chunks;
+    # 48 x 40: 32 bits a word), 1-D and scalar kernels, with exact zeros (sign(0) = +1)
+    # and -0.0
     rng = np.random.default_rng(0)
-    shapes = {"conv": (3, 3, 16, 24), "dense": (300, 7), "packed": (48, 40), "scalar": ()}
+    shapes = {
+        "conv": (3, 3, 16, 24),
+        "conv_odd": (3, 3, 3, 5),
+        "dense": (300, 7),
+        "packed": (48, 40),
+        "vector": (7,),
+        "scalar": (),
+    }
     round_ = lambda a: np.round(a, 1).astype(np.float32)  # many exact zeros
     old = {k: {"kernel": round_(rng.normal(0, 0.2, s))} for k, s in shapes.items()}
     new = {
@@ -242,7 +250,7 @@ def test_schedules():
 def test_flip_count_of_dense_kernels_does_not_overflow_its_words_or_chunks():
     # every sign flips: 32-bit words (64 x 96, 1 x 32), uint8 chunks of rows of 600 (200
     # each), 257 (prime: chunks of 1), 255
-    for shape in ((64, 96), (1, 32), (39, 600), (3, 257), (2, 255)):
+    for shape in ((64, 96), (1, 32), (39, 600), (3, 257), (2, 255), (6, 6, 8, 32), (5, 5, 3, 7)):
         old = {"d": {"kernel": jnp.ones(shape)}}
         new = {"d": {"kernel": -jnp.ones(shape)}}
         kernels = optim.BinaryKernels(((("d", "kernel"), 1.0),))
