@@ -12,6 +12,8 @@
 #                       with the per-copy stem gradient (no split input layer) and the
 #                       folded BatchNorms as A/B contestants
 #   2_train_step.log    training step, BNN against twin, 224 px ImageNet stem
+#   2b_train_step_xnornet_ab.log  XNOR-Net's step against its form before 2026-11-27
+#                       (alpha in the kernel, flips counted as an int32 sum)
 #   3_profile_twin.log  where the twin's float32 SmoothGrad call spends its time
 set -u
 LOG=${1:-${OUT:-gpu-logs}}
@@ -45,5 +47,8 @@ step 330 1_saliency_gpu.log python3 benchmarks/saliency_gpu.py --ab no-split,fol
 step 110 2_train_step.log python3 benchmarks/train_step.py --size 224 --stem imagenet \
   --batch 64 --width 1.0 --num-classes 1000 --models birealnet18,xnornet,quicknet_small \
   --rounds 5
+step 75 2b_train_step_xnornet_ab.log python3 benchmarks/train_step.py --size 224 \
+  --stem imagenet --batch 64 --width 1.0 --num-classes 1000 --models xnornet --rounds 9 \
+  --bnn-variants xnorkernel+sumflip
 step 90 3_profile_twin.log python3 benchmarks/profile_gpu.py --variants twin \
   --dtype float32 --top 20

@@ -55,34 +55,36 @@ def _xnor_kernel(kernel: jax.Array, quantizer) -> tuple[jax.Array, jax.Array]:
     ``jnp.abs``, ``jnp.mean``, with their tie rules: ``clip`` passes half the gradient
     at exactly +-1, ``abs`` passes +1 at 0), up to float summation order. The VJP is
     written out so that the kernel's gradient is one elementwise pass over the binary
-    kernel's gradient and the kernel: JAX's own rules for ``clip`` and ``abs`` make
+    kernel's gradient and the kernel: JAX's own rules for ``clip`` and ``abs`` made
     XLA write out each tie mask as a kernel-sized array.
     """
     return _xnor_kernel_fwd(kernel, quantizer)[0]
 
 
 def _xnor_kernel_fwd(kernel, quantizer):
-    clipped = jnp.clip(kernel, -1.0, 1.0)
-    magnitude = jnp.where(clipped >= 0, clipped, -clipped)  # |c|
-    alpha = jnp.sum(magnitude, axis=tuple(range(kernel.ndim - 1))) / (
-        kernel.size // kernel.shape[-1]
-    )
-    return (quantizer(clipped), alpha), kernel
+    c_out = kernel.shape[-1]
+    # |clip(w, -1, 1)| = min(|w|, 1), summed over the (fan_in, C_out) view: XLA's CPU
+    # backends reduce this form in one pass over the kernel (the clipped kernel's abs,
+    # or a select, was written out first; Gradient of an XNOR-Net at 224 px: 1.6x)
+    magnitude = jnp.minimum(jnp.abs(kernel.reshape(-1, c_out)), 1.0)
+    alpha = jnp.sum(magnitude, axis=0) / magnitude.shape[0]
+    return (quantizer(jnp.clip(kernel, -1.0, 1.0)), alpha), kernel
 
 
 def _xnor_kernel_bwd(quantizer, kernel, cotangents):
     g_binary, g_alpha = cotangents
     fan_in = kernel.size // kernel.shape[-1]
-    clipped = jnp.clip(kernel, -1.0, 1.0)
-    _, quantizer_pullback = jax.vjp(quantizer, clipped)
+    _, quantizer_pullback = jax.vjp(quantizer, jnp.clip(kernel, -1.0, 1.0))
     (d_clipped,) = quantizer_pullback(g_binary)
-    # d mean|c| / dc = sign(c) / fan_in, with JAX's abs'(0) = +1
+    # d mean|c| / dc = sign(c) / fan_in, with JAX's abs'(0) = +1 (sign(c) = sign(w))
     d_mean = (g_alpha / fan_in).astype(kernel.dtype)
-    d_clipped = d_clipped + jnp.where(clipped >= 0, d_mean, -d_mean)
-    # d clip(w) / dw: 1 inside, 1/2 at exactly +-1 (min/max ties), 0 beyond
-    magnitude = jnp.abs(kernel)
-    tie = jnp.where(magnitude == 1.0, 0.5 * d_clipped, jnp.zeros_like(d_clipped))
-    return (jnp.where(magnitude < 1.0, d_clipped, tie).astype(kernel.dtype),)
+    d_clipped = d_clipped + jnp.where(kernel >= 0, d_mean, -d_mean)
+    # d clip(w) / dw: 1 inside, 1/2 at exactly +-1 (min/max ties), 0 beyond. Selects
+    # (not masks multiplied in) and no |w| shared with the forward pass, so that XLA
+    # fuses the whole gradient into one pass over the kernel and its cotangent.
+    inside = (kernel > -1.0) & (kernel < 1.0)
+    tie = jnp.where((kernel == 1.0) | (kernel == -1.0), 0.5 * d_clipped, 0.0)
+    return (jnp.where(inside, d_clipped, tie).astype(kernel.dtype),)
 
 
 _xnor_kernel.defvjp(_xnor_kernel_fwd, _xnor_kernel_bwd)

@@ -50,9 +50,12 @@ backend lowers these backward ops slowly:
   faster (BNN 7.7 -> 5.7 ms, twin 6.4 -> 4.8 ms). On XLA's CPU backend, which turns
   that convolution into a dot of its own, the product lets a binary kernel be written
   out once instead of once per layout: a BNN's XNOR-Net step at 224 px, batch 8, ran
-  1.2x faster on a 2-core Xeon, the twin's and the explainers' the same
-  (``benchmarks/results/cpu-2026-11-27b``). The sums are the same up to float rounding
-  (in another order; exact, so bit for bit, for +-1 operands).
+  1.2x faster on a 2-core Xeon, the twin's the same
+  (``benchmarks/results/cpu-2026-11-27b``). The explainers' programs for XLA's classic
+  CPU kernels (:func:`platform_jit`) keep the convolution, which those kernels run
+  faster (a twin XNOR-Net's Gradient at 224 px, batch 2: 83 against 317 ms). The sums
+  are the same up to float rounding (in another order; exact, so bit for bit, for +-1
+  operands).
 
 :func:`dense` multiplies by a kernel of -1 / 0 / +1 (a binary layer's) in bfloat16 on
 CPUs with native bfloat16 products, where it is exact: a binary input's product equals
@@ -348,7 +351,10 @@ def conv(
         return _conv(x, kernel, strides, pads, feature_group_count)
     if _is_whole_input_window(x.shape, kernel.shape, pads):
         # One output position: a fully connected layer (XNOR-Net's fc6), run as the
-        # matrix product it is (see the module docstring).
+        # matrix product it is (see the module docstring); XLA's classic CPU kernels
+        # (the explainers' programs) run the convolution faster.
+        if _CLASSIC_CPU_KERNELS.active:
+            return _conv_hwio_grad(x, kernel, strides, pads)
         return _whole_input_dense(x, kernel)
     if _use_space_to_depth(x.shape[-1], strides):
         # cuDNN runs the rearranged form much faster (measured on an H100), XLA's CPU
