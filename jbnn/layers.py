@@ -99,7 +99,10 @@ def _binary_kernel_and_scale(
     ``xnor_weight_scale``, with alpha differentiable) is returned as the binary kernel
     ``quantizer(clip(w, -1, 1))`` and the scale ``alpha``: the layer multiplies its
     output by alpha, which is the same linear map (one alpha per output channel) and the
-    same gradients, up to float rounding. Written this way alpha and its gradient are
+    same gradients, up to float rounding. With a binary input the product is an exact
+    integer sum, and the output alpha times it with one rounding: a sum of zero gives
+    exactly 0 (so +1 at the next sign), where the sum of +-alpha over a scaled kernel
+    left a rounding residue of either sign. Written this way alpha and its gradient are
     one reduction of the kernel and of the (B, ..., C_out) output, where the scaled
     kernel took a full-size product in the forward pass and a contraction of the kernel
     gradient with the binary kernel in the backward pass. Other kernels: (the quantized
@@ -132,7 +135,9 @@ class QuantDense(nn.Module):
       input_quantizer: quantizer spec for the input (e.g. ``"ste_sign"``), or None.
       kernel_quantizer: quantizer spec for the latent kernel, or None.
       kernel_clip: clip value of the latent kernel, applied by the trainer, or None.
-      kernel_scale: multiply the binary kernel by mean|w| per output unit (XNOR-Net).
+      kernel_scale: XNOR-Net's kernel ``alpha * q(clip(w, -1, 1))``, alpha = mean
+        |clip(w, -1, 1)| per output unit; the product is by ``q(clip(w, -1, 1))`` and
+        alpha scales the output (the same map, exact for binary inputs).
       surrogate: backward surrogate that replaces the input quantizer's, or None.
       dtype: computation dtype (None: from the inputs and parameters).
       param_dtype: parameter dtype.

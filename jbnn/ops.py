@@ -50,7 +50,7 @@ backend lowers these backward ops slowly:
   faster (BNN 7.7 -> 5.7 ms, twin 6.4 -> 4.8 ms). On XLA's CPU backend, which turns
   that convolution into a dot of its own, the product lets a binary kernel be written
   out once instead of once per layout: a BNN's XNOR-Net step at 224 px, batch 8, ran
-  1.2x faster on a 2-core Xeon, the twin's the same
+  1.18-1.22x faster on a 2-core Xeon, the twin's within 5%
   (``benchmarks/results/cpu-2026-11-27b``). The explainers' programs for XLA's classic
   CPU kernels (:func:`platform_jit`) keep the convolution, which those kernels run
   faster (a twin XNOR-Net's Gradient at 224 px, batch 2: 83 against 317 ms). The sums
