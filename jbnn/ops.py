@@ -53,8 +53,9 @@ backend lowers these backward ops slowly:
   1.18-1.22x faster on a 2-core Xeon, the twin's within 5%
   (``benchmarks/results/cpu-2026-11-27b``). The explainers' programs for XLA's classic
   CPU kernels (:func:`platform_jit`) keep the convolution, which those kernels run
-  faster (a twin XNOR-Net's Gradient at 224 px, batch 2: 83 against 317 ms). The sums
-  are the same up to float rounding (in another order; exact, so bit for bit, for +-1
+  faster (a twin XNOR-Net's Gradient at 224 px, batch 2: 83 against 317 ms); the choice
+  is made when a function is traced, as :data:`BF16_EXACT_PRODUCTS`'s. The sums are the
+  same up to float rounding (in another order; exact, so bit for bit, for +-1
   operands).
 
 :func:`dense` multiplies by a kernel of -1 / 0 / +1 (a binary layer's) in bfloat16 on
