@@ -45,11 +45,7 @@ def parse_args(argv=None):
 
 def compiled(fun, *args):
     """``fun`` compiled now, as jbnn's explainers compile at the top level."""
-    if jax.default_backend() == "cpu":
-        options = ops.CPU_COMPILER_OPTIONS
-        fun = ops._tracing_for_classic_kernels(fun, options)
-        return jax.jit(fun, compiler_options=options).lower(*args).compile()
-    return jax.jit(fun).lower(*args).compile()
+    return ops.platform_jit(fun).lower(*args).compile()
 
 
 def main(argv=None):
