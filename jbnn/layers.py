@@ -168,8 +168,29 @@ class QuantDense(nn.Module):
             if self.use_bias
             else None
         )
-        x = _quantize_input(x, self.input_quantizer, self.surrogate)
+        return self.forward_quantized(x, *self.quantized_kernel(kernel, bias))
+
+    def quantized_kernel(
+        self, kernel: jax.Array, bias: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+        """``(kernel, scale, bias)`` that :meth:`forward_quantized` takes, from the
+        latent ``kernel``: the quantized kernel, XNOR-Net's alpha (else None), the bias.
+
+        They do not depend on the input: an inference function can compute them once
+        (:func:`jbnn.models.apply_fn` with ``input_like``).
+        """
         kernel, scale = _binary_kernel_and_scale(kernel, self.kernel_quantizer, self.kernel_scale)
+        return kernel, scale, bias
+
+    def forward_quantized(
+        self,
+        x: jax.Array,
+        kernel: jax.Array,
+        scale: jax.Array | None,
+        bias: jax.Array | None,
+    ) -> jax.Array:
+        """The layer's output from :meth:`quantized_kernel`'s ``(kernel, scale, bias)``."""
+        x = _quantize_input(x, self.input_quantizer, self.surrogate)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         # lax.dot_general; a kernel of -1 / 0 / +1 multiplies exactly in bfloat16 on CPUs
         # with native bfloat16 products (jbnn.ops.dense).
@@ -262,13 +283,38 @@ class QuantConv(nn.Module):
         Returns:
           (B, H', W', C_out).
         """
-        x = _quantize_input(x, self.input_quantizer, self.surrogate)
+        return self.forward_quantized(x, *self.quantized_kernel(kernel, bias, out_scale))
+
+    def quantized_kernel(
+        self,
+        kernel: jax.Array,
+        bias: jax.Array | None,
+        out_scale: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+        """``(kernel, scale, bias)`` that :meth:`forward_quantized` takes, from the
+        latent ``kernel`` (and ``out_scale`` as :meth:`forward`): the quantized kernel,
+        XNOR-Net's alpha (else None; folded into the kernel with ``out_scale``), the bias.
+
+        They do not depend on the input: an inference function can compute them once
+        (:func:`jbnn.models.apply_fn` with ``input_like``).
+        """
         kernel, scale = _binary_kernel_and_scale(kernel, self.kernel_quantizer, self.kernel_scale)
         if out_scale is not None:
             if scale is not None:  # folded for inference: one scaled kernel
                 kernel, scale = kernel * scale.astype(kernel.dtype), None
             kernel = kernel * out_scale.astype(kernel.dtype)
             bias = None if bias is None else bias * out_scale.astype(bias.dtype)
+        return kernel, scale, bias
+
+    def forward_quantized(
+        self,
+        x: jax.Array,
+        kernel: jax.Array,
+        scale: jax.Array | None,
+        bias: jax.Array | None,
+    ) -> jax.Array:
+        """The layer's output from :meth:`quantized_kernel`'s ``(kernel, scale, bias)``."""
+        x = _quantize_input(x, self.input_quantizer, self.surrogate)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
 
         padding = self.padding

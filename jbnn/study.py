@@ -1018,7 +1018,9 @@ def per_image_metrics(plan: Plan, maps: Mapping, signed: Mapping, verbose: bool 
         for method in METHODS:
             curves[kind][method] = {}
             for model in MODELS:
-                fn = apply_fn(plan.models[model], plan.variables[model], s.fold_batchnorm)
+                fn = apply_fn(
+                    plan.models[model], plan.variables[model], s.fold_batchnorm, input_like=images
+                )
                 c, auc = curve_fn(
                     fn,
                     images,
@@ -1340,7 +1342,11 @@ def _predictions(plan: Plan) -> dict[str, np.ndarray]:
     s = plan.settings
     out = {}
     for model in MODELS:
-        fn = jax.jit(apply_fn(plan.models[model], plan.variables[model], s.fold_batchnorm))
+        fn = jax.jit(
+            apply_fn(
+                plan.models[model], plan.variables[model], s.fold_batchnorm, input_like=plan.images
+            )
+        )
         preds = [
             np.asarray(fn(plan.images[i : i + s.batch_size]).argmax(-1))
             for i in range(0, len(plan.labels), s.batch_size)

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jbnn.models import fold
+from jbnn.models import fold, frozen
 from jbnn.models.birealnet import BiRealNet18
 from jbnn.models.common import ACTIVATIONS, check_images
 from jbnn.models.densenet import BinaryDenseNet28
@@ -141,26 +141,38 @@ def _eval_apply(model: nn.Module) -> Callable:
     return apply
 
 
-def apply_fn(model: nn.Module, variables, fold_batchnorm: bool = False) -> jax.tree_util.Partial:
+def apply_fn(
+    model: nn.Module, variables, fold_batchnorm: bool = False, input_like=None
+) -> jax.tree_util.Partial:
     """``x -> model.apply(variables, x)`` in inference mode, as a pytree.
 
-    The result is a ``jax.tree_util.Partial`` whose function is cached per model, so
-    that jitted code taking it as an argument (all of :mod:`jbnn.saliency`) does not
-    recompile when called again with other variables of the same shapes.
+    The result is a ``jax.tree_util.Partial`` whose function is cached per model (and
+    shapes), so that jitted code taking it as an argument (all of :mod:`jbnn.saliency`)
+    does not recompile when called again with other variables of the same shapes.
 
     Args:
       model: the Flax model.
       variables: its variables (``params``, ``batch_stats``).
       fold_batchnorm: fold every BatchNorm that reads a convolution's output into that
-        convolution (:mod:`jbnn.models.fold`): the same function up to float rounding,
-        faster on GPUs (a twin Bi-Real Net 18's bfloat16 SmoothGrad 1.11x on an H100),
-        not on CPUs (Gradient 0.79x on a 2-core VM).
+        convolution (:mod:`jbnn.models.fold`): the same function up to float rounding.
+        Without ``input_like`` the scaled kernels are recomputed at every call, which
+        costs more than the BatchNorm passes on CPUs (a twin's Gradient 0.79x on a
+        2-core VM); on an H100 a twin Bi-Real Net 18's bfloat16 SmoothGrad ran 1.11x.
         A binarized activation within rounding of zero can take the other sign, so a
         BNN's maps can differ for a few examples, as between two float precisions.
+      input_like: an array (or ``jax.ShapeDtypeStruct``) of the inputs' shape and
+        dtype, any batch size: every quantized kernel (and folded BatchNorm) is then
+        computed now, once, instead of at every call (:mod:`jbnn.models.frozen`): for
+        explaining. The function takes inputs of that shape and dtype only, and its
+        pytree holds the quantized kernels in place of the latent ones (differentiate
+        with respect to inputs, not to its leaves). None: the latent variables.
 
     Returns:
-      The function, a pytree holding ``variables``.
+      The function, a pytree holding ``variables`` (or their frozen form).
     """
+    if input_like is not None:
+        program = frozen.program(model, variables, input_like, fold_batchnorm)
+        return jax.tree_util.Partial(program.apply, program.freeze(variables))
     apply = fold.folded_apply(model) if fold_batchnorm else _eval_apply(model)
     return jax.tree_util.Partial(apply, variables)
 

@@ -144,6 +144,20 @@ def _lookup(tree, path: Path):
     return tree
 
 
+def _batchnorm_affine(fold: _Fold, variables) -> tuple[jax.Array, jax.Array]:
+    """The folded BatchNorm's ``(s, t)``: in inference mode it computes ``x * s + t``."""
+    stats = _lookup(variables["batch_stats"], fold.bn_path)
+    bn = _lookup(variables["params"], fold.bn_path) if (fold.use_scale or fold.use_bias) else {}
+    mean = stats["mean"].astype(jnp.float32)
+    scale = jax.lax.rsqrt(stats["var"].astype(jnp.float32) + fold.epsilon)
+    if fold.use_scale:
+        scale = scale * bn["scale"]
+    shift = -mean * scale
+    if fold.use_bias:
+        shift = shift + bn["bias"]
+    return scale, shift
+
+
 def _folding_interceptor(folds: dict[Path, _Fold], variables) -> Callable:
     bn_paths = {fold.bn_path for fold in folds.values()}
 
@@ -153,19 +167,7 @@ def _folding_interceptor(folds: dict[Path, _Fold], variables) -> Callable:
             path = module.scope.path
             if isinstance(module, layers.QuantConv) and path in folds:
                 fold = folds[path]
-                stats = _lookup(variables["batch_stats"], fold.bn_path)
-                bn = (
-                    _lookup(variables["params"], fold.bn_path)
-                    if (fold.use_scale or fold.use_bias)
-                    else {}
-                )
-                mean = stats["mean"].astype(jnp.float32)
-                scale = jax.lax.rsqrt(stats["var"].astype(jnp.float32) + fold.epsilon)
-                if fold.use_scale:
-                    scale = scale * bn["scale"]
-                shift = -mean * scale
-                if fold.use_bias:
-                    shift = shift + bn["bias"]
+                scale, shift = _batchnorm_affine(fold, variables)
                 params = module.variables["params"]
                 (x,) = args
                 y = module.forward(x, params["kernel"], params.get("bias"), out_scale=scale)

@@ -188,8 +188,11 @@ def explain_dataset(
       method: a name of :data:`METHODS` (``"gradient"``, ``"smoothgrad"``, ``"gradcam"``...).
       batches: an iterable of image batches (B, H, W, C), of ``(images, labels)`` pairs or
         of dicts with ``"image"`` (and ``"label"``) entries, e.g. a tfds split as numpy.
-        Batches may differ in size (the last one is usually smaller).
-      model: the Linen model (needed by GradCAM; with ``variables`` it gives ``fn``).
+        Batches may differ in size (the last one is usually smaller), not in image
+        shape or dtype.
+      model: the Linen model (needed by GradCAM; with ``variables`` it gives ``fn``,
+        with every quantized kernel computed once, at the first batch:
+        ``jbnn.models.apply_fn(model, variables, input_like=...)``).
       variables: its variables; the model runs in inference mode.
       fn: ``x -> logits`` (B, K) for the gradient methods, instead of model/variables.
       key: ``jax.random.key`` for the SmoothGrad family. Example ``i`` of the dataset
@@ -228,13 +231,9 @@ def explain_dataset(
             f"{name}: fold_batchnorm=True folds model= and variables=; with fn= fold when "
             "building it (jbnn.models.apply_fn(model, variables, fold_batchnorm=True))."
         )
-    if fn is None:
-        if model is None or variables is None:
-            raise ValueError(f"{name}: give fn= (x -> logits) or model= and variables=.")
-        from jbnn.models import apply_fn
-
-        fn = apply_fn(model, variables, fold_batchnorm=fold_batchnorm)
-    fn = _checks.as_partial(fn, name)
+    frozen_fn = fn is None  # built from model and variables at the first batch
+    if frozen_fn and (model is None or variables is None):
+        raise ValueError(f"{name}: give fn= (x -> logits) or model= and variables=.")
     if method in _KEY_METHODS:
         key = _checks.typed_key(key, name)
         if key.shape != ():
@@ -244,7 +243,8 @@ def explain_dataset(
     num_devices = mesh.size
     split = NamedSharding(mesh, P(tuple(mesh.axis_names)))
     replicated = NamedSharding(mesh, P())
-    fn = jax.device_put(fn, replicated)
+    if not frozen_fn:
+        fn = jax.device_put(_checks.as_partial(fn, name), replicated)
     if method in _CAM_METHODS:
         variables = jax.device_put(variables, replicated)
 
@@ -265,6 +265,15 @@ def explain_dataset(
         images, labels = _unpack(batch)
         images = _checks.check_images(np.asarray(images), name, arg=f"batch {index} images")
         n = images.shape[0]
+        image_spec = (images.shape[1:], jax.dtypes.canonicalize_dtype(images.dtype))
+        if index == 0:
+            first_spec = image_spec
+        elif image_spec != first_spec:
+            raise ValueError(
+                f"{name}: batch {index} images are {image_spec[1]} of shape "
+                f"{images.shape[1:]} per image; batch 0's were {first_spec[1]} of shape "
+                f"{first_spec[0]}: every batch must have the same image shape and dtype."
+            )
         if labels is not None:
             labels = np.asarray(labels)
             if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
@@ -277,7 +286,13 @@ def explain_dataset(
         if n > size:  # first batch, or a larger one: (re)build for the new padded size
             size = -(-n // num_devices) * num_devices
             shape = (size, *images.shape[1:])
-            spec = jax.ShapeDtypeStruct(shape, images.dtype)
+            spec = jax.ShapeDtypeStruct(shape, jax.dtypes.canonicalize_dtype(images.dtype))
+            if frozen_fn and index == 0:
+                # every quantized kernel computed once, not per batch (jbnn.models.frozen)
+                from jbnn.models import apply_fn
+
+                fn = apply_fn(model, variables, fold_batchnorm=fold_batchnorm, input_like=spec)
+                fn = jax.device_put(fn, replicated)
             num_classes = _checks.logits_shape(fn, spec, name)[1]
             step = _build_step(method, fn, model, variables, shape, options)
         if labels is not None and target == "label":

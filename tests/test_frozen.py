@@ -1,0 +1,261 @@
+"""jbnn.models.frozen: quantized kernels computed once for inference."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jbnn import layers, models
+from jbnn.layers import QuantConv, QuantDense
+from jbnn.models import frozen
+
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
+
+def _small(name: str, binary: bool, **kwargs) -> nn.Module:
+    fields = models._REGISTRY[name].__dataclass_fields__
+    kw = {"width": 0.125} if "width" in fields else {}
+    if "hidden" in fields:
+        kw["hidden"] = (32, 32)
+    return models.get(name, binary=binary, num_classes=5, **kw, **kwargs)
+
+
+def _images(size: int = 32, batch: int = 2, dtype=jnp.float32) -> jax.Array:
+    rng = np.random.default_rng(size)
+    return jnp.asarray(rng.uniform(0, 1, size=(batch, size, size, 3)), dtype)
+
+
+def _variables(model, x, seed: int = 0):
+    """Initialised variables with BatchNorm statistics and affine parameters away from
+    the identity and latent weights beyond the clip, so that a wrong kernel shows."""
+    variables = jax.jit(model.init)(jax.random.key(seed), x[:1])
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        key = path[-1].key
+        if key == "mean":
+            return jnp.asarray(0.3 * rng.normal(size=leaf.shape), leaf.dtype)
+        if key == "var":
+            return jnp.asarray(rng.uniform(0.3, 2.0, size=leaf.shape), leaf.dtype)
+        if key == "kernel":
+            return leaf * 1.5 / jnp.maximum(jnp.max(jnp.abs(leaf)), 1e-6)
+        if key in ("scale", "bias"):
+            return jnp.asarray(rng.uniform(0.5, 1.5, size=leaf.shape), leaf.dtype)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(fill, variables)
+
+
+def _call(fn, x):
+    return jax.jit(lambda f, x: f(x))(fn, x)
+
+
+def _grad(fn, x, ct):
+    return jax.jit(jax.grad(lambda x, f: jnp.sum(ct * f(x))))(x, fn)
+
+
+# every BNN; twins (no kernel quantizer: the latent kernel as it is) of two kinds
+CASES = [(name, True) for name in models.names()] + [("birealnet18", False), ("xnornet", False)]
+IDS = [f"{name}-{'bnn' if binary else 'twin'}" for name, binary in CASES]
+
+
+@pytest.mark.parametrize(("name", "binary"), CASES, ids=IDS)
+def test_frozen_function_equals_the_model_and_its_input_gradient(name, binary):
+    # The same ops on the same numbers in another program: equal for sign kernels (a
+    # binarized activation cannot move), within float rounding for XNOR-Net's alpha.
+    x = _images()
+    model = _small(name, binary=binary)
+    variables = _variables(model, x)
+    plain = models.apply_fn(model, variables)
+    fast = models.apply_fn(model, variables, input_like=x)
+    ct = jax.random.normal(jax.random.key(1), _call(plain, x).shape)
+    exact = name != "xnornet"
+    for ours, ref in ((_call(fast, x), _call(plain, x)), (_grad(fast, x, ct), _grad(plain, x, ct))):
+        if exact:
+            np.testing.assert_array_equal(ours, ref)
+        else:
+            np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
+    # every quantized layer is frozen, and its latent kernel is not in the pytree
+    expected = ["/".join(info.path) for info in layers.quantized_layers(model, x.shape)]
+    assert frozen.frozen_layers(model, variables, x) == list(dict.fromkeys(expected))
+    leaves = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(fast)}
+    assert not any("'params'" in p and "'kernel'" in p for p in leaves), leaves
+
+
+@pytest.mark.parametrize("name", ["birealnet18", "xnornet"])
+def test_frozen_folded_function_equals_the_folded_model(name):
+    x = _images()
+    model = _small(name, binary=False)
+    variables = _variables(model, x)
+    folded = models.apply_fn(model, variables, fold_batchnorm=True)
+    fast = models.apply_fn(model, variables, fold_batchnorm=True, input_like=x)
+    ref = _call(folded, x)
+    top = float(jnp.abs(ref).max())
+    np.testing.assert_allclose(_call(fast, x), ref, rtol=1e-6, atol=1e-6 * top)
+    ct = jax.random.normal(jax.random.key(1), ref.shape)
+    g = _grad(folded, x, ct)
+    top = float(jnp.abs(g).max())
+    np.testing.assert_allclose(_grad(fast, x, ct), g, rtol=1e-5, atol=1e-6 * top)
+    # the folded BatchNorms' passes are gone, as in the folded function
+    program = frozen.program(model, variables, x, fold_batchnorm=True)
+    assert len(program.folds) > 0
+
+
+def test_frozen_kernels_are_the_quantized_kernels():
+    # Against the quantizers written out: sign(clip(w)) (+1 at 0), and XNOR-Net's alpha
+    # as a mean of |clip(w)| per output channel.
+    x = _images()
+    for name, scaled in (("binarynet", False), ("xnornet", True)):
+        model = _small(name, binary=True)
+        variables = _variables(model, x)
+        entries = models.apply_fn(model, variables, input_like=x).args[0]["layers"]
+        infos = {"/".join(i.path): i for i in layers.quantized_layers(model, x.shape)}
+        binary_layers = [k for k, i in infos.items() if i.kernel_quantizer is not None]
+        assert binary_layers
+        for key in binary_layers:
+            w = variables["params"]
+            for part in key.split("/"):
+                w = w[part]
+            w = np.asarray(w["kernel"], np.float64)
+            c = np.clip(w, -1, 1)
+            np.testing.assert_array_equal(entries[key]["kernel"], np.where(c >= 0, 1.0, -1.0))
+            if scaled:
+                alpha = np.abs(c).reshape(-1, c.shape[-1]).mean(0)
+                np.testing.assert_allclose(entries[key]["scale"], alpha, rtol=1e-6)
+            else:
+                assert "scale" not in entries[key]
+
+
+def test_no_recompilation_for_new_variables_and_kernels_computed_once():
+    x = _images()
+    model = _small("birealnet18", binary=True)
+    traces = []
+
+    @jax.jit
+    def logits(fn, x):
+        traces.append(1)
+        return fn(x)
+
+    fns = [models.apply_fn(model, _variables(model, x, seed), input_like=x) for seed in (0, 1)]
+    a, b = logits(fns[0], x), logits(fns[1], x[:1])  # another batch size: a new trace
+    c = logits(fns[1], x)
+    assert len(traces) == 2
+    assert not np.array_equal(a, c)
+    np.testing.assert_allclose(b, c[:1], rtol=1e-5)  # another batch: another summation order
+
+    # the jitted program computes no kernel-shaped array: the kernels are its inputs
+    def kernel_ops(fn):
+        jaxpr = jax.make_jaxpr(lambda f, x: f(x))(fn, x).jaxpr
+        return [
+            e.primitive.name for e in jaxpr.eqns if any(v.aval.shape in shapes for v in e.outvars)
+        ]
+
+    shapes = {k.shape for k in jax.tree.leaves(fns[0].args[0]["layers"]) if k.ndim >= 2}
+    assert kernel_ops(fns[0]) == []
+    assert "custom_vjp_call" in kernel_ops(models.apply_fn(model, _variables(model, x)))
+
+
+def test_wrong_input_shape_or_dtype_is_named():
+    x = _images()
+    model = _small("binarynet", binary=True)
+    fn = models.apply_fn(model, _variables(model, x), input_like=x)
+    message = r"built for inputs \(B, 32, 32, 3\).*got shape \(2, 16, 16, 3\)"
+    with pytest.raises(ValueError, match=message):
+        fn(_images(size=16))
+    with pytest.raises(ValueError, match="of dtype bfloat16"):
+        fn(x.astype(jnp.bfloat16))
+    with pytest.raises(TypeError, match="input_like must be an array"):
+        models.apply_fn(model, _variables(model, x), input_like=(2, 32, 32, 3))
+
+
+class _Sub(QuantConv):
+    """A subclass that computes something else: not frozen."""
+
+    def __call__(self, x):
+        return super().__call__(x) * 2.0
+
+
+class _Mixed(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = QuantConv(4, kernel_quantizer="ste_sign", input_quantizer=None, name="a")(x)
+        x = nn.BatchNorm(use_running_average=True, name="bn_a")(x)
+        x = _Sub(4, kernel_quantizer="ste_sign", input_quantizer="ste_sign", name="b")(x)
+        x = nn.BatchNorm(use_running_average=True, name="bn_b")(x)
+        y = QuantDense(3, kernel_quantizer="ste_sign", name="head")(x.reshape(x.shape[0], -1))
+        return y
+
+
+def test_caller_interceptors_see_every_layer_and_subclasses_run_as_they_are():
+    x = _images(size=8)
+    model = _Mixed()
+    variables = _variables(model, x)
+    assert frozen.frozen_layers(model, variables, x) == ["a", "head"]
+    for fold_batchnorm in (False, True):
+        fast = models.apply_fn(model, variables, fold_batchnorm, input_like=x)
+        ref = models.apply_fn(model, variables, fold_batchnorm)
+        leaves = jax.tree_util.tree_leaves_with_path(fast.args[0]["variables"])
+        assert any("'b'" in jax.tree_util.keystr(p) for p, _ in leaves)  # _Sub keeps its kernel
+
+        def seen(fn):
+            out = {}
+
+            def capture(next_fun, args, kwargs, context):
+                y = next_fun(*args, **kwargs)
+                if context.method_name == "__call__" and context.module.scope is not None:
+                    out["/".join(context.module.scope.path)] = y
+                return y
+
+            with nn.intercept_methods(capture):
+                logits = fn(x)
+            return logits, out
+
+        (y1, s1), (y2, s2) = seen(fast), seen(ref)
+        np.testing.assert_allclose(y1, y2, rtol=1e-6, atol=1e-6)
+        assert s1.keys() == s2.keys() and {"a", "b", "head", "bn_a"} <= s1.keys()
+        for k in s1:
+            np.testing.assert_allclose(s1[k], s2[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+def test_explain_dataset_gives_the_maps_of_the_model():
+    from jbnn import saliency
+
+    x = _images(batch=3)
+    model = _small("birealnet18", binary=True)
+    variables = _variables(model, x)
+    batches = [np.asarray(x[:2]), np.asarray(x[2:])]
+    key = jax.random.key(0)
+    out = saliency.explain_dataset(
+        "smoothgrad",
+        batches,
+        model=model,
+        variables=variables,
+        key=key,
+        progress=False,
+        num_samples=3,
+    )
+    ref = saliency.explain_dataset(
+        "smoothgrad",
+        batches,
+        fn=models.apply_fn(model, variables),
+        key=key,
+        progress=False,
+        num_samples=3,
+    )
+    # The BNN's forward pass is exact (integer sums); its input gradient sums float
+    # cotangents, whose order XLA's CPU convolutions choose per program: the maps differ
+    # by float rounding (measured: 4e-5 of the largest value, as float32 against float64).
+    np.testing.assert_array_equal(out["predictions"], ref["predictions"])
+    scale = float(np.abs(ref["maps"]).max())
+    np.testing.assert_allclose(out["maps"], ref["maps"], rtol=0, atol=2e-4 * scale)
+    with pytest.raises(ValueError, match="batch 1 images are float32 of shape \\(16, 16, 3\\)"):
+        saliency.explain_dataset(
+            "gradient",
+            [np.asarray(x), np.asarray(_images(size=16))],
+            model=model,
+            variables=variables,
+            progress=False,
+        )
