@@ -10,6 +10,8 @@ from jbnn import layers
 from jbnn import quantizers as qz
 from jbnn.layers import QuantConv, QuantDense, quantized_layers
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 KEY = jax.random.key(0)
 
 

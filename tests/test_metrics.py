@@ -17,6 +17,8 @@ from jbnn import metrics
 from jbnn.metrics import faithfulness as faith_mod
 from jbnn.metrics import similarity as sim_mod
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 RNG = np.random.default_rng(0)
 
 

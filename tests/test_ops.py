@@ -286,6 +286,9 @@ PRODUCT = [
     ((1, 5, 6, 4), (2, 3, 4, 32), (1, 2), ((3, 0), (0, 2))),  # padding > kernel / 2
 ]
 
+# through ops.conv to second order (compiles most): one case per kind of padding
+SECOND_ORDER = {PRODUCT[0], PRODUCT[2], PRODUCT[5], PRODUCT[8]}
+
 
 def _slow_input_grad(x_shape, w, ct, strides, pads):
     """Loop over outputs and taps: dx[b, sh i + p - top, sw j + q - left] += w[p, q] ct."""
@@ -315,6 +318,13 @@ def test_product_input_gradient_equals_the_transposed_convolution(shape, kernel,
     np.testing.assert_allclose(
         got(w, ct), _slow_input_grad(x.shape, w, ct, strides, pads), atol=1e-4
     )
+    # bfloat16 in, bfloat16 out
+    gb = got(w.astype(jnp.bfloat16), ct.astype(jnp.bfloat16))
+    assert gb.dtype == jnp.bfloat16
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(gb.astype(jnp.float32), want, atol=0.03 * scale)
+    if (shape, kernel, strides, padding) not in SECOND_ORDER:
+        return
     # through ops.conv, whose CPU backward takes this form here, to second order
     loss = lambda conv: lambda x, w: jnp.sum(ct * jnp.tanh(conv(x, w, strides, pads, 1)))
     fast = jax.jit(jax.grad(loss(ops.conv), (0, 1)))(x, w)
@@ -323,11 +333,6 @@ def test_product_input_gradient_equals_the_transposed_convolution(shape, kernel,
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     hvp = lambda conv: jax.jit(jax.grad(lambda x: jnp.sum(jax.grad(loss(conv))(x, w) ** 2)))(x)
     np.testing.assert_allclose(hvp(ops.conv), hvp(_lax_conv), rtol=1e-4, atol=1e-4)
-    # bfloat16 in, bfloat16 out
-    gb = got(w.astype(jnp.bfloat16), ct.astype(jnp.bfloat16))
-    assert gb.dtype == jnp.bfloat16
-    scale = float(jnp.max(jnp.abs(want)))
-    np.testing.assert_allclose(gb.astype(jnp.float32), want, atol=0.03 * scale)
 
 
 def test_conv_picks_the_product_input_gradient_only_on_cpu_for_few_positions():

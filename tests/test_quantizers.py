@@ -7,6 +7,8 @@ import pytest
 
 from jbnn import quantizers as qz
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 # A dense grid that contains 0, +-1 (the default clip), +-0.05 (the ternary threshold),
 # +-1.25 / +-1.3 (larq-zoo clips) and the DoReFa half-way points.
 GRID = np.unique(

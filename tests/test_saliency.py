@@ -27,6 +27,8 @@ from jbnn import models
 from jbnn import saliency as sal
 from jbnn.saliency import gradients as sal_gradients
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 5
 TRACES = [0]  # incremented each time SplitNet is traced

@@ -22,6 +22,8 @@ from jbnn import models, study
 from jbnn.models.common import QuantMixin, batch_norm
 from jbnn.models.simple import ConvBlock
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # configs/ is imported as a package, as explain.py does
     sys.path.insert(0, str(ROOT))

@@ -10,7 +10,10 @@ made a twin Bi-Real Net 18's bfloat16 SmoothGrad 1.11x faster (444 -> 493 img/s,
 batch 16, 50 samples; float32 286 -> 305 img/s; `benchmarks/saliency_gpu.py --ab fold-bn`).
 On CPU it is no faster: on this project's 2-core VM (112 px, batch 4) SmoothGrad ran
 1.01-1.02x and the twin's Gradient 0.79x (the scaled kernels are recomputed per call and
-outweigh the BatchNorm passes there). Leave it off on CPU.
+outweigh the BatchNorm passes there). With ``apply_fn(..., input_like=x)``
+(:mod:`jbnn.models.frozen`) they are computed once: a twin XNOR-Net's folded Gradient at
+224 px then ran 2.21x faster than folded per call, about as fast as unfolded (88 against
+84 ms, two runs of ``benchmarks/frozen_ab.py``). Leave it off on CPU.
 
 Which BatchNorm follows which convolution is found by tracing the model (shapes only)
 under ``flax.linen.intercept_methods``: a BatchNorm in inference mode whose input is the
