@@ -105,33 +105,12 @@ def _binary_kernel_and_scale(
     left a rounding residue of either sign. Written this way alpha and its gradient are
     one reduction of the kernel and of the (B, ..., C_out) output, where the scaled
     kernel took a full-size product in the forward pass and a contraction of the kernel
-    gradient with the binary kernel in the backward pass. Bi-Real Net's
-    ``magnitude_aware_sign`` kernel ``a * ste_sign(w)`` likewise: ``ste_sign(w)`` and
-    ``a = stop_gradient(mean |w|)``. Other kernels: (the quantized kernel, None).
+    gradient with the binary kernel in the backward pass. Other kernels: (the quantized
+    kernel, None).
     """
-    if spec is not None and kernel_scale:
-        return _xnor_kernel(kernel, qz.get(spec))
-    if _is_magnitude_aware(spec):
-        # Bi-Real Net's ``a * ste_sign(w)``, a = stop_gradient(mean |w|) per output
-        # channel: the binary kernel multiplies and ``a`` scales the output, the same
-        # map and gradients (a has none), and with binary inputs an exact integer sum
-        # times a. Sums of +-a rounded by the order XLA picks per program, so that
-        # two programs of one function binarized activations near 0 differently.
-        qz.get(spec)  # checks the hyper-parameters
-        clip_value = qz.parse_spec(spec)[1].get("clip_value", 1.0)
-        c_out = kernel.shape[-1]
-        scale = jnp.mean(jnp.abs(kernel.reshape(-1, c_out)), axis=0)
-        return qz.ste_sign(kernel, clip_value), jax.lax.stop_gradient(scale)
-    return _quantize_kernel(kernel, spec), None
-
-
-def _is_magnitude_aware(spec: QuantizerSpec) -> bool:
-    return isinstance(spec, str) and qz.parse_spec(spec)[0] == "magnitude_aware_sign"
-
-
-def _integer_kernel(spec: QuantizerSpec) -> bool:
-    """Whether the kernel the MAC op multiplies by is -1 / 0 / +1 (then exact in bf16)."""
-    return qz.integer_valued(spec) or _is_magnitude_aware(spec)
+    if spec is None or not kernel_scale:
+        return _quantize_kernel(kernel, spec), None
+    return _xnor_kernel(kernel, qz.get(spec))
 
 
 def _apply_scale(y: jax.Array, scale: jax.Array | None) -> jax.Array:
@@ -218,7 +197,7 @@ class QuantDense(nn.Module):
         y = ops.dense(
             x,
             kernel,
-            exact_kernel=_integer_kernel(self.kernel_quantizer),
+            exact_kernel=qz.integer_valued(self.kernel_quantizer),
             exact_input=qz.integer_valued(self.input_quantizer),
         )
         y = _apply_scale(y, scale)

@@ -214,6 +214,7 @@ def _np_sign(w: np.ndarray) -> np.ndarray:
 def _expected_kernel(latent: np.ndarray, spec: str, kernel_scale: bool) -> np.ndarray:
     """REFERENCE.md's kernel quantizers, in numpy: the kernel the MAC op multiplies by."""
     name, hparams = qz.parse_spec(spec)
+    axes = tuple(range(latent.ndim - 1))
     if kernel_scale:
         # XNOR-Net: alpha * sign(clip(w, -1, 1)), alpha = mean |clip(w, -1, 1)| per
         # output filter; the layer multiplies by the sign and scales its output by alpha
@@ -221,9 +222,7 @@ def _expected_kernel(latent: np.ndarray, spec: str, kernel_scale: bool) -> np.nd
         assert name == "ste_sign", f"no numpy reference for XNOR kernel quantizer {spec!r}"
         return _np_sign(np.clip(latent, -1.0, 1.0))
     if name == "magnitude_aware_sign":
-        # Bi-Real Net: a * sign(w), a = mean |w| per output channel; the layer multiplies
-        # by the sign and scales its output by a (test_layers checks it against a * sign)
-        return _np_sign(latent)
+        return np.mean(np.abs(latent), axis=axes, keepdims=True) * _np_sign(latent)
     assert name == "ste_sign", f"no numpy reference for kernel quantizer {spec!r}"
     return _np_sign(latent)
 
