@@ -15,7 +15,8 @@ returns the variables with each such layer's latent kernel and bias replaced by 
 its :meth:`forward_quantized` takes. :func:`program`'s ``apply`` runs the model with
 an interceptor that hands each of those layers its frozen arrays. The values are the
 same ops on the same numbers, so the function is the model's up to float rounding
-(bit for bit for sign and ternary kernels, whose quantizers are elementwise); with
+(bit for bit for sign kernels, whose quantizers are elementwise; a kernel with a
+reduced scale, XNOR-Net's or Bi-Real Net's, to float rounding); with
 BatchNorms folded, the folded function's.
 
 What it is for: explaining (input gradients). The frozen variables are arrays of the
