@@ -104,6 +104,14 @@ def calibrated(model, variables, x, steps: int = 3):
     return {"params": params, "batch_stats": stats}
 
 
+def explainer_compiled(fun, *args):
+    """``fun`` compiled now, as jbnn's explainers compile at the top level
+    (``jbnn.ops.platform_jit``: on CPU, XLA's classic kernels)."""
+    from jbnn import ops
+
+    return ops.platform_jit(fun).lower(*args).compile()
+
+
 def random_images(key, batch: int, size: int) -> jax.Array:
     """Smooth random images (B, size, size, 3) in [0, 1] (low-pass noise, like photos)."""
     low = jax.random.uniform(key, (batch, max(2, size // 16), max(2, size // 16), 3))

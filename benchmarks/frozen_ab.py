@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import jax  # noqa: E402
 
-from jbnn import models, ops, saliency  # noqa: E402
+from jbnn import models, saliency  # noqa: E402
 from jbnn.models import frozen  # noqa: E402
 
 
@@ -42,11 +42,6 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=0, help="0: all cores")
     return p.parse_args(argv)
-
-
-def compiled(fun, *args):
-    """``fun`` compiled now, as jbnn's explainers compile at the top level."""
-    return ops.platform_jit(fun).lower(*args).compile()
 
 
 def main(argv=None):
@@ -85,13 +80,13 @@ def main(argv=None):
             fn = models.apply_fn(
                 model, variables, args.fold, input_like=x if form == "frozen" else None
             )
-            sg = compiled(
+            sg = common.explainer_compiled(
                 lambda fn, x, k: saliency.smoothgrad(fn, x, 0, k, num_samples=args.samples),
                 fn,
                 x,
                 key,
             )
-            grad = compiled(lambda fn, x: saliency.gradient(fn, x, 0), fn, x)
+            grad = common.explainer_compiled(lambda fn, x: saliency.gradient(fn, x, 0), fn, x)
             outputs[kind, form] = (sg(fn, x, key), grad(fn, x))
             calls[f"{kind}-smoothgrad-{form}"] = lambda sg=sg, fn=fn: sg(fn, x, key)
             calls[f"{kind}-gradient-{form}"] = lambda grad=grad, fn=fn: grad(fn, x)

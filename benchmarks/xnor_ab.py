@@ -29,7 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import train_step  # noqa: E402
 
-from jbnn import layers, models, ops, saliency  # noqa: E402
+from jbnn import layers, models, saliency  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -41,11 +41,6 @@ def parse_args(argv=None):
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--rounds", type=int, default=7)
     return p.parse_args(argv)
-
-
-def compiled(fun, *args):
-    """``fun`` compiled now, as jbnn's explainers compile at the top level."""
-    return ops.platform_jit(fun).lower(*args).compile()
 
 
 def main(argv=None):
@@ -71,14 +66,14 @@ def main(argv=None):
             layers._binary_kernel_and_scale = train_step._kernel_scaled_layers
         try:
             jax.clear_caches()  # the model's apply is cached per model: trace it again
-            sg = compiled(
+            sg = common.explainer_compiled(
                 lambda fn, x, k: saliency.smoothgrad(fn, x, 0, k, num_samples=args.samples),
                 fn,
                 x,
                 key,
             )
-            grad = compiled(lambda fn, x: saliency.gradient(fn, x, 0), fn, x)
-            logits = compiled(lambda fn, x: fn(x), fn, x)
+            grad = common.explainer_compiled(lambda fn, x: saliency.gradient(fn, x, 0), fn, x)
+            logits = common.explainer_compiled(lambda fn, x: fn(x), fn, x)
         finally:
             layers._binary_kernel_and_scale = saved
         outputs[form] = (sg(fn, x, key), grad(fn, x), logits(fn, x))

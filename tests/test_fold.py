@@ -7,20 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import images, small_model
 
 from jbnn import models
 from jbnn.layers import QuantConv
 from jbnn.models import fold
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-
-def _small(name: str, binary: bool, **kwargs) -> nn.Module:
-    fields = models._REGISTRY[name].__dataclass_fields__
-    kw = {"width": 0.125} if "width" in fields else {}
-    if "hidden" in fields:
-        kw["hidden"] = (32, 32)
-    return models.get(name, binary=binary, num_classes=5, **kw, **kwargs)
 
 
 def _variables(model, x, seed: int = 0):
@@ -47,11 +40,6 @@ def _variables(model, x, seed: int = 0):
     return jax.tree_util.tree_map_with_path(fill, variables)
 
 
-def _images(size: int = 32, batch: int = 2, dtype=jnp.float32) -> jax.Array:
-    rng = np.random.default_rng(size)
-    return jnp.asarray(rng.uniform(0, 1, size=(batch, size, size, 3)), dtype)
-
-
 def _rel(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
@@ -73,20 +61,20 @@ EXPECTED_FOLDS = {
 @pytest.mark.parametrize("name", models.names())
 def test_batchnorm_folds_of_every_model(name):
     # Found from shapes alone (abstract variables): no model is run.
-    x = _images()
-    model = _small(name, binary=False)
+    x = images()
+    model = small_model(name, binary=False)
     variables = jax.eval_shape(model.init, jax.random.key(0), x[:1])
     folds = fold.batchnorm_folds(model, variables, x)
     assert len(folds) == EXPECTED_FOLDS[name], folds
-    assert folds == fold.batchnorm_folds(_small(name, binary=True), variables, x)
+    assert folds == fold.batchnorm_folds(small_model(name, binary=True), variables, x)
 
 
 # the kinds of fold: blocks and shortcuts (Bi-Real Net), BatchNorm without scale
 # (XNOR-Net), without scale and offset (QuickNet's depthwise layers)
 @pytest.mark.parametrize("name", ["birealnet18", "xnornet", "quicknet_small"])
 def test_folded_twin_equals_the_model_and_its_input_gradient(name):
-    x = _images()
-    model = _small(name, binary=False)
+    x = images()
+    model = small_model(name, binary=False)
     variables = _variables(model, x)
     plain = models.apply_fn(model, variables)
     folded = models.apply_fn(model, variables, fold_batchnorm=True)
@@ -102,8 +90,8 @@ def test_folded_bnn_equals_the_model_in_float64():
     # equals the BNN to the float32 rounding of its output.
     name = "xnornet"
     with jax.enable_x64(True):
-        x = _images(dtype=jnp.float64)
-        model = _small(name, binary=True, dtype=jnp.float64)
+        x = images(dtype=jnp.float64)
+        model = small_model(name, binary=True, dtype=jnp.float64)
         variables = jax.tree.map(lambda a: a.astype(jnp.float64), _variables(model, x))
         assert fold.batchnorm_folds(model, variables, x)
         plain = models.apply_fn(model, variables)(x)
@@ -127,7 +115,7 @@ class _Toy(nn.Module):
 
 
 def test_only_batchnorms_that_alone_read_a_convolution_are_folded():
-    x = _images(size=8)
+    x = images(size=8)
     model = _Toy()
     variables = _variables(model, x)
     # the toy's BN names do not start with "bn"-prefixed paths only: randomise all
@@ -145,8 +133,8 @@ def test_only_batchnorms_that_alone_read_a_convolution_are_folded():
 def test_folding_skips_the_batchnorm_passes():
     # The folded program has no BatchNorm arithmetic on activations: fewer elementwise
     # ops of the activations' shape than the plain one.
-    x = _images()
-    model = _small("birealnet18", binary=False)
+    x = images()
+    model = small_model("birealnet18", binary=False)
     variables = _variables(model, x)
 
     def count(f):
@@ -167,8 +155,8 @@ def test_folding_skips_the_batchnorm_passes():
 def test_explain_dataset_folds_on_request():
     from jbnn import saliency
 
-    x = _images(batch=3)
-    model = _small("birealnet18", binary=False)
+    x = images(batch=3)
+    model = small_model("birealnet18", binary=False)
     variables = _variables(model, x)
     run = lambda **kw: saliency.explain_dataset(
         "gradient", [np.asarray(x)], model=model, variables=variables, progress=False, **kw
@@ -190,8 +178,8 @@ def test_a_folded_model_splits_its_input_layer_too():
     from jbnn import saliency
     from jbnn.saliency import _input_layer
 
-    x = _images(batch=2)
-    model = _small("birealnet18", binary=False)
+    x = images(batch=2)
+    model = small_model("birealnet18", binary=False)
     variables = _variables(model, x)
     folded = models.apply_fn(model, variables, fold_batchnorm=True)
     assert _input_layer.find(folded, x) == ("stem", "conv")

@@ -7,25 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import images, small_model
 
 from jbnn import layers, models
 from jbnn.layers import QuantConv, QuantDense
 from jbnn.models import frozen
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-
-def _small(name: str, binary: bool, **kwargs) -> nn.Module:
-    fields = models._REGISTRY[name].__dataclass_fields__
-    kw = {"width": 0.125} if "width" in fields else {}
-    if "hidden" in fields:
-        kw["hidden"] = (32, 32)
-    return models.get(name, binary=binary, num_classes=5, **kw, **kwargs)
-
-
-def _images(size: int = 32, batch: int = 2, dtype=jnp.float32) -> jax.Array:
-    rng = np.random.default_rng(size)
-    return jnp.asarray(rng.uniform(0, 1, size=(batch, size, size, 3)), dtype)
 
 
 def _variables(model, x, seed: int = 0):
@@ -61,7 +49,7 @@ def _grad(fn, x, ct):
 def test_every_quantized_layer_of_every_model_is_frozen(name):
     # shapes only: no model is compiled
     x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
-    model = _small(name, binary=True)
+    model = small_model(name, binary=True)
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
     expected = ["/".join(info.path) for info in layers.quantized_layers(model, x.shape)]
     assert frozen.frozen_layers(model, variables, x) == list(dict.fromkeys(expected))
@@ -77,8 +65,8 @@ IDS = [f"{name}-{'bnn' if binary else 'twin'}" for name, binary in CASES]
 def test_frozen_function_equals_the_model_and_its_input_gradient(name, binary):
     # The same ops on the same numbers in another program: equal for sign kernels (a
     # binarized activation cannot move), within float rounding for XNOR-Net's alpha.
-    x = _images()
-    model = _small(name, binary=binary)
+    x = images()
+    model = small_model(name, binary=binary)
     variables = _variables(model, x)
     plain = models.apply_fn(model, variables)
     fast = models.apply_fn(model, variables, input_like=x)
@@ -96,8 +84,8 @@ def test_frozen_function_equals_the_model_and_its_input_gradient(name, binary):
 
 @pytest.mark.parametrize("name", ["birealnet18", "xnornet"])
 def test_frozen_folded_function_equals_the_folded_model(name):
-    x = _images()
-    model = _small(name, binary=False)
+    x = images()
+    model = small_model(name, binary=False)
     variables = _variables(model, x)
     folded = models.apply_fn(model, variables, fold_batchnorm=True)
     fast = models.apply_fn(model, variables, fold_batchnorm=True, input_like=x)
@@ -116,9 +104,9 @@ def test_frozen_folded_function_equals_the_folded_model(name):
 def test_frozen_kernels_are_the_quantized_kernels():
     # Against the quantizers written out: sign(clip(w)) (+1 at 0), and XNOR-Net's alpha
     # as a mean of |clip(w)| per output channel.
-    x = _images()
+    x = images()
     for name, scaled in (("binarynet", False), ("xnornet", True)):
-        model = _small(name, binary=True)
+        model = small_model(name, binary=True)
         variables = _variables(model, x)
         entries = models.apply_fn(model, variables, input_like=x).args[0]["layers"]
         infos = {"/".join(i.path): i for i in layers.quantized_layers(model, x.shape)}
@@ -139,8 +127,8 @@ def test_frozen_kernels_are_the_quantized_kernels():
 
 
 def test_no_recompilation_for_new_variables_and_kernels_computed_once():
-    x = _images()
-    model = _small("birealnet18", binary=True)
+    x = images()
+    model = small_model("birealnet18", binary=True)
     traces = []
 
     @jax.jit
@@ -168,12 +156,12 @@ def test_no_recompilation_for_new_variables_and_kernels_computed_once():
 
 
 def test_wrong_input_shape_or_dtype_is_named():
-    x = _images()
-    model = _small("binarynet", binary=True)
+    x = images()
+    model = small_model("binarynet", binary=True)
     fn = models.apply_fn(model, _variables(model, x), input_like=x)
     message = r"built for inputs \(B, 32, 32, 3\).*got shape \(2, 16, 16, 3\)"
     with pytest.raises(ValueError, match=message):
-        fn(_images(size=16))
+        fn(images(size=16))
     with pytest.raises(ValueError, match="of dtype bfloat16"):
         fn(x.astype(jnp.bfloat16))
     with pytest.raises(TypeError, match="input_like must be an array"):
@@ -199,7 +187,7 @@ class _Mixed(nn.Module):
 
 
 def test_caller_interceptors_see_every_layer_and_subclasses_run_as_they_are():
-    x = _images(size=8)
+    x = images(size=8)
     model = _Mixed()
     variables = _variables(model, x)
     assert frozen.frozen_layers(model, variables, x) == ["a", "head"]
@@ -235,8 +223,8 @@ def test_explain_dataset_gives_the_maps_of_the_model():
     # order, README "Kernels quantized once")
     from jbnn import saliency
 
-    x = _images(batch=3)
-    model = _small("binarynet", binary=True)
+    x = images(batch=3)
+    model = small_model("binarynet", binary=True)
     variables = _variables(model, x)
     batches = [np.asarray(x[:2]), np.asarray(x[2:])]
     key = jax.random.key(0)
@@ -251,7 +239,7 @@ def test_explain_dataset_gives_the_maps_of_the_model():
     with pytest.raises(ValueError, match="batch 1 images are float32 of shape \\(16, 16, 3\\)"):
         saliency.explain_dataset(
             "gradient",
-            [np.asarray(x), np.asarray(_images(size=16))],
+            [np.asarray(x), np.asarray(images(size=16))],
             model=model,
             variables=variables,
             progress=False,
