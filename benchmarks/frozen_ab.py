@@ -2,8 +2,10 @@
 
 ``jbnn.models.apply_fn(model, variables)`` quantizes every kernel inside each call;
 with ``input_like`` the kernels (and folded BatchNorms) are computed once
-(``jbnn.models.frozen``). This script compiles Gradient and SmoothGrad of a BNN and
-its twin over both functions, as the explainers compile on this platform (on CPU:
+(``jbnn.models.frozen``). This script compiles Gradient, SmoothGrad and GradCAM (at
+``--cam-layer``, by default the model's last top-level layer with a spatial output
+larger than 1 x 1) of
+a BNN and its twin over both functions, as the explainers compile on this platform (on CPU:
 XLA's classic kernels, ``platform_jit``), times them alternately in one run, and prints
 the speed-ups, the BNN / twin ratio of each form, the one-off cost of freezing, and how
 far the maps differ (relative to the largest magnitude: float rounding).
@@ -25,9 +27,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 from jbnn import models, saliency  # noqa: E402
 from jbnn.models import frozen  # noqa: E402
+from jbnn.saliency import cam  # noqa: E402
+
+METHODS = ("smoothgrad", "gradient", "gradcam")
 
 
 def parse_args(argv=None):
@@ -41,7 +47,14 @@ def parse_args(argv=None):
     p.add_argument("--fold", action="store_true", help="fold BatchNorms (both forms)")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=0, help="0: all cores")
+    p.add_argument("--cam-layer", default=None, help="GradCAM's layer (module path)")
     return p.parse_args(argv)
+
+
+def last_spatial_layer(model, shape) -> str:
+    """The last top-level module whose output is (B, h, w, C) with h, w > 1."""
+    paths = models.layer_paths(model, (1, *shape[1:]))
+    return [p for p, s in paths.items() if "/" not in p and len(s) == 4 and min(s[1:3]) > 1][-1]
 
 
 def main(argv=None):
@@ -61,8 +74,10 @@ def main(argv=None):
         f"{args.samples} samples, fold_batchnorm={args.fold}, {args.rounds} alternating rounds"
     )
     calls, outputs = {}, {}
+    target = jnp.zeros((args.batch,), jnp.int32)
     for kind in ("bnn", "twin"):
         model = models.get(args.model, binary=kind == "bnn", **kw)
+        layer = args.cam_layer or last_spatial_layer(model, x.shape)
         # BatchNorm statistics from train-mode passes (as a trained network's, roughly)
         variables = common.calibrated(model, model.init(jax.random.key(1), x[:1]), x)
         program = frozen.program(model, variables, x, args.fold)
@@ -87,12 +102,28 @@ def main(argv=None):
                 key,
             )
             grad = common.explainer_compiled(lambda fn, x: saliency.gradient(fn, x, 0), fn, x)
-            outputs[kind, form] = (sg(fn, x, key), grad(fn, x))
+            gc = common.explainer_compiled(
+                lambda fn, x, layer=layer: cam._cam_jit(
+                    fn,
+                    x,
+                    target,
+                    path=tuple(layer.split("/")),
+                    plus_plus=False,
+                    relu=True,
+                    interpolation="bilinear",
+                    return_low_res=False,
+                ),
+                fn,
+                x,
+            )
+            outputs[kind, form] = (sg(fn, x, key), grad(fn, x), gc(fn, x))
             calls[f"{kind}-smoothgrad-{form}"] = lambda sg=sg, fn=fn: sg(fn, x, key)
             calls[f"{kind}-gradient-{form}"] = lambda grad=grad, fn=fn: grad(fn, x)
+            calls[f"{kind}-gradcam-{form}"] = lambda gc=gc, fn=fn: gc(fn, x)
+        print(f"{kind}: GradCAM at {layer!r}")
     t = common.alternate(calls, args.rounds, warmup=1)
     for kind in ("bnn", "twin"):
-        for method in ("smoothgrad", "gradient"):
+        for method in METHODS:
             new, old = t[f"{kind}-{method}-frozen"], t[f"{kind}-{method}-latent"]
             print(
                 f"{kind} {method}: frozen {new.median * 1e3:.1f} ms, latent "
@@ -100,12 +131,12 @@ def main(argv=None):
                 f"{old.median / new.median:.2f}x (paired {common.paired_ratio(old, new):.2f}), "
                 f"spread {100 * max(new.spread, old.spread):.0f}%"
             )
-    for method in ("smoothgrad", "gradient"):
+    for method in METHODS:
         for form in ("latent", "frozen"):
             bnn, twin = t[f"bnn-{method}-{form}"], t[f"twin-{method}-{form}"]
             print(f"{method} {form}: BNN / twin time {bnn.median / twin.median:.2f}")
     for kind in ("bnn", "twin"):
-        for i, method in enumerate(("smoothgrad", "gradient")):
+        for i, method in enumerate(METHODS):
             rel = common.rel_error(outputs[kind, "latent"][i], outputs[kind, "frozen"][i])
             print(f"{kind} {method}: max |frozen - latent| / max |latent| = {rel:.2g}")
 

@@ -187,9 +187,9 @@ def saliency_target(args):
         jitted = _jit(args, sg)
         return jitted, (fn, x, target, keys, sigma)
     path = ("stage4",)
-    jitted = _jit(args, lambda v, x, t: cam._activation_and_gradient(model, path, v, x, t)[:2])
+    jitted = _jit(args, lambda fn, x, t: cam._activation_and_gradient(fn, path, x, t)[:2])
     del saliency
-    return jitted, (variables, x, target)
+    return jitted, (fn, x, target)
 
 
 def _jit(args, fun):

@@ -9,8 +9,9 @@
 # step has its own time limit, so that a slow step cannot take the later ones with it,
 # and writes its log as it goes:
 #   1_saliency_gpu.log  SmoothGrad against Captum, BNN and twin, float32 and bfloat16,
-#                       with the per-copy stem gradient (no split input layer) and the
-#                       folded BatchNorms as A/B contestants
+#                       with the per-copy stem gradient (no split input layer), the
+#                       kernels quantized once (explain_dataset's form) and those with
+#                       the BatchNorms folded as A/B contestants
 #   2_train_step.log    training step, BNN against twin, 224 px ImageNet stem
 #   2b_train_step_xnornet_ab.log  XNOR-Net's step against its form before 2026-11-27
 #                       (alpha in the kernel, flips counted as an int32 sum)
@@ -43,7 +44,7 @@ step() {  # step SECONDS LOGNAME COMMAND...
   grep -v "Delay kernel timed out" "$LOG/$name" | tail -25
 }
 
-step 330 1_saliency_gpu.log python3 benchmarks/saliency_gpu.py --ab no-split,fold-bn --rounds 5
+step 330 1_saliency_gpu.log python3 benchmarks/saliency_gpu.py --ab no-split,frozen,frozen-fold --rounds 5
 step 110 2_train_step.log python3 benchmarks/train_step.py --size 224 --stem imagenet \
   --batch 64 --width 1.0 --num-classes 1000 --models birealnet18,xnornet,quicknet_small \
   --rounds 5

@@ -30,7 +30,12 @@ after a warm-up of each:
   (``models.apply_fn(..., fold_batchnorm=True)``);
 * ``jbnn-nosplit f32`` / ``bf16`` (``--ab no-split``): jbnn with
   ``split_input_layer=False``, every noisy copy's gradient pulled back through the stem
-  convolution (the default sums them at the stem's output and pulls back once).
+  convolution (the default sums them at the stem's output and pulls back once);
+* ``jbnn-frozen f32`` / ``bf16`` (``--ab frozen``): jbnn over kernels quantized once
+  (``models.apply_fn(..., input_like=x)``, what ``explain_dataset`` and so ``explain.py``
+  run) instead of at every call;
+* ``jbnn-frozenfold f32`` / ``bf16`` (``--ab frozen-fold``): the same with the
+  BatchNorms folded, the folded kernels computed once.
 
 The jbnn/Captum ratio of each jbnn row is taken against the faster Captum layout of the
 same dtype.
@@ -105,12 +110,21 @@ def parse_args(argv=None):
         "--ab",
         default="plain",
         help="extra jbnn contestants, comma-separated: plain, prev-pool, pad-pool, "
-        "native-pool, fold-bn, no-split (or none)",
+        "native-pool, fold-bn, no-split, frozen, frozen-fold (or none)",
     )
     p.add_argument("--smoke", action="store_true", help="tiny sizes, runs on CPU")
     args = p.parse_args(argv)
     args.ab = [a for a in args.ab.split(",") if a and a != "none"]
-    known = ("plain", "prev-pool", "pad-pool", "native-pool", "fold-bn", "no-split")
+    known = (
+        "plain",
+        "prev-pool",
+        "pad-pool",
+        "native-pool",
+        "fold-bn",
+        "no-split",
+        "frozen",
+        "frozen-fold",
+    )
     unknown = set(args.ab) - set(known)
     if unknown:
         p.error(f"unknown --ab contestant(s) {sorted(unknown)}; known: {', '.join(known)}")
@@ -257,6 +271,11 @@ def bench_model(name: str, variant: str, args, device: str, peak: float | None) 
     if "no-split" in args.ab:
         runs["jbnn-nosplit f32"] = jbnn(fn32, split=False)
         runs["jbnn-nosplit bf16"] = jbnn(fn16, split=False)
+    for ab, fold in (("frozen", False), ("frozen-fold", True)):
+        if ab in args.ab:
+            for dtype, m in (("f32", model), ("bf16", model_bf16)):
+                fn = models.apply_fn(m, variables, fold_batchnorm=fold, input_like=x)
+                runs[f"jbnn-{ab.replace('-', '')} {dtype}"] = jbnn(fn)
     t = common.alternate(runs, args.rounds)
     rows = []
     for dtype in ("f32", "bf16"):

@@ -49,7 +49,7 @@ def calls(method, args, model, variables, x, target):
     static = dict(
         path=path, plus_plus=False, relu=True, interpolation="bilinear", return_low_res=False
     )
-    return cam._cam_jit, (model, variables, x, target), static
+    return cam._cam_jit, (fn, x, target), static
 
 
 def main(argv=None):

@@ -244,3 +244,39 @@ def test_explain_dataset_gives_the_maps_of_the_model():
             variables=variables,
             progress=False,
         )
+
+
+@pytest.mark.parametrize("layer", ["block5", "block5/conv"])
+def test_explain_dataset_gradcam_runs_over_frozen_kernels_unfolded(layer):
+    # GradCAM at a block and at a quantized convolution (a frozen layer itself): the
+    # probe sees the frozen layer's output, so the maps are saliency.gradcam's bit for
+    # bit (sign kernels); with fold_batchnorm=True too, GradCAM running unfolded.
+    from jbnn import saliency
+    from jbnn.saliency import cam
+
+    x = images(batch=3)
+    model = small_model("binarynet", binary=True)
+    variables = _variables(model, x)
+    ref = saliency.gradcam(model, variables, x, None, layer=layer)
+    assert np.abs(ref).max() > 0
+    calls = []
+    original = cam._cam_jit
+    try:
+        cam._cam_jit = lambda fn, *a, **kw: calls.append(fn) or original(fn, *a, **kw)
+        for fold_batchnorm in (False, True):
+            out = saliency.explain_dataset(
+                "gradcam",
+                [np.asarray(x[:2]), np.asarray(x[2:])],
+                model=model,
+                variables=variables,
+                layer=layer,
+                fold_batchnorm=fold_batchnorm,
+                progress=False,
+            )
+            np.testing.assert_array_equal(out["maps"], ref)
+    finally:
+        cam._cam_jit = original
+    # every batch over the frozen function (no latent kernel of a frozen layer left)
+    assert len(calls) == 4
+    for fn in calls:
+        assert set(fn.args[0]["layers"]) == set(frozen.frozen_layers(model, variables, x))

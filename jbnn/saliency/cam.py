@@ -27,11 +27,14 @@ INTERPOLATIONS = {"bilinear": "linear", "nearest": "nearest", "bicubic": "cubic"
 __all__ = ["INTERPOLATIONS", "gradcam", "gradcam_plus_plus", "layer_activation_and_gradient"]
 
 
-def _forward_with_probe(model: nn.Module, path: tuple[str, ...], variables, x, delta):
-    """``model.apply(variables, x)`` with ``delta`` added to the output of ``path``.
+def _forward_with_probe(fn, path: tuple[str, ...], x, delta):
+    """``fn(x)`` with ``delta`` added to the output of the module at ``path``.
 
-    Returns ``(logits, activation)``, the activation being the layer's own output (the
-    first call of the module at ``path``, should it be called more than once).
+    ``fn`` is the model as a function of its input (a ``Partial`` of
+    :func:`jbnn.models.apply_fn`, its kernels quantized per call or once): Linen's
+    interceptors see the module calls made inside it. Returns ``(logits, activation)``,
+    the activation being the layer's own output (the first call of the module at
+    ``path``, should it be called more than once).
     """
     captured = []
 
@@ -48,20 +51,18 @@ def _forward_with_probe(model: nn.Module, path: tuple[str, ...], variables, x, d
         return out
 
     with nn.intercept_methods(interceptor):
-        logits = model.apply(variables, x)
+        logits = fn(x)
     if not captured:
         raise ValueError(f"layer {'/'.join(path)!r} was not called by model.apply")
     return logits, captured[0]
 
 
-def _activation_and_gradient(model, path, variables, x, target):
+def _activation_and_gradient(fn, path, x, target):
     """Layer activation A and d logit[target] / dA, both (B, h, w, C); and the logits."""
-    probe = jax.eval_shape(
-        lambda v, x: _forward_with_probe(model, path, v, x, None)[1], variables, x
-    )
+    probe = jax.eval_shape(lambda x: _forward_with_probe(fn, path, x, None)[1], x)
     delta = jnp.zeros(probe.shape, probe.dtype)
     logits, pullback, activation = jax.vjp(
-        lambda d: _forward_with_probe(model, path, variables, x, d), delta, has_aux=True
+        lambda d: _forward_with_probe(fn, path, x, d), delta, has_aux=True
     )
     if target is None:
         target = jnp.argmax(logits, axis=-1)
@@ -70,9 +71,9 @@ def _activation_and_gradient(model, path, variables, x, target):
     return activation, grad, logits
 
 
-@functools.partial(platform_jit, static_argnames=("model", "path"))
-def _activation_and_gradient_jit(model, variables, x, target, *, path):
-    activation, grad, _ = _activation_and_gradient(model, path, variables, x, target)
+@functools.partial(platform_jit, static_argnames=("path",))
+def _activation_and_gradient_jit(fn, x, target, *, path):
+    activation, grad, _ = _activation_and_gradient(fn, path, x, target)
     return activation, grad
 
 
@@ -92,16 +93,16 @@ def layer_activation_and_gradient(
       ``(activation, gradient)``, both of the layer's output shape (B, h, w, C).
     """
     name = "layer_activation_and_gradient"
-    model, variables, x, target, path, _ = _prepare(model, variables, x, target, layer, name)
-    return _activation_and_gradient_jit(model, variables, x, target, path=path)
+    fn, x, target, path = _prepare(model, variables, x, target, layer, name)
+    return _activation_and_gradient_jit(fn, x, target, path=path)
 
 
 @functools.partial(
     platform_jit,
-    static_argnames=("model", "path", "plus_plus", "relu", "interpolation", "return_low_res"),
+    static_argnames=("path", "plus_plus", "relu", "interpolation", "return_low_res"),
 )
-def _cam_jit(model, variables, x, target, *, path, plus_plus, relu, interpolation, return_low_res):
-    activation, grad, _ = _activation_and_gradient(model, path, variables, x, target)
+def _cam_jit(fn, x, target, *, path, plus_plus, relu, interpolation, return_low_res):
+    activation, grad, _ = _activation_and_gradient(fn, path, x, target)
     dtype = jnp.promote_types(activation.dtype, jnp.float32)
     activation = activation.astype(dtype)  # (B, h, w, C)
     grad = grad.astype(dtype)  # (B, h, w, C)
@@ -137,16 +138,15 @@ def _prepare(model, variables, x, target, layer, name):
     fn = apply_fn(model, variables)
     batch, num_classes = _checks.logits_shape(fn, x, name)
     target = _checks.check_target(target, batch, num_classes, name)
-    return model, variables, x, target, path, num_classes
+    return fn, x, target, path
 
 
 def _cam(model, variables, x, target, layer, relu, interpolation, return_low_res, plus_plus):
     name = "gradcam_plus_plus" if plus_plus else "gradcam"
     _checks.check_choice(interpolation, tuple(INTERPOLATIONS), "interpolation", name)
-    model, variables, x, target, path, _ = _prepare(model, variables, x, target, layer, name)
+    fn, x, target, path = _prepare(model, variables, x, target, layer, name)
     return _cam_jit(
-        model,
-        variables,
+        fn,
         x,
         target,
         path=path,

@@ -53,8 +53,12 @@ def _keyword_options(method: str) -> tuple[str, ...]:
     return tuple(n for n in names if n not in fixed and n != "return_low_res")
 
 
-def _build_step(method, fn, model, variables, x_shape, kwargs) -> Callable:
-    """A function ``(x, target, keys) -> maps`` with the method's options checked once."""
+def _build_step(method, fn, model, x_shape, kwargs) -> Callable:
+    """A function ``(x, target, keys) -> maps`` with the method's options checked once.
+
+    ``fn`` is the function explained: for GradCAM, ``model`` unfolded (its layer paths
+    are ``model``'s).
+    """
     name = f"explain_dataset({method!r})"
     allowed = _keyword_options(method)
     unknown = sorted(set(kwargs) - set(allowed))
@@ -127,7 +131,7 @@ def _build_step(method, fn, model, variables, x_shape, kwargs) -> Callable:
         interpolation=options["interpolation"],
         return_low_res=False,
     )
-    return lambda x, t, k: cam._cam_jit(model, variables, x, t, **static)
+    return lambda x, t, k: cam._cam_jit(fn, x, t, **static)
 
 
 def _unpack(batch) -> tuple[Any, Any]:
@@ -192,7 +196,8 @@ def explain_dataset(
         shape or dtype.
       model: the Linen model (needed by GradCAM; with ``variables`` it gives ``fn``,
         with every quantized kernel computed once, at the first batch:
-        ``jbnn.models.apply_fn(model, variables, input_like=...)``).
+        ``jbnn.models.apply_fn(model, variables, input_like=...)``; GradCAM runs over
+        kernels computed once too).
       variables: its variables; the model runs in inference mode.
       fn: ``x -> logits`` (B, K) for the gradient methods, instead of model/variables.
       key: ``jax.random.key`` for the SmoothGrad family. Example ``i`` of the dataset
@@ -205,7 +210,7 @@ def explain_dataset(
       path: if given, the results are also written there with ``numpy.savez``.
       fold_batchnorm: with ``model`` and ``variables``, fold the inference BatchNorms
         into the convolutions that feed them (``jbnn.models.apply_fn``; the same function
-        up to float rounding, faster on GPUs). GradCAM runs the model as it is.
+        up to float rounding, faster on GPUs). GradCAM runs the model unfolded.
       **options: the method's keyword options (``num_samples``, ``layer``...).
 
     Returns:
@@ -245,8 +250,7 @@ def explain_dataset(
     replicated = NamedSharding(mesh, P())
     if not frozen_fn:
         fn = jax.device_put(_checks.as_partial(fn, name), replicated)
-    if method in _CAM_METHODS:
-        variables = jax.device_put(variables, replicated)
+    cam_fn = None
 
     total = len(batches) if hasattr(batches, "__len__") else None
     bar = tqdm(total=total, disable=not progress, desc=f"{method}", unit="batch")
@@ -287,14 +291,21 @@ def explain_dataset(
             size = -(-n // num_devices) * num_devices
             shape = (size, *images.shape[1:])
             spec = jax.ShapeDtypeStruct(shape, jax.dtypes.canonicalize_dtype(images.dtype))
-            if frozen_fn and index == 0:
+            if index == 0:
                 # every quantized kernel computed once, not per batch (jbnn.models.frozen)
                 from jbnn.models import apply_fn
 
-                fn = apply_fn(model, variables, fold_batchnorm=fold_batchnorm, input_like=spec)
-                fn = jax.device_put(fn, replicated)
+                if frozen_fn:
+                    fn = apply_fn(model, variables, fold_batchnorm=fold_batchnorm, input_like=spec)
+                    fn = jax.device_put(fn, replicated)
+                if method in _CAM_METHODS:  # the model as it is: unfolded
+                    if frozen_fn and not fold_batchnorm:
+                        cam_fn = fn
+                    else:
+                        cam_fn = apply_fn(model, variables, input_like=spec)
+                        cam_fn = jax.device_put(cam_fn, replicated)
             num_classes = _checks.logits_shape(fn, spec, name)[1]
-            step = _build_step(method, fn, model, variables, shape, options)
+            step = _build_step(method, fn if cam_fn is None else cam_fn, model, shape, options)
         if labels is not None and target == "label":
             _checks.check_target(labels, n, num_classes, f"{name} (batch {index} labels)")
         x = jax.device_put(_pad(images, size), split)
