@@ -47,6 +47,11 @@ def parse_args(argv=None):
     p.add_argument("--fold", action="store_true", help="fold BatchNorms (both forms)")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=0, help="0: all cores")
+    p.add_argument(
+        "--stem",
+        default=None,
+        help="stem of models that have one (default: imagenet from 112 px on, else small)",
+    )
     p.add_argument("--cam-layer", default=None, help="GradCAM's layer (module path)")
     return p.parse_args(argv)
 
@@ -64,8 +69,8 @@ def main(argv=None):
     kw = {"num_classes": args.classes}
     if "width" in models._REGISTRY[args.model].__dataclass_fields__:
         kw["width"] = args.width
-    if args.model == "xnornet":
-        kw["stem"] = "imagenet" if args.size >= 200 else "small"
+    if "stem" in models._REGISTRY[args.model].__dataclass_fields__:
+        kw["stem"] = args.stem or ("imagenet" if args.size >= 112 else "small")
     x = common.random_images(jax.random.key(0), args.batch, args.size)
     key = jax.random.key(2)
     print(f"# frozen_ab: {common.machine()}")

@@ -13,6 +13,12 @@ jbnn, Captum, jbnn, Captum, ..., after a warm-up of each:
 * GradCAM at ``stage4``, ReLU, bilinear upsampling: ``jbnn.saliency.gradcam`` vs
   ``LayerGradCam(relu_attributions=True)`` + ``LayerAttribution.interpolate``.
 
+With ``--frozen`` jbnn runs over kernels quantized once (``models.apply_fn(model,
+variables, input_like=x)``, GradCAM through the same function), as
+``explain_dataset`` (so ``explain.py``) does; by default it quantizes them in every
+call, as ``saliency.gradcam`` and an ``apply_fn(model, variables)`` do (and as the
+PyTorch port does).
+
 Gradient and GradCAM maps are also compared (same weights, same targets: they must
 agree to float rounding). Prints images/s (median over rounds), the spread of the
 rounds and the speed ratio jbnn/Captum (> 1: jbnn faster).
@@ -38,6 +44,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jbnn import models, saliency  # noqa: E402
+from jbnn.saliency import _checks as saliency_checks  # noqa: E402
+from jbnn.saliency import cam as jbnn_cam  # noqa: E402
 
 METHODS = ("gradient", "smoothgrad", "gradcam")
 
@@ -61,6 +69,11 @@ def parse_args(argv=None):
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument(
+        "--frozen",
+        action="store_true",
+        help="jbnn over kernels quantized once (explain_dataset's form)",
+    )
     p.add_argument(
         "--memory",
         action="store_true",
@@ -91,7 +104,7 @@ def contestants(method, args, model, variables, x, target, torch_models):
     import torch_port
     from captum.attr import LayerAttribution, LayerGradCam, NoiseTunnel, Saliency
 
-    fn = models.apply_fn(model, variables)
+    fn = models.apply_fn(model, variables, input_like=x if args.frozen else None)
     key = jax.random.key(42)
     tgt = torch.from_numpy(np.asarray(target)).long()
     runs, maps = {}, {}
@@ -107,6 +120,12 @@ def contestants(method, args, model, variables, x, target, torch_models):
             noise_sigma=args.noise_sigma,
             batch_size=args.sg_batch_size,
         )
+    elif args.frozen:  # as explain_dataset runs it
+        path, _ = saliency_checks.check_layer(model, x.shape, "stage4", "gradcam")
+        static = dict(
+            path=path, plus_plus=False, relu=True, interpolation="bilinear", return_low_res=False
+        )
+        runs["jbnn"] = lambda: jbnn_cam._cam_jit(fn, x, target, **static)
     else:
         runs["jbnn"] = lambda: saliency.gradcam(model, variables, x, target, layer="stage4")
     for layout, tm in torch_models.items():
@@ -230,7 +249,8 @@ def main(argv=None):
     print(
         f"# size {args.size} px, batch {args.batch}, SmoothGrad {args.samples} samples "
         f"(sigma {args.noise_sigma}, chunks of {args.sg_batch_size or 'all'}), "
-        f"{args.rounds} alternating rounds, torch threads {args.threads}"
+        f"{args.rounds} alternating rounds, torch threads {args.threads}, jbnn kernels "
+        f"{'quantized once (--frozen)' if args.frozen else 'quantized per call'}"
     )
     layouts = ("nchw", "channels_last") if args.torch_layout == "both" else (args.torch_layout,)
     rows = []
