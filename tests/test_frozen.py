@@ -280,3 +280,35 @@ def test_explain_dataset_gradcam_runs_over_frozen_kernels_unfolded(layer):
     assert len(calls) == 4
     for fn in calls:
         assert set(fn.args[0]["layers"]) == set(frozen.frozen_layers(model, variables, x))
+
+
+def test_gradcam_and_layer_gradient_take_the_frozen_function():
+    # fn= runs the CAM methods over kernels quantized once: the same maps bit for bit
+    # (sign kernels), without variables; a function that never calls the layer, a
+    # non-callable fn and neither variables nor fn are refused by name.
+    from jbnn import saliency
+
+    x = images(batch=2)
+    model = small_model("binarynet", binary=True)
+    variables = _variables(model, x)
+    fn = models.apply_fn(model, variables, input_like=x)
+    for method in (saliency.gradcam, saliency.gradcam_plus_plus):
+        ref = method(model, variables, x, None, layer="block5/conv", return_low_res=True)
+        got = method(model, None, x, None, layer="block5/conv", return_low_res=True, fn=fn)
+        for a, b in zip(ref, got, strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert np.abs(ref[1]).max() > 0
+    ref = saliency.layer_activation_and_gradient(model, variables, x, 1, layer="block4")
+    got = saliency.layer_activation_and_gradient(model, None, x, 1, layer="block4", fn=fn)
+    for a, b in zip(ref, got, strict=True):
+        np.testing.assert_array_equal(a, b)
+    other = small_model("binarynet", binary=False)  # the same paths, another function
+    mlp = models.apply_fn(
+        small_model("mlp", binary=True), _variables(small_model("mlp", binary=True), x)
+    )
+    with pytest.raises(ValueError, match="layer 'block5' was not called"):
+        saliency.gradcam(other, None, x, None, layer="block5", fn=mlp)
+    with pytest.raises(TypeError, match="gradcam: fn must be a callable"):
+        saliency.gradcam(model, None, x, None, layer="block5", fn=variables)
+    with pytest.raises(ValueError, match="gradcam: give variables="):
+        saliency.gradcam(model, None, x, None, layer="block5")

@@ -7,12 +7,15 @@ its output, and the gradient with respect to that perturbation is the gradient o
 the target logit with respect to the layer's activation (the mechanism of
 ``Module.perturb``, without editing the model). The model runs in inference mode,
 ``model.apply(variables, x)``: BatchNorm uses its running statistics and nothing is
-mutable, so the examples of a batch never influence each other.
+mutable, so the examples of a batch never influence each other. With ``fn=`` the model
+runs as that function (e.g. over kernels quantized once, ``apply_fn(..., input_like=x)``),
+whose module calls the interceptor sees all the same.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -53,7 +56,9 @@ def _forward_with_probe(fn, path: tuple[str, ...], x, delta):
     with nn.intercept_methods(interceptor):
         logits = fn(x)
     if not captured:
-        raise ValueError(f"layer {'/'.join(path)!r} was not called by model.apply")
+        raise ValueError(
+            f"layer {'/'.join(path)!r} was not called by the model (model.apply or fn)"
+        )
     return logits, captured[0]
 
 
@@ -78,7 +83,13 @@ def _activation_and_gradient_jit(fn, x, target, *, path):
 
 
 def layer_activation_and_gradient(
-    model: nn.Module, variables, x: ArrayLike, target: ArrayLike | int | None, *, layer: str
+    model: nn.Module,
+    variables,
+    x: ArrayLike,
+    target: ArrayLike | int | None,
+    *,
+    layer: str,
+    fn: Callable | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The activation of ``layer`` and the gradient of the target logit with respect to it.
 
@@ -88,12 +99,17 @@ def layer_activation_and_gradient(
       x: float images (B, H, W, C), finite.
       target: int (B,) (or one int) in [0, K), or None for the predicted class.
       layer: module path, e.g. ``"block6"``.
+      fn: the model as a function ``x -> logits`` to run instead of
+        ``model.apply(variables, x)``, e.g. ``jbnn.models.apply_fn(model, variables,
+        input_like=x)``, whose kernels are quantized once (faster over many calls;
+        ``explain_dataset`` does this); ``variables`` is then unused (None). It must make
+        ``model``'s module calls (the layer is found by its path).
 
     Returns:
       ``(activation, gradient)``, both of the layer's output shape (B, h, w, C).
     """
     name = "layer_activation_and_gradient"
-    fn, x, target, path = _prepare(model, variables, x, target, layer, name)
+    fn, x, target, path = _prepare(model, variables, x, target, layer, name, fn)
     return _activation_and_gradient_jit(fn, x, target, path=path)
 
 
@@ -130,21 +146,26 @@ def _cam_jit(fn, x, target, *, path, plus_plus, relu, interpolation, return_low_
     return (cam, low_res) if return_low_res else cam
 
 
-def _prepare(model, variables, x, target, layer, name):
+def _prepare(model, variables, x, target, layer, name, fn=None):
     x = _checks.check_images(x, name)
     path, _ = _checks.check_layer(model, x.shape, layer, name)
-    from jbnn.models import apply_fn
+    if fn is not None:
+        fn = _checks.as_partial(fn, name)
+    elif variables is None:
+        raise ValueError(f"{name}: give variables= (or fn=, the model as a function).")
+    else:
+        from jbnn.models import apply_fn
 
-    fn = apply_fn(model, variables)
+        fn = apply_fn(model, variables)
     batch, num_classes = _checks.logits_shape(fn, x, name)
     target = _checks.check_target(target, batch, num_classes, name)
     return fn, x, target, path
 
 
-def _cam(model, variables, x, target, layer, relu, interpolation, return_low_res, plus_plus):
+def _cam(model, variables, x, target, layer, relu, interpolation, return_low_res, plus_plus, fn):
     name = "gradcam_plus_plus" if plus_plus else "gradcam"
     _checks.check_choice(interpolation, tuple(INTERPOLATIONS), "interpolation", name)
-    fn, x, target, path = _prepare(model, variables, x, target, layer, name)
+    fn, x, target, path = _prepare(model, variables, x, target, layer, name, fn)
     return _cam_jit(
         fn,
         x,
@@ -167,6 +188,7 @@ def gradcam(
     relu: bool = True,
     interpolation: str = "bilinear",
     return_low_res: bool = False,
+    fn: Callable | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """GradCAM (Selvaraju et al. 2017) of the target logit at ``layer``.
 
@@ -190,12 +212,17 @@ def gradcam(
       relu: apply a ReLU to the map (before resizing).
       interpolation: ``"bilinear"``, ``"nearest"`` or ``"bicubic"``.
       return_low_res: also return the map at the layer's resolution.
+      fn: the model as a function ``x -> logits`` to run instead of
+        ``model.apply(variables, x)``, e.g. ``jbnn.models.apply_fn(model, variables,
+        input_like=x)``, whose kernels are quantized once (faster over many calls;
+        ``explain_dataset`` does this); ``variables`` is then unused (None). It must make
+        ``model``'s module calls (the layer is found by its path).
 
     Returns:
       The map (B, H, W) in float32 (at least); with ``return_low_res``, the pair
       ``(map, low_res)`` with ``low_res`` of shape (B, h, w).
     """
-    return _cam(model, variables, x, target, layer, relu, interpolation, return_low_res, False)
+    return _cam(model, variables, x, target, layer, relu, interpolation, return_low_res, False, fn)
 
 
 def gradcam_plus_plus(
@@ -208,6 +235,7 @@ def gradcam_plus_plus(
     relu: bool = True,
     interpolation: str = "bilinear",
     return_low_res: bool = False,
+    fn: Callable | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """GradCAM++ (Chattopadhyay et al. 2018) of the target logit at ``layer``.
 
@@ -226,8 +254,9 @@ def gradcam_plus_plus(
       relu: apply a ReLU to the map (all references do).
       interpolation: ``"bilinear"``, ``"nearest"`` or ``"bicubic"``.
       return_low_res: also return the map at the layer's resolution.
+      fn: as :func:`gradcam`'s.
 
     Returns:
       The map (B, H, W), or ``(map, low_res)`` with ``return_low_res``.
     """
-    return _cam(model, variables, x, target, layer, relu, interpolation, return_low_res, True)
+    return _cam(model, variables, x, target, layer, relu, interpolation, return_low_res, True, fn)
