@@ -170,7 +170,7 @@ def saliency_target(args):
     variables = model.init(jax.random.key(0), x[:1])
     variables = common.calibrated(model, variables, x)
     target = jnp.argmax(model.apply(variables, x), axis=-1).astype(jnp.int32)
-    fn = models.apply_fn(model, variables)
+    fn = models.apply_fn(model, variables, input_like=x if args.frozen else None)
     if args.method == "gradient":
         jitted = _jit(args, lambda fn, x, t: gradients._target_grad(fn, x, t))
         return jitted, (fn, x, target)
@@ -285,6 +285,11 @@ def main(argv=None):
         help="compile saliency with jbnn.ops.CPU_COMPILER_OPTIONS, as jbnn's explainers run "
         "(XLA's classic convolutions run asynchronously: their thunks read near zero and "
         "overlapping work absorbs their time; compare wall times, not the table)",
+    )
+    p.add_argument(
+        "--frozen",
+        action="store_true",
+        help="saliency over kernels quantized once (apply_fn(..., input_like=x))",
     )
     p.add_argument("--show-category", default=None, help="list the top ops of one category")
     p.add_argument("--top", type=int, default=15)
