@@ -23,3 +23,25 @@ def images(size: int = 32, batch: int = 2, dtype=jnp.float32) -> jax.Array:
     """Uniform [0, 1) images (batch, size, size, 3), the same for the same size."""
     rng = np.random.default_rng(size)
     return jnp.asarray(rng.uniform(0, 1, size=(batch, size, size, 3)), dtype)
+
+
+def variables_with_statistics(model: nn.Module, x, seed: int = 0, fill=None):
+    """``model.init`` variables with BatchNorm running statistics away from (0, 1):
+    means ~ 0.3 N(0, 1), variances ~ U(0.3, 2), so that a wrong use of them shows.
+
+    ``fill(path, leaf, rng)`` may replace any other leaf (None: keep it); ``rng`` is the
+    same generator, drawn in tree order.
+    """
+    variables = jax.jit(model.init)(jax.random.key(seed), x[:1])
+    rng = np.random.default_rng(seed)
+
+    def replace(path, leaf):
+        key = path[-1].key
+        if key == "mean":
+            return jnp.asarray(0.3 * rng.normal(size=leaf.shape), leaf.dtype)
+        if key == "var":
+            return jnp.asarray(rng.uniform(0.3, 2.0, size=leaf.shape), leaf.dtype)
+        out = None if fill is None else fill(path, leaf, rng)
+        return leaf if out is None else out
+
+    return jax.tree_util.tree_map_with_path(replace, variables)

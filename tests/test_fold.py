@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import images, small_model
+from helpers import images, small_model, variables_with_statistics
 
 from jbnn import models
 from jbnn.layers import QuantConv
@@ -19,25 +19,18 @@ pytestmark = pytest.mark.usefixtures("fast_compiles")
 def _variables(model, x, seed: int = 0):
     """Initialised variables with BatchNorm statistics and affine parameters far from
     the identity, so that a wrong fold shows."""
-    variables = jax.jit(model.init)(jax.random.key(seed), x[:1])
-    rng = np.random.default_rng(seed)
 
-    def fill(path, leaf):
-        key = path[-1].key
-        if key == "mean":
-            return jnp.asarray(0.3 * rng.normal(size=leaf.shape), leaf.dtype)
-        if key == "var":
-            return jnp.asarray(rng.uniform(0.3, 2.0, size=leaf.shape), leaf.dtype)
-        if key in ("scale", "bias") and any(
+    def fill(path, leaf, rng):
+        if path[-1].key in ("scale", "bias") and any(
             getattr(p, "key", "").startswith(("bn", "shortcut_bn", "stem_bn")) for p in path
         ):
             return jnp.asarray(
                 rng.uniform(0.5, 1.5, size=leaf.shape) * rng.choice([-1, 1], size=leaf.shape),
                 leaf.dtype,
             )
-        return leaf
+        return None
 
-    return jax.tree_util.tree_map_with_path(fill, variables)
+    return variables_with_statistics(model, x, seed, fill)
 
 
 def _rel(a, b) -> float:

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import images, small_model
+from helpers import images, small_model, variables_with_statistics
 
 from jbnn import layers, models
 from jbnn.layers import QuantConv, QuantDense
@@ -19,22 +19,16 @@ pytestmark = pytest.mark.usefixtures("fast_compiles")
 def _variables(model, x, seed: int = 0):
     """Initialised variables with BatchNorm statistics and affine parameters away from
     the identity and latent weights beyond the clip, so that a wrong kernel shows."""
-    variables = jax.jit(model.init)(jax.random.key(seed), x[:1])
-    rng = np.random.default_rng(seed)
 
-    def fill(path, leaf):
+    def fill(path, leaf, rng):
         key = path[-1].key
-        if key == "mean":
-            return jnp.asarray(0.3 * rng.normal(size=leaf.shape), leaf.dtype)
-        if key == "var":
-            return jnp.asarray(rng.uniform(0.3, 2.0, size=leaf.shape), leaf.dtype)
         if key == "kernel":
             return leaf * 1.5 / jnp.maximum(jnp.max(jnp.abs(leaf)), 1e-6)
         if key in ("scale", "bias"):
             return jnp.asarray(rng.uniform(0.5, 1.5, size=leaf.shape), leaf.dtype)
-        return leaf
+        return None
 
-    return jax.tree_util.tree_map_with_path(fill, variables)
+    return variables_with_statistics(model, x, seed, fill)
 
 
 def _call(fn, x):
