@@ -2,8 +2,36 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import jax
 import pytest
+
+# A compilation cache for the test session, shared by pytest-xdist's workers and removed
+# at the end: many tests compile the same program again (a model's forward pass or
+# input gradient, built anew in each test), and compiling, not running, is most of the
+# suite's time. The cache key is the program with its compile options (so
+# ``fast_compiles`` and jbnn's CPU compiler options key apart) and a cached executable
+# computes what a fresh compile does; in-process jit caches, which the recompilation
+# tests count, are not involved. ``JBNN_TEST_COMPILATION_CACHE=0`` turns it off.
+_CACHE_ENV = "JBNN_TEST_JAX_CACHE_DIR"  # set by the first process, inherited by workers
+_CACHE_DIR, _OWN_CACHE = None, False
+if os.environ.get("JBNN_TEST_COMPILATION_CACHE", "1") != "0":
+    _CACHE_DIR = os.environ.get(_CACHE_ENV)
+    if _CACHE_DIR is None:
+        _CACHE_DIR, _OWN_CACHE = tempfile.mkdtemp(prefix="jbnn-test-jax-cache-"), True
+        os.environ[_CACHE_ENV] = _CACHE_DIR
+    jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def pytest_sessionfinish(session):
+    # the process that made the cache (xdist's controller, or pytest without xdist)
+    # removes it once every worker is done
+    if _OWN_CACHE:
+        shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
