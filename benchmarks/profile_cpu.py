@@ -193,10 +193,11 @@ def saliency_target(args):
 
 
 def _jit(args, fun):
-    """jax.jit, with jbnn's CPU compiler options (what its explainers run) if asked."""
+    """jax.jit, or as jbnn's explainers compile if asked (``ops.platform_jit``: on CPU its
+    compiler options, and the ops' choices for XLA's classic kernels while tracing)."""
     from jbnn import ops
 
-    return jax.jit(fun, compiler_options=ops.CPU_COMPILER_OPTIONS if args.jbnn_options else None)
+    return ops.platform_jit(fun) if args.jbnn_options else jax.jit(fun)
 
 
 def train_target(args):
