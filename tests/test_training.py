@@ -590,6 +590,23 @@ def test_train_step_equals_the_update_written_out(binary_optimizer):
     mesh = training.make_mesh(jax.devices()[:1])
     state = training.create_train_state(model, tx, shape, 0, mesh)
     step = training.make_train_step(model, tx, kernels, binary_optimizer, mesh)
+
+    def loss_fn(params, batch_stats, batch):
+        logits, _ = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            batch["image"],
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+    # each compiled once (the batch an argument, not a constant baked into the program)
+    grad_fn, update_fn = jax.jit(jax.grad(loss_fn)), jax.jit(tx.update)
+    apply_fn = jax.jit(
+        lambda params, updates: optim.project_binary_kernels(
+            optax.apply_updates(params, updates), kernels, binary_optimizer
+        )
+    )
     rng = np.random.default_rng(0)
     for _ in range(3):
         batch = {
@@ -597,21 +614,9 @@ def test_train_step_equals_the_update_written_out(binary_optimizer):
             "label": rng.integers(0, 10, 16).astype(np.int32),
         }
         old = jax.tree.map(np.array, state)  # host copies: the step donates the state
-
-        def loss_fn(params, batch=batch, old=old):
-            logits, _ = model.apply(
-                {"params": params, "batch_stats": old.batch_stats},
-                batch["image"],
-                train=True,
-                mutable=["batch_stats"],
-            )
-            return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-
-        grads = jax.jit(jax.grad(loss_fn))(old.params)
-        updates, _ = jax.jit(tx.update)(grads, old.opt_state, old.params)
-        expected = optim.project_binary_kernels(
-            jax.jit(optax.apply_updates)(old.params, updates), kernels, binary_optimizer
-        )
+        grads = grad_fn(old.params, old.batch_stats, batch)
+        updates, _ = update_fn(grads, old.opt_state, old.params)
+        expected = apply_fn(old.params, updates)
         state = step(state, training.shard_batch(batch, mesh))
         for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected), strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
