@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import math
+import re
 
 import flax.linen as nn
 import jax
@@ -637,3 +639,64 @@ def test_dense_takes_bfloat16_only_on_cpu_for_exact_float32_kernels(monkeypatch)
     monkeypatch.setenv("JBNN_BF16_PRODUCTS", "yes")
     with pytest.raises(ValueError, match="JBNN_BF16_PRODUCTS='yes'"):
         exact(x, k)
+
+
+# --------------------------------------------------------------------------- channel sum
+@pytest.mark.parametrize("shape", [(3, 3, 3, 16), (3, 3, 64, 8), (5, 7, 8), (100, 4), (6,)])
+def test_channel_sum_equals_the_float64_sum_in_both_programs(shape):
+    # 27 rows (one reduction everywhere), 576 (18 blocks of 32), 35 and 100 rows (a
+    # zero-padded last block), a vector (one row); plain jit and the explainers' CPU
+    # program (two stages there)
+    x = jax.random.normal(jax.random.key(0), shape) * 3.0
+    exact = np.abs(np.asarray(x, np.float64)).reshape(-1, shape[-1]).sum(0)
+    fun = lambda x: ops.channel_sum(jnp.abs(x))  # noqa: E731
+    for jitted in (jax.jit(fun), ops.platform_jit(fun)):
+        got = jitted(x)
+        assert got.shape == (shape[-1],) and got.dtype == x.dtype
+        np.testing.assert_allclose(got, exact, rtol=2e-6)
+    # differentiable: d sum(v * channel_sum(x)) / dx = v broadcast over the rows
+    v = jnp.arange(1.0, shape[-1] + 1.0)
+    g = jax.grad(lambda x: jnp.sum(v * ops.platform_jit(ops.channel_sum)(x)))(x)
+    np.testing.assert_array_equal(g, np.broadcast_to(v, shape))
+
+
+def _kernel_sized_results(text: str, size: int) -> int:
+    """How many instructions of the entry computation (parameters aside) write an array
+    of ``size`` elements: the arrays a program writes out at a kernel's size."""
+    entry = text[text.index("\nENTRY") :]
+    count = 0
+    for line in entry.splitlines()[1:]:
+        m = re.match(r"\s*(?:ROOT )?%\S+ = \w+\[([\d,]*)\]", line)
+        if m and "parameter(" not in line and m.group(1):
+            count += math.prod(int(d) for d in m.group(1).split(",")) == size
+    return count
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA's classic CPU kernels")
+def test_kernel_scales_write_no_magnitudes_out_in_the_explainers_cpu_programs(monkeypatch):
+    # Bi-Real Net's magnitude-aware sign and XNOR-Net's alpha. In one reduction XLA's
+    # classic CPU backend makes a reduce-window that does not fuse with |w|, so |w| is
+    # written out first (the control below, one block as large as the kernel); in two
+    # stages the first reduction reads w itself.
+    from jbnn import layers
+    from jbnn import quantizers as qz
+
+    w = jax.random.normal(jax.random.key(1), (3, 3, 128, 64))
+    scales = {  # name: (function, kernel-sized outputs of its own)
+        "magnitude_aware_sign": (qz.magnitude_aware_sign, 1),
+        "xnor alpha": (lambda w: layers._xnor_kernel(w, qz.ste_sign)[1], 0),
+    }
+    w64 = np.asarray(w, np.float64)
+    exact = {
+        "magnitude_aware_sign": np.where(w64 >= 0, 1.0, -1.0) * np.abs(w64).mean(axis=(0, 1, 2)),
+        "xnor alpha": np.minimum(np.abs(w64), 1.0).mean(axis=(0, 1, 2)),
+    }
+    for name, (fun, own) in scales.items():
+        text = _compiled_text(ops.platform_jit(fun), w)
+        assert _kernel_sized_results(text, w.size) == own, name
+        np.testing.assert_allclose(ops.platform_jit(fun)(w), exact[name], rtol=2e-6)
+        np.testing.assert_allclose(jax.jit(fun)(w), exact[name], rtol=2e-6)
+    monkeypatch.setattr(ops, "_CHANNEL_SUM_BLOCK", w.size)  # one reduction: the control
+    for name, (fun, own) in scales.items():
+        text = _compiled_text(ops.platform_jit(fun), w)
+        assert "reduce-window(" in text and _kernel_sized_results(text, w.size) == own + 1, name
