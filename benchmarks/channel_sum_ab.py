@@ -26,8 +26,7 @@ import common  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from jbnn import models, ops, saliency  # noqa: E402
-from jbnn.saliency import cam  # noqa: E402
+from jbnn import models, ops  # noqa: E402
 
 METHODS = ("gradient", "smoothgrad", "gradcam")
 FORMS = ("two-stage", "one-reduction", "frozen")
@@ -58,11 +57,7 @@ def main(argv=None):
     x = common.random_images(jax.random.key(0), args.batch, args.size)
     key, target = jax.random.key(2), jnp.zeros((args.batch,), jnp.int32)
     variables = common.calibrated(model, model.init(jax.random.key(1), x[:1]), x)
-    layer = [
-        p
-        for p, s in models.layer_paths(model, (1, *x.shape[1:])).items()
-        if "/" not in p and len(s) == 4 and min(s[1:3]) > 1
-    ][-1]
+    layer = common.last_spatial_layer(model, x.shape)
     print(f"# channel_sum_ab: {common.machine()}")
     print(
         f"# {args.model} BNN {kw}, {args.size} px, batch {args.batch}, SmoothGrad "
@@ -76,31 +71,10 @@ def main(argv=None):
         spelled = {"two-stage": spec, "one-reduction": f"{spec}(clip_value=1.0)"}
         m = model.clone(kernel_quantizer=spelled.get(form, spec))
         fn = models.apply_fn(m, variables, input_like=x if form == "frozen" else None)
-        grad = common.explainer_compiled(lambda fn, x: saliency.gradient(fn, x, 0), fn, x)
-        sg = common.explainer_compiled(
-            lambda fn, x, k: saliency.smoothgrad(fn, x, 0, k, num_samples=args.samples),
-            fn,
-            x,
-            key,
-        )
-        gc = common.explainer_compiled(
-            lambda fn, x: cam._cam_jit(
-                fn,
-                x,
-                target,
-                path=tuple(layer.split("/")),
-                plus_plus=False,
-                relu=True,
-                interpolation="bilinear",
-                return_low_res=False,
-            ),
-            fn,
-            x,
-        )
-        maps[form] = (grad(fn, x), sg(fn, x, key), gc(fn, x))
-        calls[f"gradient {form}"] = lambda f=grad, fn=fn: f(fn, x)
-        calls[f"smoothgrad {form}"] = lambda f=sg, fn=fn: f(fn, x, key)
-        calls[f"gradcam {form}"] = lambda f=gc, fn=fn: f(fn, x)
+        run = common.explainers_compiled(fn, x, key, target, layer, args.samples)
+        maps[form] = tuple(run[method](fn) for method in METHODS)
+        for method in METHODS:
+            calls[f"{method} {form}"] = lambda f=run[method], fn=fn: f(fn)
     ops._CHANNEL_SUM_BLOCK = block
     t = common.alternate(calls, args.rounds, warmup=1)
     for method in METHODS:

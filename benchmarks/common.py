@@ -112,6 +112,47 @@ def explainer_compiled(fun, *args):
     return ops.platform_jit(fun).lower(*args).compile()
 
 
+def last_spatial_layer(model, shape) -> str:
+    """The last top-level module whose output is (B, h, w, C) with h, w > 1 (GradCAM's)."""
+    from jbnn import models
+
+    paths = models.layer_paths(model, (1, *shape[1:]))
+    return [p for p, s in paths.items() if "/" not in p and len(s) == 4 and min(s[1:3]) > 1][-1]
+
+
+def explainers_compiled(fn, x, key, target, layer: str, samples: int) -> dict:
+    """Gradient, SmoothGrad (``samples``) and GradCAM (at ``layer``, towards ``target``)
+    of the model function ``fn`` on ``x``, compiled now as the explainers compile
+    (:func:`explainer_compiled`): {method: call}, where ``call(fn)`` runs the explainer
+    (class 0 for Gradient and SmoothGrad, noise ``key``)."""
+    from jbnn import saliency
+    from jbnn.saliency import cam
+
+    grad = explainer_compiled(lambda fn, x: saliency.gradient(fn, x, 0), fn, x)
+    sg = explainer_compiled(
+        lambda fn, x, k: saliency.smoothgrad(fn, x, 0, k, num_samples=samples), fn, x, key
+    )
+    gc = explainer_compiled(
+        lambda fn, x: cam._cam_jit(
+            fn,
+            x,
+            target,
+            path=tuple(layer.split("/")),
+            plus_plus=False,
+            relu=True,
+            interpolation="bilinear",
+            return_low_res=False,
+        ),
+        fn,
+        x,
+    )
+    return {
+        "gradient": lambda fn: grad(fn, x),
+        "smoothgrad": lambda fn: sg(fn, x, key),
+        "gradcam": lambda fn: gc(fn, x),
+    }
+
+
 def random_images(key, batch: int, size: int) -> jax.Array:
     """Smooth random images (B, size, size, 3) in [0, 1] (low-pass noise, like photos)."""
     low = jax.random.uniform(key, (batch, max(2, size // 16), max(2, size // 16), 3))

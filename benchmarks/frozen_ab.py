@@ -29,9 +29,8 @@ import common  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from jbnn import models, saliency  # noqa: E402
+from jbnn import models  # noqa: E402
 from jbnn.models import frozen  # noqa: E402
-from jbnn.saliency import cam  # noqa: E402
 
 METHODS = ("smoothgrad", "gradient", "gradcam")
 
@@ -56,12 +55,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def last_spatial_layer(model, shape) -> str:
-    """The last top-level module whose output is (B, h, w, C) with h, w > 1."""
-    paths = models.layer_paths(model, (1, *shape[1:]))
-    return [p for p, s in paths.items() if "/" not in p and len(s) == 4 and min(s[1:3]) > 1][-1]
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -82,7 +75,7 @@ def main(argv=None):
     target = jnp.zeros((args.batch,), jnp.int32)
     for kind in ("bnn", "twin"):
         model = models.get(args.model, binary=kind == "bnn", **kw)
-        layer = args.cam_layer or last_spatial_layer(model, x.shape)
+        layer = args.cam_layer or common.last_spatial_layer(model, x.shape)
         # BatchNorm statistics from train-mode passes (as a trained network's, roughly)
         variables = common.calibrated(model, model.init(jax.random.key(1), x[:1]), x)
         program = frozen.program(model, variables, x, args.fold)
@@ -100,31 +93,10 @@ def main(argv=None):
             fn = models.apply_fn(
                 model, variables, args.fold, input_like=x if form == "frozen" else None
             )
-            sg = common.explainer_compiled(
-                lambda fn, x, k: saliency.smoothgrad(fn, x, 0, k, num_samples=args.samples),
-                fn,
-                x,
-                key,
-            )
-            grad = common.explainer_compiled(lambda fn, x: saliency.gradient(fn, x, 0), fn, x)
-            gc = common.explainer_compiled(
-                lambda fn, x, layer=layer: cam._cam_jit(
-                    fn,
-                    x,
-                    target,
-                    path=tuple(layer.split("/")),
-                    plus_plus=False,
-                    relu=True,
-                    interpolation="bilinear",
-                    return_low_res=False,
-                ),
-                fn,
-                x,
-            )
-            outputs[kind, form] = (sg(fn, x, key), grad(fn, x), gc(fn, x))
-            calls[f"{kind}-smoothgrad-{form}"] = lambda sg=sg, fn=fn: sg(fn, x, key)
-            calls[f"{kind}-gradient-{form}"] = lambda grad=grad, fn=fn: grad(fn, x)
-            calls[f"{kind}-gradcam-{form}"] = lambda gc=gc, fn=fn: gc(fn, x)
+            run = common.explainers_compiled(fn, x, key, target, layer, args.samples)
+            outputs[kind, form] = tuple(run[method](fn) for method in METHODS)
+            for method in METHODS:
+                calls[f"{kind}-{method}-{form}"] = lambda f=run[method], fn=fn: f(fn)
         print(f"{kind}: GradCAM at {layer!r}")
     t = common.alternate(calls, args.rounds, warmup=1)
     for kind in ("bnn", "twin"):
