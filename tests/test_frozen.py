@@ -214,7 +214,7 @@ def test_caller_interceptors_see_every_layer_and_subclasses_run_as_they_are():
 def test_explain_dataset_gives_the_maps_of_the_model():
     # BinaryNet's BNN: sign kernels and integer sums, so the frozen maps are the same
     # bit for bit (a magnitude-aware kernel's sums round by the program's summation
-    # order, README "Kernels quantized once")
+    # order, docs/performance.md "Kernels quantized once for explaining")
     from jbnn import saliency
 
     x = images(batch=3)

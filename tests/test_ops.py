@@ -208,7 +208,7 @@ def test_conv_picks_space_to_depth_only_on_gpu():
     # Where the computation is lowered decides: the compiled CPU forward pass keeps the
     # strided convolution (bit for bit, test_conv_equals_lax); a CUDA lowering (no GPU
     # needed) carries the stride-1 convolution over sh * sw * C_in = 12 channels, in the
-    # platform's branch (that it runs there was measured on an H100: see README).
+    # platform's branch (that it runs there was measured on an H100: see docs/performance.md).
     x = jnp.ones((2, 16, 16, 3))
     w = jnp.ones((7, 7, 3, 8))
     f = jax.jit(lambda x: ops.conv(x, w, (2, 2), "SAME"))
