@@ -51,9 +51,10 @@ def _xnor_kernel(kernel: jax.Array, quantizer) -> tuple[jax.Array, jax.Array]:
 
     ``alpha = mean |clip(w, -1, 1)|`` per output filter (over all but the last axis:
     (C_out,)), differentiable, as larq-zoo's ``xnor_weight_scale``. The values and
-    gradients are those of the formula written out in JAX ops (``jnp.clip``,
-    ``jnp.abs``, ``jnp.mean``, with their tie rules: ``clip`` passes half the gradient
-    at exactly +-1, ``abs`` passes +1 at 0), up to float summation order. The VJP is
+    gradients are those of that TensorFlow formula, up to float summation order, with
+    TensorFlow's tie rules: ``clip_by_value`` passes the whole gradient at exactly
+    +-1 (where the latent-weight clip puts weights after every step; ``jnp.clip``
+    would pass half) and ``abs`` passes 0 at 0 (``jnp.abs`` passes +1). The VJP is
     written out so that the kernel's gradient is one elementwise pass over the binary
     kernel's gradient and the kernel: JAX's own rules for ``clip`` and ``abs`` made
     XLA write out each tie mask as a kernel-sized array.
@@ -78,15 +79,14 @@ def _xnor_kernel_bwd(quantizer, kernel, cotangents):
     fan_in = kernel.size // kernel.shape[-1]
     _, quantizer_pullback = jax.vjp(quantizer, jnp.clip(kernel, -1.0, 1.0))
     (d_clipped,) = quantizer_pullback(g_binary)
-    # d mean|c| / dc = sign(c) / fan_in, with JAX's abs'(0) = +1 (sign(c) = sign(w))
+    # d mean|c| / dc = sign(c) / fan_in, with TensorFlow's abs'(0) = 0 (sign(c) = sign(w))
     d_mean = (g_alpha / fan_in).astype(kernel.dtype)
-    d_clipped = d_clipped + jnp.where(kernel >= 0, d_mean, -d_mean)
-    # d clip(w) / dw: 1 inside, 1/2 at exactly +-1 (min/max ties), 0 beyond. Selects
-    # (not masks multiplied in) and no |w| shared with the forward pass, so that XLA
-    # fuses the whole gradient into one pass over the kernel and its cotangent.
-    inside = (kernel > -1.0) & (kernel < 1.0)
-    tie = jnp.where((kernel == 1.0) | (kernel == -1.0), 0.5 * d_clipped, 0.0)
-    return (jnp.where(inside, d_clipped, tie).astype(kernel.dtype),)
+    d_clipped = d_clipped + jnp.where(kernel > 0, d_mean, jnp.where(kernel < 0, -d_mean, 0.0))
+    # d clip(w) / dw: 1 on [-1, 1], bounds included (TensorFlow's clip_by_value), 0
+    # beyond. Selects (not masks multiplied in) and no |w| shared with the forward pass,
+    # so that XLA fuses the whole gradient into one pass over the kernel and cotangent.
+    inside = (kernel >= -1.0) & (kernel <= 1.0)
+    return (jnp.where(inside, d_clipped, 0.0).astype(kernel.dtype),)
 
 
 _xnor_kernel.defvjp(_xnor_kernel_fwd, _xnor_kernel_bwd)

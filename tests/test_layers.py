@@ -153,8 +153,10 @@ def test_xnor_layer_with_binary_input_is_alpha_times_an_exact_integer(layer_cls)
 def test_xnor_kernel_scale_gradient_equals_autodiff_of_the_formula(layer_cls, spec):
     # larq-zoo's xnor_weight_scale: alpha = mean |clip(w)| per filter, differentiable;
     # k = alpha * quantizer(clip(w)). jbnn writes the kernel's VJP out (two passes);
-    # autodiff of the formula written out is the reference (up to summation order).
-    # Latent weights at exactly -1, 0, +1 and beyond the clip exercise the ties.
+    # autodiff of the formula written out is the reference (up to summation order),
+    # with TensorFlow's tie rules: clip_by_value passes the gradient at exactly +-1,
+    # abs passes 0 at 0. Latent weights at exactly -1, 0, +1 and beyond the clip
+    # exercise the ties.
     x = jax.random.normal(KEY, (3, 5, 5, 4))
     if layer_cls == "conv":
         layer = QuantConv(6, (3, 3), kernel_quantizer=spec, kernel_scale=True)
@@ -166,9 +168,14 @@ def test_xnor_kernel_scale_gradient_equals_autodiff_of_the_formula(layer_cls, sp
     params = {**variables["params"], "kernel": w}
     ct = jax.random.normal(jax.random.key(7), layer.apply({"params": params}, x).shape)
 
+    def tf_clip(w):  # clip_by_value: the gradient passes on [-1, 1], bounds included
+        inside = (w >= -1.0) & (w <= 1.0)
+        return jnp.where(inside, w, jax.lax.stop_gradient(jnp.clip(w, -1.0, 1.0)))
+
     def formula(params, x):
-        c = jnp.clip(params["kernel"], -1.0, 1.0)
-        alpha = jnp.mean(jnp.abs(c), axis=tuple(range(c.ndim - 1)), keepdims=True)
+        c = tf_clip(params["kernel"])
+        tf_abs = jnp.sign(c) * c  # |c|, gradient sign(c): 0 at 0
+        alpha = jnp.mean(tf_abs, axis=tuple(range(c.ndim - 1)), keepdims=True)
         plain = QuantConv(6, (3, 3)) if layer_cls == "conv" else QuantDense(6)
         kernel = alpha * qz.get(spec)(c)
         return plain.apply({"params": {**params, "kernel": kernel}}, x)
@@ -178,6 +185,22 @@ def test_xnor_kernel_scale_gradient_equals_autodiff_of_the_formula(layer_cls, sp
     want = loss(formula)(params, x)
     for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_xnor_kernel_gradient_at_the_clip_bound_is_tensorflows():
+    # larq-zoo's xnor_weight_scale in TensorFlow, by hand: w = (1, 0.5), x = (1, 1):
+    # y = alpha * (sign(1) + sign(0.5)) = 2 alpha, alpha = (1 + 0.5) / 2 = 0.75;
+    # dy/dw_i = 2 * dalpha/dw_i + alpha * ste'(w_i) = 2 * 1/2 + 0.75 = 1.75 for both:
+    # clip_by_value passes the whole gradient at w = 1 (jnp.clip would halve it).
+    layer = QuantDense(1, kernel_quantizer="ste_sign", kernel_scale=True, use_bias=False)
+    x, w = jnp.ones((1, 2)), jnp.array([[1.0], [0.5]])
+    grad = jax.grad(lambda w: layer.apply({"params": {"kernel": w}}, x).sum())(w)
+    np.testing.assert_array_equal(layer.apply({"params": {"kernel": w}}, x), [[1.5]])
+    np.testing.assert_allclose(np.ravel(grad), [1.75, 1.75], rtol=1e-6)
+    # At w = 0: abs'(0) = 0 in TensorFlow, so only the binary path: alpha * 1 = 0.25.
+    w0 = jnp.array([[0.0], [0.5]])
+    grad0 = jax.grad(lambda w: layer.apply({"params": {"kernel": w}}, x).sum())(w0)
+    np.testing.assert_allclose(np.ravel(grad0), [0.25, 1.0 + 0.25], rtol=1e-6)
 
 
 def test_layer_surrogate_changes_input_gradient_only():
