@@ -364,6 +364,24 @@ def test_forward_and_binarized_operands(name, stem, size):
     assert num_binary > 0, f"{name} has no layer with a binarized input"
 
 
+@pytest.mark.parametrize("name", models.names())
+def test_twin_of_a_config_without_input_quantizer_adds_no_activation(name):
+    # The twin is the BNN with its quantizers switched off. With input_quantizer=None
+    # the BNN binarizes kernels only and applies no activation before those layers, so
+    # its twin must equal that BNN with the kernel quantizer switched off as well: the
+    # fp_activation (hard tanh) belongs only where the BNN binarizes an input.
+    bnn = _build(name, "small", input_quantizer=None)
+    kernels_real = _build(name, "small", input_quantizer=None, kernel_quantizer=None)
+    x = 3.0 * _images(32)  # well beyond hard tanh's [-1, 1]
+    variables = kernels_real.init(jax.random.key(0), x)
+    want = np.asarray(kernels_real.apply(variables, x))
+    got = np.asarray(models.twin(bnn).apply(variables, x))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    # Control: with the input quantizer, the twin does apply hard tanh.
+    default_twin = _build(name, "small", binary=False)
+    assert not np.allclose(default_twin.apply(variables, x), want, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("name,stem,size", _cases())
 def test_twin_has_the_same_parameter_tree(name, stem, size):
     bnn = _build(name, stem, binary=True)

@@ -136,8 +136,16 @@ class QuantMixin(RealLayerMixin):
         return value if self.binary else None
 
     def twin_act(self, x: jax.Array) -> jax.Array:
-        """Where the BNN binarizes a layer's input, the twin applies ``fp_activation``."""
-        return x if self.binary else activation(self.fp_activation)(x)
+        """Where the BNN binarizes a layer's input, the twin applies ``fp_activation``.
+
+        Called on the input of a layer whose BNN input quantizer is the module's
+        ``input_quantizer``: the BNN and a config without input quantizer (None) get
+        ``x`` as it is, so that the twin of such a config is that BNN with its kernel
+        quantizers removed, and nothing added.
+        """
+        if self.binary or self.input_quantizer is None:
+            return x
+        return activation(self.fp_activation)(x)
 
     def quant_fields(self) -> dict[str, Any]:
         """The fields a model hands down to each of its binary blocks, as they are."""

@@ -17,7 +17,8 @@ defaults 0.99, 1e-3, as larq-zoo).
 ``stem="imagenet"`` (224 px) is larq-zoo's stem (overall stride 4); ``stem="small"``
 (28-64 px, jbnn's choice) is the same with both strides 1.
 
-The twin pads with zeros: padding with +1 only exists to keep a binary input binary.
+The twin pads with zeros: padding with +1 only exists to keep a binary input binary (so
+a BNN configured without input quantizer pads with zeros too).
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ class QuickNetBlock(nn.Module, QuantMixin):
         y = self.binary_conv(
             x.shape[-1],
             (3, 3),
-            pad_values=1.0 if self.binary else 0.0,
+            pad_values=1.0 if self.binary and self.input_quantizer is not None else 0.0,
             kernel_init=_zoo.glorot_normal,
             name="conv",
         )(self.twin_act(x))

@@ -36,16 +36,14 @@ class ConvBlock(nn.Module, QuantMixin):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        if self.input_quantizer is not None:
-            x = self.twin_act(x)
-        x = self.binary_conv(self.features, (3, 3), name="conv")(x)
+        x = self.binary_conv(self.features, (3, 3), name="conv")(self.twin_act(x))
         if self.pool:
             x = ops.max_pool(x, (2, 2), (2, 2))
         return batch_norm(train, name="bn", dtype=self.dtype, use_scale=False)(x)
 
 
 class MLP(nn.Module, QuantMixin):
-    """A binarized multi-layer perceptron (BinaryNet's MNIST model, scaled by ``width``).
+    """A binarized multi-layer perceptron (BinaryNet's MNIST model; ``hidden``: its widths).
 
     Layers ``dense{i}`` (QuantDense -> BatchNorm), then ``head``. The first layer sees
     the real-valued pixels with binary weights; later layers binarize inputs and weights.
@@ -64,6 +62,10 @@ class MLP(nn.Module, QuantMixin):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_images(x, "mlp")
+        if not self.hidden or not all(
+            isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in self.hidden
+        ):
+            raise ValueError(f"mlp: hidden must be positive ints, got {self.hidden!r}.")
         x = x.reshape((x.shape[0], -1))
         for i, features in enumerate((*self.hidden, self.num_classes)):
             first = i == 0
@@ -101,6 +103,7 @@ class BinaryNet(nn.Module, QuantMixin):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_images(x, "binarynet")
+        _zoo.check_width(self.width, "binarynet")
         w = lambda c: _zoo.scaled(c, self.width)
         if self.stem == "imagenet":
             x = QuantConv(w(64), (7, 7), (2, 2), use_bias=False, dtype=self.dtype, name="stem")(x)
