@@ -512,6 +512,47 @@ def test_gradcam_equals_hand_split(net, layer):
     np.testing.assert_allclose(cam, bilinear, rtol=1e-5, atol=1e-6 * hand.max())
 
 
+def test_gradcam_nearest_torch_takes_pytorchs_source_positions(net):
+    # PyTorch's F.interpolate(mode="nearest") to a size, Captum's upsampling, takes the
+    # source row floor(i * h / H) (clamped); for 13 -> 7 and 11 -> 6 that rational floor
+    # is also what float32 computes. jax.image.resize's "nearest" (half-pixel centres)
+    # takes other rows there: the control that the mode changes something.
+    model, _, _, target = net
+    variables = _init(model, (1, 13, 11, 3))  # the head's dense layer sees 7 x 6 x C
+    x = _uniform((3, 13, 11, 3), 5)
+    cam, low = sal.gradcam(
+        model,
+        variables,
+        x,
+        target,
+        layer="features",
+        interpolation="nearest_torch",
+        relu=False,
+        return_low_res=True,
+    )
+    assert low.shape == (3, 7, 6)
+    rows = np.minimum(np.arange(13) * 7 // 13, 6)
+    cols = np.minimum(np.arange(11) * 6 // 11, 5)
+    np.testing.assert_array_equal(cam, np.asarray(low)[:, rows][:, :, cols])
+    centred = sal.gradcam(
+        model, variables, x, target, layer="features", interpolation="nearest", relu=False
+    )
+    assert not np.array_equal(centred, cam)
+
+
+def test_torch_nearest_sources_match_pytorch():
+    # The float32 rule against PyTorch itself (not installed by the test extras: this
+    # runs where torch is, as in the benchmarks' environment).
+    torch = pytest.importorskip("torch")
+    from jbnn.saliency import cam
+
+    for h in range(1, 40):
+        for size in range(h, 400, 13):
+            src = torch.arange(h, dtype=torch.float32).reshape(1, 1, h, 1)
+            out = torch.nn.functional.interpolate(src, size=(size, 1), mode="nearest")
+            np.testing.assert_array_equal(cam._torch_nearest_sources(h, size), out[0, 0, :, 0])
+
+
 def test_gradcam_plus_plus_equals_hand_split(net):
     model, variables, x, target = net
     cam, low = sal.gradcam_plus_plus(
@@ -744,6 +785,7 @@ def test_bad_inputs_raise_clear_errors(net):
     bad_x[1, 2, 3, 0] = np.nan
     inf_x = np.array(x)
     inf_x[0, 0, 0, 0] = np.inf
+    nan_maps = jnp.asarray(bad_x)  # a device array: checked on the device
     cases = [
         (lambda: sal.gradient(fn, x[0], None), ValueError, r"rank-4 .* got shape \(16, 16, 3\)"),
         (lambda: sal.gradient(fn, (x * 255).astype(jnp.uint8), None), TypeError, "uint8"),
@@ -794,6 +836,11 @@ def test_bad_inputs_raise_clear_errors(net):
         (lambda: sal.reduce_channels(x, "median"), ValueError, "'median'.*abs_max"),
         (lambda: sal.reduce_channels(x[..., 0], "sum"), ValueError, r"\(B, H, W, C\)"),
         (lambda: sal.normalize_captum(x, sign="both"), ValueError, "'both'"),
+        # NaN maps: a percentile scale would turn them into plausible maps (PAIR's
+        # all zeros, Captum's mostly ones) without the check.
+        (lambda: sal.normalize_pair(nan_maps), ValueError, r"NaN or inf.*example\(s\) \[1\]"),
+        (lambda: sal.normalize_captum(nan_maps), ValueError, r"NaN or inf.*\[1\]"),
+        (lambda: sal.reduce_channels(np.asarray(nan_maps)), ValueError, r"NaN or inf.*\[1\]"),
         (lambda: sal.explain_dataset("occlusion", [x]), ValueError, "'occlusion'.*gradient"),
         (
             lambda: sal.explain_dataset("gradient", [np.asarray(x)], fn=fn, num_samples=3),

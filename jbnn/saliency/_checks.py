@@ -91,17 +91,25 @@ def check_images(x: ArrayLike, name: str, arg: str = "x") -> jax.Array | np.ndar
         )
     if x.shape[0] == 0:
         raise ValueError(f"{name}: {arg} is an empty batch (shape {tuple(x.shape)}).")
+    check_finite(x, name, arg, "saliency maps of non-finite inputs are meaningless")
+    return x
+
+
+def check_finite(x: jax.Array | np.ndarray, name: str, arg: str, why: str) -> None:
+    """Raises a ValueError naming the batch examples if concrete ``x`` holds NaN or inf.
+
+    One reduction and one scalar sync for a device array; a tracer (a call inside the
+    caller's own ``jit`` or ``vmap``) is not checked: its values are not known here.
+    """
     if isinstance(x, jax.core.Tracer):
-        return x  # inside the caller's jit / vmap: values cannot be checked here
+        return
     finite = np.isfinite(x).all() if isinstance(x, np.ndarray) else bool(_is_finite_jit(x))
     if not finite:
         xn = np.asarray(x)
         bad = sorted({int(i) for i in np.nonzero(~np.isfinite(xn))[0]})
         raise ValueError(
-            f"{name}: {arg} contains NaN or inf values (in batch example(s) {bad[:10]}); "
-            "saliency maps of non-finite inputs are meaningless."
+            f"{name}: {arg} contains NaN or inf values (in batch example(s) {bad[:10]}); {why}."
         )
-    return x
 
 
 def _call(fn: Partial, x: jax.Array) -> jax.Array:

@@ -20,12 +20,19 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from jbnn.ops import platform_jit
 from jbnn.saliency import _checks
 
-INTERPOLATIONS = {"bilinear": "linear", "nearest": "nearest", "bicubic": "cubic"}
+# jbnn's name -> jax.image.resize's method; "nearest_torch" is PyTorch's own rule.
+INTERPOLATIONS = {
+    "bilinear": "linear",
+    "nearest": "nearest",
+    "bicubic": "cubic",
+    "nearest_torch": None,
+}
 
 __all__ = ["INTERPOLATIONS", "gradcam", "gradcam_plus_plus", "layer_activation_and_gradient"]
 
@@ -140,10 +147,26 @@ def _cam_jit(fn, x, target, *, path, plus_plus, relu, interpolation, return_low_
     if relu:
         low_res = jax.nn.relu(low_res)
     height, width = x.shape[1:3]
-    cam = jax.image.resize(
-        low_res, (x.shape[0], height, width), method=INTERPOLATIONS[interpolation]
-    )  # (B, H, W)
+    if interpolation == "nearest_torch":
+        rows = _torch_nearest_sources(low_res.shape[1], height)
+        cols = _torch_nearest_sources(low_res.shape[2], width)
+        cam = low_res[:, rows][:, :, cols]
+    else:
+        cam = jax.image.resize(
+            low_res, (x.shape[0], height, width), method=INTERPOLATIONS[interpolation]
+        )  # (B, H, W)
     return (cam, low_res) if return_low_res else cam
+
+
+def _torch_nearest_sources(in_size: int, out_size: int) -> np.ndarray:
+    """The source index of each output position under PyTorch's ``F.interpolate(...,
+    mode="nearest")`` to a given size (Captum's ``LayerAttribution.interpolate``):
+    ``min(floor(i * (in / out)), in - 1)`` with the scale and product in float32, as
+    ATen's ``nearest_idx`` computes them (its shortcuts for out = in and out = 2 in give
+    the same indices). Static shapes, so a constant of the compiled program."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    index = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(index, in_size - 1)
 
 
 def _prepare(model, variables, x, target, layer, name, fn=None):
@@ -196,10 +219,15 @@ def gradcam(
     respect to the layer's activation A (B, h, w, C); the low-resolution map is
     ``sum_c weight_c * A[..., c]``, passed through a ReLU when ``relu`` (the paper,
     PAIR and tf-keras-vis always do; Captum's ``LayerGradCam`` does not by default:
-    ``relu=False`` gives Captum's map), then resized to (H, W) with
+    ``relu=False`` gives Captum's low-resolution map), then resized to (H, W) with
     ``jax.image.resize`` (half-pixel centres; bilinear by default as tf-keras-vis and
-    PAIR's skimage resize; Captum uses nearest). No normalisation is applied: divide
-    by the max (PAIR) or use :func:`normalize_pair` for display.
+    PAIR's skimage resize; ``"nearest"`` samples the layer position whose centre is
+    nearest). Captum upsamples with PyTorch's
+    ``"nearest"``, which takes position ``floor(i * h / H)`` (shifted by up to one
+    layer position where H is not a multiple of h): ``interpolation="nearest_torch"``
+    with ``relu=False`` gives Captum's upsampled map (``LayerGradCam`` then
+    ``LayerAttribution.interpolate``). No normalisation is applied: divide by the max
+    (PAIR) or use :func:`normalize_pair` for display.
 
     Args:
       model: any Flax Linen module, called as ``model.apply(variables, x)`` (inference).
@@ -210,7 +238,8 @@ def gradcam(
         ``"block6"`` or ``"stage4/block1"``; an unknown path raises a ValueError that
         lists the valid ones.
       relu: apply a ReLU to the map (before resizing).
-      interpolation: ``"bilinear"``, ``"nearest"`` or ``"bicubic"``.
+      interpolation: ``"bilinear"``, ``"nearest"``, ``"bicubic"`` or ``"nearest_torch"``
+        (PyTorch's and so Captum's nearest; see above).
       return_low_res: also return the map at the layer's resolution.
       fn: the model as a function ``x -> logits`` to run instead of
         ``model.apply(variables, x)``, e.g. ``jbnn.models.apply_fn(model, variables,
@@ -252,7 +281,8 @@ def gradcam_plus_plus(
       target: int (B,) (or one int) in [0, K), or None for the predicted class.
       layer: '/'-separated module path of a (B, h, w, C) layer.
       relu: apply a ReLU to the map (all references do).
-      interpolation: ``"bilinear"``, ``"nearest"`` or ``"bicubic"``.
+      interpolation: ``"bilinear"``, ``"nearest"``, ``"bicubic"`` or ``"nearest_torch"``
+        (as :func:`gradcam`'s).
       return_low_res: also return the map at the layer's resolution.
       fn: as :func:`gradcam`'s.
 

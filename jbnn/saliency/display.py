@@ -5,7 +5,9 @@ then divide by the value below which ``100 - outlier_perc`` % of the cumulative
 attribution lies, clip); ``normalize_pair`` is PAIR's ``VisualizeImageGrayscale`` /
 ``VisualizeImageDiverging``. Both work per example, and a map whose scale is 0 (all
 zeros, or constant) comes out as zeros (0.5 for PAIR's diverging display, the value it
-gives to zero attribution) instead of NaN.
+gives to zero attribution) instead of NaN. Maps holding NaN or inf are refused with a
+ValueError that names the examples (checked when the maps are concrete, not under the
+caller's own ``jit``): a percentile scale would otherwise turn them into plausible maps.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def _as_maps(maps: ArrayLike, name: str, ranks=(3, 4)) -> jax.Array:
     if maps.ndim not in ranks:
         shapes = " or ".join({3: "(B, H, W)", 4: "(B, H, W, C)"}[r] for r in ranks)
         raise ValueError(f"{name}: maps must have shape {shapes}, got {tuple(maps.shape)}.")
+    _checks.check_finite(maps, name, "maps", "a display scale of them would hide it")
     return maps
 
 
@@ -161,8 +164,9 @@ def normalize_pair(maps: ArrayLike, percentile: float = 99, diverging: bool = Fa
     Grayscale (``VisualizeImageGrayscale``): sum |a| over channels, then
     ``clip((a - min) / (percentile_p - min), 0, 1)``. Diverging
     (``VisualizeImageDiverging``): sum a over channels, ``span = |percentile_p|``, then
-    ``clip((a + span) / (2 span), -1, 1)``, which puts zero attribution at 0.5 and
-    the map in [0, 1], as PAIR does.
+    ``clip((a + span) / (2 span), -1, 1)``, as PAIR does: zero attribution at 0.5,
+    ``+span`` at 1, ``-span`` at 0, and attributions below ``-span`` negative, down to
+    -1 (PAIR clips to [-1, 1], not [0, 1]).
 
     Args:
       maps: (B, H, W, C) or (B, H, W) (then |a|, resp. a, is used directly).
@@ -170,8 +174,8 @@ def normalize_pair(maps: ArrayLike, percentile: float = 99, diverging: bool = Fa
       diverging: signed display instead of grayscale.
 
     Returns:
-      Display maps (B, H, W) in [0, 1]; a map of zero spread comes out as zeros
-      (grayscale) or 0.5 (diverging).
+      Display maps (B, H, W): in [0, 1] (grayscale) or [-1, 1] (diverging); a map of
+      zero spread comes out as zeros (grayscale) or 0.5 (diverging).
     """
     name = "normalize_pair"
     maps = _as_maps(maps, name)
