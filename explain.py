@@ -33,4 +33,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from jbnn._cli import flags_parser
+
+    app.run(main, flags_parser=flags_parser("explain.py"))

@@ -39,7 +39,14 @@ def main(argv):
     logging.get_absl_handler().addFilter(
         lambda record: record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
     )
-    results = training.train_and_evaluate(FLAGS.config, FLAGS.workdir, force=FLAGS.force)
+    from jbnn.data import DatasetNotAvailableError
+
+    try:
+        results = training.train_and_evaluate(FLAGS.config, FLAGS.workdir, force=FLAGS.force)
+    except (training.ConfigError, DatasetNotAvailableError, training.NonFiniteLossError) as e:
+        # Found before anything was written (or, for a NaN loss, with the last finite
+        # checkpoint kept): the message says what to do; no traceback needed.
+        raise SystemExit(f"train.py: {e}") from None
     for name, res in results.items():
         logging.info(
             "%s: test_accuracy=%.4f test_loss=%.4f (%s)",
@@ -51,4 +58,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from jbnn._cli import flags_parser
+
+    app.run(main, flags_parser=flags_parser("train.py"))

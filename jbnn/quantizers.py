@@ -53,14 +53,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- helpers
-def _check_float(x: jax.Array, name: str) -> None:
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(
-            f"{name} expects a floating-point array, got dtype {x.dtype}; cast the input "
-            "with x.astype(jnp.float32) first."
-        )
-
-
 def _sign(x: jax.Array) -> jax.Array:
     """Larq's sign: +1 for x >= 0 (so sign(0) = +1), -1 otherwise; keeps the dtype."""
     return jnp.where(x >= 0, jnp.ones_like(x), -jnp.ones_like(x))

@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -45,12 +47,21 @@ import numpy as np
 # --------------------------------------------------------------------------- statistics
 
 
-def _ci_dict(values: np.ndarray, key: int, num_bootstrap: int, confidence: float) -> dict:
+def _bootstrap_seed(seed: int, values: np.ndarray) -> int:
+    """The resampling seed of one series: drawn from ``seed`` and the series' values, so
+    that a series reported in two tables (a finding's and the overview's) gets the same
+    interval in both, and two different series get independent resamplings."""
+    content = zlib.crc32(np.ascontiguousarray(values, np.float64).tobytes())
+    return int(np.random.SeedSequence([int(seed), content]).generate_state(1)[0] % (2**31))
+
+
+def _ci_dict(values: np.ndarray, seed: int, num_bootstrap: int, confidence: float) -> dict:
     from jbnn import stats
 
+    values = np.asarray(values, np.float64)
     mean, lo, hi = stats.bootstrap_ci(
-        np.asarray(values, np.float64),
-        key_or_seed=key,
+        values,
+        key_or_seed=_bootstrap_seed(seed, values),
         num_resamples=num_bootstrap,
         confidence=confidence,
     )
@@ -77,8 +88,8 @@ def compare(
     Args:
       a: (N,) per-image values of series A.
       b: (N,) per-image values of series B, paired with A image by image.
-      seed: seed of the bootstrap resampling (the three intervals use seed, seed + 1,
-        seed + 2).
+      seed: seed of the bootstrap resampling; each interval resamples with a seed drawn
+        from ``seed`` and its series' values (the same values, the same interval).
       num_bootstrap: bootstrap resamples.
       confidence: coverage of the intervals.
 
@@ -105,8 +116,8 @@ def compare(
             )
     return {
         "a": _ci_dict(a, seed, num_bootstrap, confidence),
-        "b": _ci_dict(b, seed + 1, num_bootstrap, confidence),
-        "difference": _ci_dict(a - b, seed + 2, num_bootstrap, confidence),
+        "b": _ci_dict(b, seed, num_bootstrap, confidence),
+        "difference": _ci_dict(a - b, seed, num_bootstrap, confidence),
         "wilcoxon": _wilcoxon_dict(a, b),
     }
 
@@ -218,7 +229,7 @@ def similarity_finding(
       num_images: the number of images (for the sentence).
       margin: relative equivalence margin (see :func:`similarity_verdict`).
       alpha: level of the Wilcoxon tests.
-      seed: seed of the bootstrap (each metric gets its own offset).
+      seed: seed of the bootstrap (see :func:`compare`).
       num_bootstrap: bootstrap resamples.
       confidence: coverage of the intervals.
 
@@ -228,8 +239,8 @@ def similarity_finding(
     if expect not in ("alike", "differ"):
         raise ValueError(f"expect must be 'alike' or 'differ', got {expect!r}")
     rows, supports, parts = [], [], []
-    for i, (metric, (a, b)) in enumerate(series.items()):
-        row = compare(a, b, seed=seed + 10 * i, num_bootstrap=num_bootstrap, confidence=confidence)
+    for metric, (a, b) in series.items():
+        row = compare(a, b, seed=seed, num_bootstrap=num_bootstrap, confidence=confidence)
         verdict = similarity_verdict(row, margin, alpha)
         row.update(
             group=group,
@@ -306,7 +317,7 @@ def noise_finding(
       labels: metric -> display label.
       num_images: the number of images.
       alpha: level of the Wilcoxon tests.
-      seed: seed of the bootstrap.
+      seed: seed of the bootstrap (see :func:`compare`).
       num_bootstrap: bootstrap resamples.
       confidence: coverage of the intervals.
 
@@ -317,9 +328,9 @@ def noise_finding(
     """
     kw = dict(num_bootstrap=num_bootstrap, confidence=confidence)
     rows, extra, supports, parts = [], [], [], []
-    for i, (metric, values) in enumerate(noise.items()):
-        row = compare(values["bnn"], values["twin"], seed=seed + 10 * i, **kw)
-        ref = compare(values["control"], values["twin"], seed=seed + 10 * i + 5, **kw)
+    for metric, values in noise.items():
+        row = compare(values["bnn"], values["twin"], seed=seed, **kw)
+        ref = compare(values["control"], values["twin"], seed=seed, **kw)
         verdict = noise_verdict(row, metric, ref["difference"]["mean"], alpha)
         direction = "higher" if NOISE_DIRECTION[metric] > 0 else "lower"
         label = f"{labels.get(metric, metric)} ({direction} = noisier)"
@@ -342,7 +353,7 @@ def noise_finding(
             f"({verdict}; difference {_fmt(row['difference'], 3)}, seed-to-seed "
             f"{ref['difference']['mean']:.3g})"
         )
-    red = compare(reduction["bnn"], reduction["twin"], seed=seed + 1000, **kw)
+    red = compare(reduction["bnn"], reduction["twin"], seed=seed, **kw)
     red.update(
         group=group,
         metric="tv_reduction",
@@ -351,7 +362,7 @@ def noise_finding(
         b_name="twin",
         verdict="",
     )
-    red_ctrl = compare(reduction["control"], reduction["twin"], seed=seed + 1005, **kw)
+    red_ctrl = compare(reduction["control"], reduction["twin"], seed=seed, **kw)
     red_ctrl.update(
         group=f"{group} (seed reference)",
         metric="tv_reduction",
@@ -419,6 +430,20 @@ SURROGATES = ("ste_sign", "approx_sign", "swish_sign", "identity")
 SIGNED_METHODS = ("gradient", "smoothgrad", "integrated_gradients")
 SIMILARITY_METRICS = ("spearman_abs", "ssim")
 REPORT_DIR = "report"
+# What run_study writes into REPORT_DIR (and so may replace there).
+REPORT_FILES = frozenset(
+    {
+        "report.md",
+        "results.json",
+        "per_image.npz",
+        "timings.json",
+        "saliency_grid.png",
+        "metric_distributions.png",
+        "mprt.png",
+        "deletion_insertion.png",
+        "surrogates.png",
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -508,6 +533,8 @@ def settings_from_config(explain: Mapping | None) -> Settings:
             if isinstance(value, bool) or not isinstance(value, int | float | np.number):
                 raise ValueError(f"config.explain.{name} must be a number, got {value!r}")
             value = float(value)
+            if not math.isfinite(value):
+                raise ValueError(f"config.explain.{name} must be a finite number, got {value!r}")
         elif isinstance(default, str) and not isinstance(value, str):
             raise ValueError(f"config.explain.{name} must be a string, got {value!r}")
         values[name] = value
@@ -733,12 +760,26 @@ def prepare(config, workdir: str | Path) -> Plan:
         raise StudyError(str(e)) from e
 
 
+def _check_report_dir(report_dir: Path) -> None:
+    """The report folder is replaced as a whole: refuse while it holds other files."""
+    if not report_dir.is_dir():
+        return
+    foreign = sorted(p.name for p in report_dir.iterdir() if p.name not in REPORT_FILES)
+    if foreign:
+        shown = ", ".join(foreign[:10]) + (", ..." if len(foreign) > 10 else "")
+        raise StudyError(
+            f"{report_dir} holds files explain.py did not write ({shown}); it replaces that "
+            "folder as a whole, so move them out first (nothing was changed)."
+        )
+
+
 def _prepare(config, workdir: Path) -> Plan:
     from jbnn import models, training
 
     settings = settings_from_config(config.get("explain"))
     seed = int(config.seed)
     _check_runs(config, workdir)
+    _check_report_dir(workdir / REPORT_DIR)
     loaded, run_results = {}, {}
     for name, sub in RUN_DIRS.items():
         loaded[name] = training.load_run(workdir / sub)  # half-trained: a clear error
@@ -1113,18 +1154,6 @@ def run_mprt(plan: Plan, verbose: bool = True) -> dict:
 
 
 # --------------------------------------------------------------------------- results
-class _Seeds:
-    """Hands out bootstrap seeds in a fixed order, all derived from ``config.seed``."""
-
-    def __init__(self, seed: int):
-        self._next = int(np.random.SeedSequence(seed).generate_state(1)[0] % (2**30))
-
-    def __call__(self, count: int = 1) -> int:
-        out = self._next
-        self._next += count
-        return out
-
-
 SURROGATE_METRIC_LABELS = {
     "spearman_abs_vs_twin": "Spearman ρ (|map|) vs twin",
     "ssim_vs_twin": "SSIM vs twin",
@@ -1148,11 +1177,13 @@ def build_results(plan: Plan, values: Mapping, curves: Mapping, mprt: Mapping) -
     from jbnn.report import METRIC_LABELS
 
     s = plan.settings
-    seeds = _Seeds(plan.seed)
+    # Every interval resamples with a seed drawn from config.seed and its series' values
+    # (_bootstrap_seed): a series reported in two tables gets one interval.
+    seed = int(plan.seed)
     kw = dict(num_bootstrap=s.bootstrap_samples, confidence=s.confidence)
 
     def ci(v) -> dict:
-        return _ci_dict(v, seeds(), s.bootstrap_samples, s.confidence)
+        return _ci_dict(v, seed, s.bootstrap_samples, s.confidence)
 
     n = len(plan.labels)
     common = dict(num_images=n, alpha=s.alpha, **kw)
@@ -1168,7 +1199,7 @@ def build_results(plan: Plan, values: Mapping, curves: Mapping, mprt: Mapping) -
         },
         labels=labels,
         margin=s.similarity_margin,
-        seed=seeds(100),
+        seed=seed,
         **common,
     )
     smooth = noise_finding(
@@ -1178,7 +1209,7 @@ def build_results(plan: Plan, values: Mapping, curves: Mapping, mprt: Mapping) -
         noise={m: {k: values[f"smoothgrad/{m}/{k}"] for k in MODELS} for m in NOISE_METRICS},
         reduction={k: values[f"smoothgrad/tv_reduction/{k}"] for k in MODELS},
         labels=labels,
-        seed=seeds(2000),
+        seed=seed,
         **common,
     )
     gradcam = similarity_finding(
@@ -1192,7 +1223,7 @@ def build_results(plan: Plan, values: Mapping, curves: Mapping, mprt: Mapping) -
         },
         labels=labels,
         margin=s.similarity_margin,
-        seed=seeds(100),
+        seed=seed,
         **common,
     )
     if plan.masks is not None:
@@ -1201,7 +1232,7 @@ def build_results(plan: Plan, values: Mapping, curves: Mapping, mprt: Mapping) -
             row = compare(
                 values[f"gradcam/{metric}/bnn"],
                 values[f"gradcam/{metric}/twin"],
-                seed=seeds(3),
+                seed=seed,
                 **kw,
             )
             row.update(

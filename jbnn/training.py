@@ -111,7 +111,14 @@ NON_TRAINING_FIELDS = (
 log = logging.getLogger(__name__)
 
 
-class ConfigMismatchError(ValueError):
+class ConfigError(ValueError):
+    """A bad config or workdir, found before anything is written or trained.
+
+    ``train.py`` prints it as one line; the original error, if any, is its cause.
+    """
+
+
+class ConfigMismatchError(ConfigError):
     """A run directory already holds a run of another config."""
 
 
@@ -513,9 +520,22 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
             f"Unknown binary optimizer {config.binary_optimizer.name!r}; expected one of "
             f"{optim.BINARY_OPTIMIZERS}"
         )
+    eval_batch = config.get("eval_batch_size", None)
+    if eval_batch is not None and (
+        isinstance(eval_batch, bool) or not isinstance(eval_batch, int) or eval_batch < 1
+    ):
+        raise ValueError(
+            f"config.eval_batch_size must be an int >= 1 (or None), got {eval_batch!r}"
+        )
+    from jbnn.data import parse_augment
+
+    try:
+        parse_augment(config.get("augment"))
+    except ValueError as e:
+        raise ValueError(f"config.augment: {e}") from None
     n_dev = jax.device_count()
     for name in ("batch_size", "eval_batch_size"):
-        value = config.get(name, config.batch_size)
+        value = config.get(name, config.batch_size) or config.batch_size
         if value % n_dev:
             raise ValueError(
                 f"config.{name}={value} does not divide by the {n_dev} devices of the "
@@ -610,12 +630,54 @@ class _Run:
         self.train_src, self.test_src, self.mesh = train_src, test_src, mesh
         self.input_shape = (1, *train_src.image_shape)
         self.model = build_model(config, spec.binary, train_src.num_classes)
+        _check_model_takes(self.model, self.input_shape, config)
         self.kernels = optim.binary_kernels(self.model, self.input_shape)
         self.steps_per_epoch = train_src.steps_per_epoch(config.batch_size)
         self.total_steps = self.steps_per_epoch * config.num_epochs
         self.tx, self.schedule = _cached_optimizer(
             self.model, _optimizer_json(config), self.input_shape, self.total_steps
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _model_init_error(model: nn.Module, input_shape: tuple[int, ...]) -> Exception | None:
+    """The exception ``model.init`` raises on inputs of ``input_shape`` (traced only)."""
+    try:
+        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape)))
+    except Exception as e:  # noqa: BLE001 - any failure is reported with the shape
+        return e
+    return None
+
+
+def _check_model_takes(
+    model: nn.Module, input_shape: tuple[int, ...], config: ml_collections.ConfigDict
+) -> None:
+    """Raises a ValueError naming the image size when ``model`` cannot take it.
+
+    A model too deep for small images (BinaryNet's three 2x2 pools need 8 px) otherwise
+    fails inside an initializer (a division by a zero fan-in). The smallest square size
+    that works is searched for (doubling, then bisection; traced, not run).
+    """
+    error = _model_init_error(model, input_shape)
+    if error is None:
+        return
+    _, height, width, channels = input_shape
+    shape_at = lambda s: (1, s, s, channels)
+    hint = ""
+    hi = max(height, width) + 1
+    while hi <= 1024 and _model_init_error(model, shape_at(hi)) is not None:
+        hi *= 2
+    if hi <= 1024:
+        lo = max(height, width)  # fails; hi works
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if _model_init_error(model, shape_at(mid)) is None else (mid, hi)
+        hint = f"; it takes {hi} x {hi} images and larger: set config.image_size >= {hi}"
+    raise ValueError(
+        f"model {config.model!r} cannot take {height} x {width} x {channels} images "
+        f"(config.image_size={config.get('image_size')!r}){hint}. The model's error: "
+        f"{type(error).__name__}: {error}"
+    ) from error
 
 
 def _optimizer_json(config: ml_collections.ConfigDict) -> str:
@@ -820,7 +882,8 @@ def train_and_evaluate(
       workdir: the study directory; runs go to ``workdir/bnn``, ``workdir/fp`` and
         ``workdir/control``.
       force: train every run from scratch, replacing what its directory holds (even a
-        run of another config). Without it, finished runs are read back, and
+        run of another config; a non-empty directory without a jbnn run is not
+        deleted: ConfigError). Without it, finished runs are read back, and
         unfinished ones resume from their last checkpoint.
       on_step: optional ``f(run_name, step)`` called on the host after each step is
         dispatched (no device sync); an exception it raises stops training, as a kill
@@ -830,16 +893,54 @@ def train_and_evaluate(
       ``{run name: results dict}`` (the content of each ``results.json``).
 
     Raises:
-      ValueError: for a bad config or an unknown dataset or model.
-      ConfigMismatchError: when ``workdir`` holds runs of another config.
+      ConfigError: (a ValueError) for a bad config, an unknown dataset or model, images
+        the model cannot take, found before anything is written.
+      ConfigMismatchError: (a ConfigError) when ``workdir`` holds runs of another
+        config.
+      DatasetNotAvailableError: for a TFDS dataset missing from ``data_dir``.
       NonFiniteLossError: when the loss becomes NaN or inf (names the step).
     """
     workdir = Path(workdir)
+    try:
+        _, runs = _preflight(config, workdir, force)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a bad field, found before anything is written
+        raise ConfigError(str(e)) from e
+
+    results = {}
+    for run in runs:
+        done = run.run_dir / RESULTS_FILE
+        if done.exists() and not force:
+            log.info(
+                "%s: finished already (%s); pass --force (force=True) to retrain",
+                run.spec.name,
+                done,
+            )
+            results[run.spec.name] = json.loads(done.read_text())
+            continue
+        if force and run.run_dir.exists() and jax.process_index() == 0:
+            shutil.rmtree(run.run_dir)
+        results[run.spec.name] = _train_run(run, on_step)
+    return results
+
+
+def _preflight(
+    config: ml_collections.ConfigDict, workdir: Path, force: bool
+) -> tuple[list[RunSpec], list[_Run]]:
+    """Checks everything that can be checked before a write and builds the runs."""
     _check_config(config)
     specs = run_specs(config)
     current = _training_view(_json_config(config))
     for spec in specs:  # before loading data: cheap, and nothing is touched
         stored = workdir / spec.name / CONFIG_FILE
+        run_dir = workdir / spec.name
+        if force and run_dir.exists() and not stored.exists():
+            if not run_dir.is_dir() or any(run_dir.iterdir()):
+                raise ConfigError(
+                    f"--force retrains by deleting {run_dir}, which holds no jbnn run (no "
+                    f"{CONFIG_FILE}): nothing deleted. Move it away or use another --workdir."
+                )
         if stored.exists() and not force:
             previous = _training_view(json.loads(stored.read_text()))
             if previous != current:
@@ -854,18 +955,7 @@ def train_and_evaluate(
     runs = [
         _Run(config, spec, workdir / spec.name, train_src, test_src, mesh) for spec in specs
     ]  # builds every model and optimizer: a bad model field raises before any write
-
-    results = {}
-    for run in runs:
-        done = run.run_dir / RESULTS_FILE
-        if done.exists() and not force:
-            log.info("%s: finished already (%s); pass force=True to retrain", run.spec.name, done)
-            results[run.spec.name] = json.loads(done.read_text())
-            continue
-        if force and run.run_dir.exists() and jax.process_index() == 0:
-            shutil.rmtree(run.run_dir)
-        results[run.spec.name] = _train_run(run, on_step)
-    return results
+    return specs, runs
 
 
 def load_run(
@@ -886,6 +976,12 @@ def load_run(
         no ``results.json``), or holds no complete checkpoint.
     """
     run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).exists() and (run_dir / "bnn" / CONFIG_FILE).exists():
+        runs = sorted(p.name for p in run_dir.iterdir() if (p / CONFIG_FILE).exists())
+        raise FileNotFoundError(
+            f"{run_dir} is a study workdir, not a run directory: pass one of its runs, "
+            f"{', '.join(str(run_dir / r) for r in runs)}."
+        )
     if not (run_dir / CONFIG_FILE).exists():
         raise FileNotFoundError(
             f"{run_dir} is not a jbnn run directory (no {CONFIG_FILE}); train it with "

@@ -542,6 +542,16 @@ def test_tfds_reads_prepared_files_offline(prepared_mnist, no_download):
     assert no_download == []
 
 
+@pytest.mark.slow
+def test_tfds_data_dir_expands_the_home_tilde(prepared_mnist, no_download, monkeypatch):
+    # --config.data_dir=~/tensorflow_datasets reaches jbnn unexpanded (shells expand "~"
+    # only at the start of a word): jbnn expands it, as a shell would.
+    home, name = os.path.split(prepared_mnist)
+    monkeypatch.setenv("HOME", home)
+    source = data.load("mnist", "test", data_dir=f"~/{name}", normalize=False)
+    assert source.num_examples == 10 and no_download == []
+
+
 def test_tfds_unknown_split_and_option():
     with pytest.raises(ValueError, match="Unknown split 'validation' for dataset 'mnist'"):
         data.load("mnist", "validation")

@@ -104,6 +104,12 @@ def test_compare_against_numpy_and_scipy():
     ref = sps.wilcoxon(a, b)
     np.testing.assert_allclose(out["wilcoxon"]["p_value"], ref.pvalue, rtol=1e-10)
     assert out == study.compare(a, b, seed=3, num_bootstrap=500)  # seeded
+    # A series gets one interval wherever it is reported (here as B of another pair),
+    # and another series or another seed resamples differently.
+    other = study.compare(b + 1.0, a, seed=3, num_bootstrap=500)
+    assert other["b"] == out["a"]
+    assert study.compare(a, b, seed=4, num_bootstrap=500)["a"] != out["a"]
+    assert study._bootstrap_seed(3, a) != study._bootstrap_seed(3, b)
     with pytest.raises(ValueError, match="non-finite"):
         study.compare(np.array([1.0, np.nan]), np.array([1.0, 2.0]), seed=0)
     with pytest.raises(ValueError, match="same length"):
@@ -214,6 +220,9 @@ def test_settings_validation():
         study.settings_from_config({"num_images": 1})
     with pytest.raises(ValueError, match="must be an int"):
         study.settings_from_config({"ig_steps": 2.5})
+    for bad in (float("nan"), float("inf")):  # NaN passes "< 0" and every other bound
+        with pytest.raises(ValueError, match="smoothgrad_noise must be a finite number"):
+            study.settings_from_config({"smoothgrad_noise": bad})
     with pytest.raises(ValueError, match="Unknown config.explain.deletion_substrate 'grey'"):
         study.settings_from_config({"deletion_substrate": "grey"})
     with pytest.raises(ValueError, match="mprt_methods must name some of"):
@@ -327,6 +336,7 @@ def test_end_to_end_report(report):
         "surrogates.png",
     }
     assert pngs | {"report.md", "results.json", "per_image.npz", "timings.json"} == names
+    assert names == study.REPORT_FILES  # what a rerun may replace
     for name in pngs:
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     results = json.loads((out / "results.json").read_text())
@@ -349,6 +359,10 @@ def test_end_to_end_report(report):
             "GradCAM": "gradcam/spearman_abs/bnn_vs_twin",
         }[row["group"]]
         np.testing.assert_allclose(row["a"]["mean"], per_image[key].mean(), rtol=1e-5, atol=1e-6)
+    # The BNN's SmoothGrad total variation, in finding 2's table and in the noise overview:
+    # one series, one interval.
+    tv_row = results["findings"]["smoothgrad"]["rows"][0]
+    assert tv_row["a"] == results["noise"]["smoothgrad"]["total_variation"]["bnn"]
     assert results["localisation"] is not None  # shapes has masks
     assert len(results["mprt"]["gradient"]["bnn"]["spearman_abs"]) == 3  # none, head, block2
     assert list(results["surrogates"]["rows"]) == ["ste_sign", "identity"]
@@ -412,6 +426,16 @@ def test_unknown_layer_is_refused_and_nothing_written(workdir, report):
     config = tiny_config()
     config.explain.gradcam_layer = "block9"
     _refused(config, workdir, r"Unknown config.explain.gradcam_layer 'block9'.*block1.*block2")
+
+
+@pytest.mark.slow
+def test_a_report_folder_with_other_files_is_not_replaced(workdir, report):
+    notes = workdir / study.REPORT_DIR / "notes.md"
+    notes.write_text("my notes")
+    try:
+        _refused(tiny_config(), workdir, r"report holds files explain.py did not write \(notes")
+    finally:
+        notes.unlink()
 
 
 @pytest.mark.slow

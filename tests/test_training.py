@@ -319,6 +319,19 @@ def test_workdir_of_another_config_is_refused_and_kept(trained):
         ({"binary_optimizer.name": "adam"}, ValueError, "Unknown binary optimizer 'adam'"),
         ({"batch_size": 0}, ValueError, "batch_size must be an int >= 1"),
         ({"batch_size": 5000}, ValueError, "exceeds the 1437 examples"),
+        ({"eval_batch_size": -5}, training.ConfigError, "eval_batch_size must be an int >= 1"),
+        ({"augment": {"crop_padding": -1}}, training.ConfigError, r"augment.*crop_padding"),
+        (
+            {"model": "binarynet", "model_kwargs": {"width": 0.0}},
+            training.ConfigError,
+            "binarynet: width must be a positive",
+        ),
+        # BinaryNet's three 2x2 pools need 8 px; the bisection finds the smallest size
+        (
+            {"model": "binarynet", "model_kwargs": {"width": 0.125}, "image_size": 4},
+            training.ConfigError,
+            r"cannot take 4 x 4 x 1 images.*8 x 8 images and larger",
+        ),
         (
             {"dataset": "imagenet2012", "manual_dir": "/no/such/folder"},
             jdata.DatasetNotAvailableError,
@@ -340,6 +353,49 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, override, err
     with pytest.raises(error, match=match):
         training.train_and_evaluate(config, workdir)
     assert snapshot(workdir) == {"notes.txt": hashlib.sha256(b"keep me").hexdigest()}
+
+
+def test_force_deletes_only_jbnn_runs(tmp_path):
+    # --force retrains by deleting workdir/bnn...: a folder there that holds no jbnn run
+    # (no config.json) is somebody else's and stays, with nothing trained.
+    (tmp_path / "bnn").mkdir()
+    (tmp_path / "bnn" / "data.npz").write_text("not a run")
+    before = snapshot(tmp_path)
+    with pytest.raises(training.ConfigError, match=r"holds no jbnn run.*nothing deleted"):
+        training.train_and_evaluate(tiny_config(), tmp_path, force=True)
+    assert snapshot(tmp_path) == before
+
+
+def test_train_cli_reports_clear_one_line_errors(tmp_path):
+    # A bad config (found before anything is written) and an override that names no
+    # field: one line each, no traceback, exit status 1, the workdir untouched.
+    def train(*overrides):
+        return subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "train.py"),
+                f"--config={ROOT / 'configs' / 'digits.py'}",
+                f"--workdir={tmp_path / 'w'}",
+                *overrides,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+        )
+
+    for overrides, message in [
+        (("--config.eval_batch_size=-5",), "train.py: config.eval_batch_size must be an int"),
+        (
+            ("--config.optimizer.lr=0.1",),
+            "train.py: --config.optimizer.lr: unknown config field (config.optimizer has no "
+            "field 'lr'; its fields: learning_rate,",
+        ),
+    ]:
+        proc = train(*overrides)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert not (tmp_path / "w").exists()
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
@@ -366,6 +422,12 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
 def test_load_run_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a jbnn run directory"):
         training.load_run(tmp_path / "missing")
+    # A study workdir instead of one of its runs: the runs are named.
+    for name in ("bnn", "fp"):
+        (tmp_path / "w" / name).mkdir(parents=True)
+        (tmp_path / "w" / name / training.CONFIG_FILE).write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"study workdir.*w/bnn, .*w/fp\."):
+        training.load_run(tmp_path / "w")
 
 
 # --------------------------------------------------------------------------- sharding

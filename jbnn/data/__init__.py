@@ -21,6 +21,8 @@ Datasets (``NAMES``):
 
 from __future__ import annotations
 
+import os
+
 from jbnn.data.core import (
     AUGMENT_KEYS,
     PADDING_MODES,
@@ -68,7 +70,8 @@ def load(
         splits and TFDS slicing (``"train[:90%]"``).
       image_size: height and width of the images: default 32 for digits/shapes, native
         for the small TFDS datasets, 224 for imagenette/imagenet2012.
-      data_dir: TFDS data folder (ignored by the embedded datasets).
+      data_dir: TFDS data folder (a leading ``~`` is expanded; ignored by the embedded
+        datasets).
       manual_dir: folder with the ImageNet tar files, used to build imagenet2012 when
         ``data_dir`` does not hold it (ignored by the others).
       seed: decides the images of ``shapes`` (the order of batches is decided by the
@@ -92,12 +95,14 @@ def load(
         return load_digits(split, image_size=image_size, normalize=normalize, **kwargs)
     if name == "shapes":
         return load_shapes(split, image_size=image_size, seed=seed, normalize=normalize, **kwargs)
+    # "~" is the user's home here as in a shell (a --config.data_dir=~/... flag reaches
+    # us unexpanded: shells expand "~" only at the start of a word).
     return load_tfds(
         name,
         split,
         image_size=image_size,
-        data_dir=data_dir,
-        manual_dir=manual_dir,
+        data_dir=None if data_dir is None else os.path.expanduser(data_dir),
+        manual_dir=None if manual_dir is None else os.path.expanduser(manual_dir),
         normalize=normalize,
         **kwargs,
     )
