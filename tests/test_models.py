@@ -372,14 +372,15 @@ def test_twin_of_a_config_without_input_quantizer_adds_no_activation(name):
     # fp_activation (hard tanh) belongs only where the BNN binarizes an input.
     bnn = _build(name, "small", input_quantizer=None)
     kernels_real = _build(name, "small", input_quantizer=None, kernel_quantizer=None)
-    x = 3.0 * _images(32)  # well beyond hard tanh's [-1, 1]
-    variables = kernels_real.init(jax.random.key(0), x)
-    want = np.asarray(kernels_real.apply(variables, x))
-    got = np.asarray(models.twin(bnn).apply(variables, x))
+    x = 3.0 * _images(16, batch=1)  # well beyond hard tanh's [-1, 1]
+    variables = jax.jit(kernels_real.init)(jax.random.key(0), x)
+    want = np.asarray(jax.jit(kernels_real.apply)(variables, x))
+    got = np.asarray(jax.jit(models.twin(bnn).apply)(variables, x))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     # Control: with the input quantizer, the twin does apply hard tanh.
     default_twin = _build(name, "small", binary=False)
-    assert not np.allclose(default_twin.apply(variables, x), want, rtol=1e-3, atol=1e-3)
+    control = jax.jit(default_twin.apply)(variables, x)
+    assert not np.allclose(control, want, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("name,stem,size", _cases())
