@@ -1,6 +1,10 @@
-"""Helpers shared by test modules (not tests): small models and images."""
+"""Helpers shared by test modules (not tests): small models, images, the CLIs."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -8,6 +12,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbnn import models
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(script: str, config: str, workdir, *flags: str) -> subprocess.CompletedProcess:
+    """``python <script> --config=configs/<config>.py --workdir=<workdir> <flags>``, run
+    from the repository root, with its output captured as text."""
+    return subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / script),
+            f"--config={ROOT / 'configs' / f'{config}.py'}",
+            f"--workdir={workdir}",
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
 
 
 def small_model(name: str, binary: bool, **kwargs) -> nn.Module:

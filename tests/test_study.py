@@ -6,7 +6,6 @@ import hashlib
 import importlib
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import run_cli
 from scipy import stats as sps
 
 from jbnn import models, study
@@ -459,18 +459,7 @@ def test_missing_and_half_trained_models_are_refused(workdir, report, tmp_path):
 
 
 def test_explain_cli_reports_a_clear_error(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "explain.py"),
-            f"--config={ROOT / 'configs' / 'shapes.py'}",
-            f"--workdir={tmp_path / 'absent'}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
+    proc = run_cli("explain.py", "shapes", tmp_path / "absent")
     assert proc.returncode == 1
     assert "explain.py: workdir" in proc.stderr and "does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 from flax import traverse_util
+from helpers import run_cli
 
 from jbnn import data as jdata
 from jbnn import training
@@ -369,21 +370,6 @@ def test_force_deletes_only_jbnn_runs(tmp_path):
 def test_train_cli_reports_clear_one_line_errors(tmp_path):
     # A bad config (found before anything is written) and an override that names no
     # field: one line each, no traceback, exit status 1, the workdir untouched.
-    def train(*overrides):
-        return subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "train.py"),
-                f"--config={ROOT / 'configs' / 'digits.py'}",
-                f"--workdir={tmp_path / 'w'}",
-                *overrides,
-            ],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=120,
-        )
-
     for overrides, message in [
         (("--config.eval_batch_size=-5",), "train.py: config.eval_batch_size must be an int"),
         (
@@ -392,7 +378,7 @@ def test_train_cli_reports_clear_one_line_errors(tmp_path):
             "field 'lr'; its fields: learning_rate,",
         ),
     ]:
-        proc = train(*overrides)
+        proc = run_cli("train.py", "digits", tmp_path / "w", *overrides)
         assert proc.returncode == 1, proc.stderr[-2000:]
         assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert not (tmp_path / "w").exists()
