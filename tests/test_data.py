@@ -297,6 +297,14 @@ def test_batch_argument_errors():
         s.batches(10, seed=0, epoch=0, skip_batches=3)
     with pytest.raises(ValueError, match="seed must be an int >= 0"):
         s.batches(10, seed=-1, epoch=0)
+    # numpy's SeedSequence splits an int >= 2**32 into words: (2**32, 0) would draw the
+    # stream of (0, 1), so such seeds are refused.
+    assert np.array_equal(
+        np.random.default_rng(np.random.SeedSequence([2**32, 0, 0])).permutation(20),
+        np.random.default_rng(np.random.SeedSequence([0, 1, 0])).permutation(20),
+    )
+    with pytest.raises(ValueError, match=r"seed must be < 2\*\*32"):
+        collect(s.batches(10, seed=2**32, epoch=0))
     with pytest.raises(ValueError, match="Unknown augment key"):
         s.batches(10, seed=0, epoch=0, augment={"rotate": 3})
     with pytest.raises(ValueError, match="padding_mode"):

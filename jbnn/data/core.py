@@ -38,15 +38,22 @@ def rng_for(seed: int, epoch: int, *tags: int) -> np.random.Generator:
     """A numpy generator that depends only on ``(seed, epoch, *tags)``.
 
     Args:
-      seed: the run's data seed (int >= 0).
-      epoch: the epoch (int >= 0).
-      *tags: further non-negative ints that name the stream (shuffle, augment, batch).
+      seed: the run's data seed (int in [0, 2**32)).
+      epoch: the epoch (int in [0, 2**32)).
+      *tags: further ints in [0, 2**32) that name the stream (shuffle, augment, batch).
 
     Returns:
       A fresh ``np.random.Generator`` (PCG64) seeded from a ``SeedSequence``.
+
+    Raises:
+      ValueError: for a value out of range. A ``SeedSequence`` splits a larger int into
+        several 32-bit words, so (2**32, 0) would draw the stream of (0, 1).
     """
     entropy = [check_int("seed", seed, 0), check_int("epoch", epoch, 0)]
-    entropy += [int(t) for t in tags]
+    entropy += [check_int("tag", t, 0) for t in tags]
+    for name, value in zip(("seed", "epoch", *["tag"] * len(tags)), entropy, strict=True):
+        if value >= 2**32:
+            raise ValueError(f"{name} must be < 2**32 (a 32-bit word), got {value}")
     return np.random.default_rng(np.random.SeedSequence(entropy))
 
 
