@@ -31,5 +31,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.explain.batch_size = 200
     config.explain.sample_batch_size = 50
     config.explain.mprt_images = 100
-    config.explain.gradcam_layer = "block5"  # 8x8, the last convolution before the pool
+    config.explain.gradcam_layer = "block5"  # 8x8: the last unpooled block (block6 pools to 4x4)
     return config

@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.explain.sample_batch_size = 10  # noisy copies / IG points evaluated together
     config.explain.ig_steps = 32  # Integrated Gradients path points (zero baseline)
     config.explain.gradcam_layer = "block5"  # module path, same position in both twins
-    config.explain.gradcam_relu = True
+    config.explain.gradcam_relu = True  # ReLU of the map (paper, PAIR); False: Captum's
     config.explain.surrogates = ("ste_sign", "approx_sign", "swish_sign", "identity")
     config.explain.surrogate_methods = ("gradient", "smoothgrad", "gradcam")
     config.explain.faithfulness_steps = 16  # deletion / insertion steps

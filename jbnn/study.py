@@ -448,7 +448,42 @@ REPORT_FILES = frozenset(
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """The validated ``config.explain`` section (see ``configs/default.py``)."""
+    """The validated ``config.explain`` section (defaults in ``configs/default.py``).
+
+    Attributes:
+      num_images: test images of the study, a seeded sample (>= 2; all of them if the
+        split is smaller).
+      batch_size: images per jitted explainer call (>= 1).
+      num_examples: rows of the saliency grid figure (>= 1).
+      channel_reduction: how (B, H, W, C) maps become (B, H, W) before every metric, one
+        of :data:`jbnn.saliency.REDUCTIONS` (``"abs_sum"``: sum of |a|, PAIR's map).
+      smoothgrad_samples: noisy copies per image (>= 1).
+      smoothgrad_noise: the noise's sigma as a fraction of each image's (max - min)
+        (finite, >= 0).
+      sample_batch_size: noisy copies or IG path points evaluated together, the memory
+        knob (>= 1).
+      ig_steps: Integrated Gradients path points, zero baseline (>= 2).
+      gradcam_layer: module path of GradCAM's layer, the same in BNN and twin.
+      gradcam_relu: apply GradCAM's ReLU to the map (the paper, PAIR); False keeps the
+        signed map (Captum's default).
+      surrogates: backward surrogates of the BNN's input binarisation for the ablation
+        (forward pass unchanged).
+      surrogate_methods: methods run under each surrogate.
+      faithfulness_steps: deletion / insertion steps (>= 1).
+      deletion_substrate, insertion_substrate: what deleted pixels become / what
+        insertion starts from: ``"zero"``, ``"blur"`` or ``"mean"``.
+      mprt_images: images of the MPRT sanity check (>= 2).
+      mprt_methods: methods of the MPRT check.
+      mprt_layers: layers re-initialised in turn, from the logits down; empty: every
+        layer with weights.
+      bootstrap_samples: bootstrap resamples of every interval (>= 100).
+      confidence: coverage of the intervals, in (0, 1).
+      alpha: level of the Wilcoxon tests, in (0, 1).
+      similarity_margin: the margin m of the similarity verdicts as a fraction of
+        |mean s(twin, control)|, in [0, 1).
+      fold_batchnorm: fold inference BatchNorms into the convolutions that feed them
+        (faster on GPUs; results move by float rounding).
+    """
 
     num_images: int = 200
     batch_size: int = 50

@@ -656,26 +656,27 @@ def _check_model_takes(
 
     A model too deep for small images (BinaryNet's three 2x2 pools need 8 px) otherwise
     fails inside an initializer (a division by a zero fan-in). The smallest square size
-    that works is searched for (doubling, then bisection; traced, not run).
+    that works is searched for (doubling, then bisection; traced, not run). When no size
+    up to 1024 works, the size is not the problem: the model's own error is raised.
     """
     error = _model_init_error(model, input_shape)
     if error is None:
         return
     _, height, width, channels = input_shape
     shape_at = lambda s: (1, s, s, channels)
-    hint = ""
     hi = max(height, width) + 1
     while hi <= 1024 and _model_init_error(model, shape_at(hi)) is not None:
         hi *= 2
-    if hi <= 1024:
-        lo = max(height, width)  # fails; hi works
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if _model_init_error(model, shape_at(mid)) is None else (mid, hi)
-        hint = f"; it takes {hi} x {hi} images and larger: set config.image_size >= {hi}"
+    if hi > 1024:
+        raise error
+    lo = max(height, width)  # fails; hi works
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if _model_init_error(model, shape_at(mid)) is None else (mid, hi)
     raise ValueError(
         f"model {config.model!r} cannot take {height} x {width} x {channels} images "
-        f"(config.image_size={config.get('image_size')!r}){hint}. The model's error: "
+        f"(config.image_size={config.get('image_size')!r}); it takes {hi} x {hi} images and "
+        f"larger: set config.image_size >= {hi}. The model's error: "
         f"{type(error).__name__}: {error}"
     ) from error
 
