@@ -123,6 +123,59 @@ def test_only_batchnorms_that_alone_read_a_convolution_are_folded():
     assert fold.folded_apply(model) is fold.folded_apply(model)  # one function per model
 
 
+class _PreScaledConv(QuantConv):
+    """A user's QuantConv that scales its input first."""
+
+    @nn.compact
+    def __call__(self, x):
+        return super().__call__(2.0 * x)
+
+
+class _ShiftedBatchNorm(nn.BatchNorm):
+    """A user's BatchNorm that adds 1 to its output."""
+
+    def __call__(self, x, use_running_average=None):
+        return super().__call__(x, use_running_average) + 1.0
+
+
+class _Subclassed(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        bn = lambda cls, name: cls(use_running_average=True, name=name)
+        y = bn(nn.BatchNorm, "bn_a")(_PreScaledConv(4, (3, 3), name="conv_a")(x))
+        y = bn(_ShiftedBatchNorm, "bn_b")(QuantConv(4, (3, 3), name="conv_b")(y))
+        return bn(nn.BatchNorm, "bn_c")(QuantConv(4, (3, 3), name="conv_c")(y))
+
+
+def test_subclasses_of_the_folded_layers_run_as_they_are():
+    # A subclass may compute anything around the base class's call: folding it (the
+    # convolution's forward pass with the BatchNorm's affine map) would skip that.
+    x = images(size=8)
+    model = _Subclassed()
+    rng = np.random.default_rng(4)
+    variables = jax.tree.map(
+        lambda a: jnp.asarray(rng.uniform(0.5, 1.5, size=a.shape), a.dtype),
+        model.init(jax.random.key(0), x),
+    )
+    assert fold.batchnorm_folds(model, variables, x) == {"conv_c": "bn_c"}
+    plain = model.apply(variables, x)
+    assert _rel(fold.folded_apply(model)(variables, x), plain) < 1e-5
+
+
+def test_gradcam_of_a_per_call_folded_function():
+    # The folded function traces the model to find its folds (jbnn's analysis traces);
+    # GradCAM's probe must take the layer's output in the real trace, not in those.
+    from jbnn import saliency
+
+    x = images(batch=3)
+    model = small_model("birealnet18", binary=False)
+    variables = _variables(model, x)
+    plain = saliency.gradcam(model, variables, x, None, layer="stage2")
+    fn = models.apply_fn(model, variables, fold_batchnorm=True)
+    folded = saliency.gradcam(model, None, x, None, layer="stage2", fn=fn)
+    assert _rel(folded, plain) < 1e-4
+
+
 def test_folding_skips_the_batchnorm_passes():
     # The folded program has no BatchNorm arithmetic on activations: fewer elementwise
     # ops of the activations' shape than the plain one.

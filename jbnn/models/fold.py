@@ -20,7 +20,8 @@ under ``flax.linen.intercept_methods``: a BatchNorm in inference mode whose inpu
 very array a :class:`~jbnn.layers.QuantConv` returned, and whose feature axis is the
 last, is a candidate; a second trace keeps the candidates whose convolution's output
 nothing else reads (DenseNet's stem output is also concatenated: not folded). Every other
-BatchNorm (after a pooling, an activation or a sum) runs as it is; ``tests/test_fold.py``
+BatchNorm (after a pooling, an activation or a sum) runs as it is, as do subclasses of
+``QuantConv`` or ``nn.BatchNorm`` (which may compute anything); ``tests/test_fold.py``
 checks every jbnn model against its unfolded self. Module interceptors of the caller
 still see every module call, but a folded convolution returns its BatchNorm's output,
 and the BatchNorm returns its input: capture a BatchNorm's output, not its
@@ -74,10 +75,12 @@ def _find_folds_traced(model, variables, x) -> dict[Path, _Fold]:
         module = context.module
         if context.method_name != "__call__":
             return out
-        if isinstance(module, layers.QuantConv):
+        # Exact types only: a subclass may compute anything around (or instead of) the
+        # base class's call, which the fold would skip.
+        if type(module) is layers.QuantConv:
             outputs[id(out)] = (module.scope.path, out)  # the array kept: ids stay unique
         elif (
-            isinstance(module, nn.BatchNorm)
+            type(module) is nn.BatchNorm
             and module.use_running_average is True
             and module.axis in (-1, out.ndim - 1)
             and module.axis_name is None

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from jbnn._tracing import in_analysis
 from jbnn.ops import platform_jit
 from jbnn.saliency import _checks
 
@@ -52,6 +53,7 @@ def _forward_with_probe(fn, path: tuple[str, ...], x, delta):
         out = next_fun(*args, **kwargs)
         if (
             not captured
+            and not in_analysis()  # a per-call folded fn traces the model to find its folds
             and context.method_name == "__call__"
             and tuple(context.module.path) == path
         ):
