@@ -26,7 +26,11 @@ checks every jbnn model against its unfolded self. Module interceptors of the ca
 still see every module call, but a folded convolution returns its BatchNorm's output,
 and the BatchNorm returns its input: capture a BatchNorm's output, not its
 convolution's, from a folded model (GradCAM's layers are stages and blocks, whose outputs
-do not change).
+do not change). A function folded per call (``apply_fn(..., fold_batchnorm=True)``
+without ``input_like``) finds its folds by tracing the model inside each call, so a
+caller's interceptor also sees the module calls of those shape-only traces
+(``jbnn._tracing.in_analysis()`` is True during them; jbnn's own interceptors skip
+them); with ``input_like`` the folds are found once, outside the call.
 """
 
 from __future__ import annotations
