@@ -909,7 +909,7 @@ def train_and_evaluate(
     except ValueError as e:  # a bad field, found before anything is written
         raise ConfigError(str(e)) from e
 
-    results = {}
+    results, trained = {}, False
     for run in runs:
         done = run.run_dir / RESULTS_FILE
         if done.exists() and not force:
@@ -923,6 +923,16 @@ def train_and_evaluate(
         if force and run.run_dir.exists() and jax.process_index() == 0:
             shutil.rmtree(run.run_dir)
         results[run.spec.name] = _train_run(run, on_step)
+        trained = True
+    from jbnn.study import REPORT_DIR  # study imports training lazily: no cycle
+
+    report = workdir / REPORT_DIR
+    if trained and report.is_dir():  # kept (it may be all a user has of the old runs)
+        log.warning(
+            "%s was written by explain.py from the runs this call replaced: it no longer "
+            "describes them. Run explain.py again to replace it.",
+            report,
+        )
     return results
 
 

@@ -3,6 +3,7 @@
 import hashlib
 import importlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -170,14 +171,20 @@ def test_finished_runs_are_not_retrained_unless_forced(trained, tmp_path):
     assert training.train_and_evaluate(config2, workdir) == results
 
 
-def test_force_retrains_from_scratch(tmp_path):
+def test_force_retrains_from_scratch(tmp_path, caplog):
     config = tiny_config()
     first = training.train_and_evaluate(config, tmp_path)
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "report.md").write_text("the old runs' report")
     steps = []
-    second = training.train_and_evaluate(
-        config, tmp_path, force=True, on_step=lambda run, step: steps.append(step)
-    )
+    with caplog.at_level(logging.WARNING, logger="jbnn.training"):
+        second = training.train_and_evaluate(
+            config, tmp_path, force=True, on_step=lambda run, step: steps.append(step)
+        )
     assert steps[0] == 1 and len(steps) == 2 * 44
+    # the report of the replaced runs is kept, with a warning that it is stale
+    assert (tmp_path / "report" / "report.md").read_text() == "the old runs' report"
+    assert any("no longer describes them" in r.getMessage() for r in caplog.records)
     for name in ("bnn", "fp"):  # deterministic: the same numbers again
         assert second[name]["test_accuracy"] == first[name]["test_accuracy"]
         assert second[name]["test_loss"] == first[name]["test_loss"]
