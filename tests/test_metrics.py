@@ -748,6 +748,22 @@ def test_bad_faithfulness_inputs_raise_clear_errors():
         metrics.road(fn, x, true_map, 0, key=jax.random.key(0), order="random")
     with pytest.raises(ValueError, match="whole image"):
         metrics.noisy_linear_imputation(x, np.ones((2, SIZE, SIZE)), key=jax.random.key(0))
+    for value in (np.nan, 0.5):  # NaN was taken as kept, 0.5 as removed
+        removed = np.zeros((2, SIZE, SIZE))
+        removed[1, 2, 3] = value
+        with pytest.raises(ValueError, match=r"removed must be boolean or hold only 0 and 1"):
+            metrics.noisy_linear_imputation(x, removed, key=jax.random.key(0))
+
+
+def test_blur_refuses_a_bad_sigma_and_takes_numpy_scalars():
+    x = RNG.uniform(size=(1, 9, 7, 2)).astype(np.float32)
+    for sigma in (0.0, -1.0, np.nan, np.inf):  # 0.0 gave an all-NaN image
+        with pytest.raises(ValueError, match="sigma must be a positive number"):
+            metrics.blur(x, sigma)
+        with pytest.raises(ValueError, match="blur_sigma must be a positive number"):
+            metrics.make_substrate(x, "blur", sigma)
+    want = ndi.gaussian_filter(x.astype(np.float64), sigma=(0, 2.0, 2.0, 0), mode="reflect")
+    np.testing.assert_allclose(metrics.make_substrate(x, "blur", np.float32(2.0)), want, atol=1e-6)
 
 
 def test_bad_mprt_inputs_raise_clear_errors():
@@ -761,3 +777,67 @@ def test_bad_mprt_inputs_raise_clear_errors():
         metrics.mprt(
             MODEL, variables, x, y, lambda m, v, xx, t: jnp.zeros((2, 5, 5)), key=jax.random.key(0)
         )
+
+
+# Inside jit the values cannot be checked: a NaN or inf in a sample's input must give NaN
+# for that sample (jbnn.metrics docstring), not a finite score that looks valid.
+NONFINITE_MASKS = np.random.default_rng(7).uniform(size=(4, 16, 16)) > 0.5
+NONFINITE_MASKS[:, 4, 5] = False  # the poisoned pixels lie outside the masks
+SCORES = {
+    "pearson": metrics.pearson,
+    "ssim": metrics.ssim,
+    "hog_similarity": functools.partial(metrics.hog_similarity, cell_size=8),
+    "topk_intersection": functools.partial(metrics.topk_intersection, k=20),
+    "total_variation": lambda a, b: metrics.total_variation(a),
+    "sparseness": lambda a, b: metrics.sparseness(a),
+    "complexity": lambda a, b: metrics.complexity(a),
+    "pointing_game": lambda a, b: metrics.pointing_game(a, NONFINITE_MASKS),
+    "relevance_mass_accuracy": lambda a, b: metrics.relevance_mass_accuracy(a, NONFINITE_MASKS),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCORES))
+def test_traced_nonfinite_map_gives_nan_for_its_sample_only(name):
+    f = SCORES[name]
+    a, b = random_maps((4, 16, 16), seed=6)
+    bad = a.copy()
+    bad[1:, 4, 5] = [np.nan, np.inf, -np.inf]
+    jitted = jax.jit(f)  # one compilation: the finite reference runs the same program
+    got = np.asarray(jitted(bad, b))
+    assert np.isnan(got[1:]).all(), got
+    assert np.isfinite(got[0]) and got[0] == jitted(a, b)[0]  # the other samples unchanged
+    if name in ("pearson", "ssim", "hog_similarity", "topk_intersection"):  # two maps
+        got = np.asarray(jitted(b, bad))
+        assert np.isnan(got[1:]).all(), got
+        assert np.isfinite(got[0]) and got[0] == jitted(b, a)[0]
+    with pytest.raises(ValueError, match="non-finite"):
+        f(bad, b)  # concrete: refused at the boundary
+
+
+def _poisoned_patch_problem():
+    fn, x, _, true_map, _ = patch_problem(batch=3)
+    bad_map = true_map.copy()
+    bad_map[1, 0, 0] = np.nan  # would be ranked last and ignored
+    bad_x = x.copy()
+    bad_x[2, 0, 0, 0] = np.inf  # outside the patch: the model would not see it
+    return fn, x, true_map, bad_x, bad_map
+
+
+def test_traced_nonfinite_images_or_maps_give_nan_deletion_curves():
+    fn, x, true_map, bad_x, bad_map = _poisoned_patch_problem()
+    deletion = jax.jit(lambda xx, m: metrics.deletion_curve(fn, xx, m, 0, num_steps=4))
+    want_curves, want_auc = deletion(x, true_map)  # one compilation for both calls
+    curves, auc = deletion(bad_x, bad_map)
+    assert np.isnan(curves[1:]).all() and np.isnan(auc[1:]).all()
+    np.testing.assert_allclose(curves[0], want_curves[0], atol=1e-6)
+    np.testing.assert_allclose(auc[0], want_auc[0], atol=1e-6)
+
+
+def test_traced_nonfinite_images_or_maps_give_nan_road_scores():
+    fn, _, _, bad_x, bad_map = _poisoned_patch_problem()
+    road = jax.jit(
+        lambda xx, m: metrics.road(fn, xx, m, 0, key=jax.random.key(0), percentages=(0, 30))
+    )
+    got = np.asarray(road(bad_x, bad_map))
+    assert np.isnan(got[1:]).all()
+    np.testing.assert_array_equal(got[0], [1, 0])  # intact, then 30% removes the patch

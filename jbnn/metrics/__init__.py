@@ -6,8 +6,9 @@ how each map is normalised: always per sample, never over the batch.
 
 Inputs are checked at the boundary: shapes that do not match raise ``ValueError``, and
 concrete inputs holding NaN or inf raise ``ValueError`` (inside ``jit`` or ``vmap`` the
-values are unknown, so that check is skipped and a non-finite input gives a non-finite
-score for that sample). Degenerate but finite inputs (constant maps, empty masks) get the
+values are unknown, so that check is skipped and a NaN or inf in a sample's inputs gives
+NaN for that sample's score; only :func:`spearman`, like scipy, ranks +-inf and gives NaN
+for NaN alone). Degenerate but finite inputs (constant maps, empty masks) get the
 documented finite values, never NaN.
 
 * similarity: :func:`spearman`, :func:`pearson`, :func:`ssim`, :func:`hog_similarity`

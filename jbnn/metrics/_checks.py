@@ -3,8 +3,9 @@
 Every public metric validates its inputs here before calling its jitted core, so that a
 bad input fails at the boundary with a message that names it. Shape checks also run on
 tracers (inside ``jit`` or ``vmap`` the shapes are known); the NaN/inf check needs the
-values, so it runs only on concrete arrays and is skipped while tracing (then a
-non-finite input propagates to that sample's result, as documented by each metric).
+values, so it runs only on concrete arrays and is skipped while tracing (then the
+jitted cores set that sample's result to NaN with :func:`nonfinite_samples` and
+:func:`nan_where`, as :mod:`jbnn.metrics` documents).
 """
 
 from __future__ import annotations
@@ -53,6 +54,36 @@ def check_finite(name: str, x) -> None:
             f"{name} holds {bad.shape[0]} non-finite value(s) (NaN or inf)"
             + (f" in sample(s) {shown}" if samples else "")
             + "; metrics need finite inputs"
+        )
+
+
+def nonfinite_samples(*arrays: jax.Array) -> jax.Array:
+    """(B,) bool, traceable: True where sample i of any array (B, ...) holds NaN or inf.
+
+    The jitted cores use it so that a non-finite input that reaches them while tracing
+    (where :func:`check_finite` cannot look at the values) gives NaN for that sample.
+    """
+    bad = jnp.zeros(arrays[0].shape[0], bool)
+    for a in arrays:
+        bad = bad | ~jnp.all(jnp.isfinite(a.reshape(a.shape[0], -1)), axis=1)
+    return bad
+
+
+def nan_where(bad: jax.Array, score: jax.Array) -> jax.Array:
+    """``score`` (B, ...) with the rows where ``bad`` (B,) is True set to NaN."""
+    return jnp.where(bad.reshape(bad.shape + (1,) * (score.ndim - 1)), jnp.nan, score)
+
+
+def zero_one(name: str, x) -> None:
+    """Raises ValueError if a concrete ``x`` holds anything but 0 and 1 (NaN included)."""
+    if is_traced(x):
+        return
+    values = np.asarray(x)
+    ok = np.isin(values, (0, 1))
+    if not ok.all():
+        bad = values[~ok].ravel()[:3]
+        raise ValueError(
+            f"{name} must be boolean or hold only 0 and 1, got values such as {bad.tolist()}"
         )
 
 

@@ -85,7 +85,8 @@ def _complexity(m: jax.Array) -> jax.Array:
     total = jnp.sum(a, axis=1, keepdims=True)
     n = a.shape[1]
     p = jnp.where(total > 0, a / jnp.where(total > 0, total, 1.0), 1.0 / n)
-    return -jnp.sum(p * jnp.log(p + 1e-12), axis=1)
+    entropy = -jnp.sum(p * jnp.log(p + 1e-12), axis=1)
+    return _checks.nan_where(_checks.nonfinite_samples(m), entropy)
 
 
 def complexity(m: jax.typing.ArrayLike) -> jax.Array:

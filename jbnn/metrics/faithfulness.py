@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import jax
@@ -102,8 +103,19 @@ def blur(x: jax.Array, sigma: float = 5.0) -> jax.Array:
 
     Returns:
       Blurred images, same shape.
+
+    Raises:
+      ValueError: ``sigma`` not a positive finite number.
     """
+    sigma = _positive_sigma("sigma", sigma)
     return jnp.moveaxis(gaussian_filter2d(jnp.moveaxis(x, -1, 1), sigma), 1, -1)
+
+
+def _positive_sigma(name: str, sigma) -> float:
+    """``sigma`` as a Python float, or a ValueError unless it is a finite number > 0."""
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not 0 < sigma < math.inf:
+        raise ValueError(f"{name} must be a positive number, got {sigma!r}")
+    return float(sigma)
 
 
 def make_substrate(x: jax.Array, substrate, blur_sigma: float = 5.0) -> jax.Array:
@@ -133,9 +145,7 @@ def make_substrate(x: jax.Array, substrate, blur_sigma: float = 5.0) -> jax.Arra
         return jnp.zeros_like(x)
     if substrate == "mean":
         return jnp.broadcast_to(jnp.mean(x, axis=(1, 2), keepdims=True), x.shape)
-    if not (isinstance(blur_sigma, int | float) and blur_sigma > 0):
-        raise ValueError(f"blur_sigma must be a positive number, got {blur_sigma!r}")
-    return _blur(x, float(blur_sigma))
+    return _blur(x, _positive_sigma("blur_sigma", blur_sigma))
 
 
 _blur = jax.jit(blur, static_argnames=("sigma",))
@@ -164,6 +174,7 @@ def _curve(fn, x, maps, target, base, *, num_steps, insertion, batch_size, outpu
         return _score(fn(jax.vmap(image)(i, s)), target[i], output)
 
     curves = _chunked(run, b * steps, batch_size).reshape(b, steps)
+    curves = _checks.nan_where(_checks.nonfinite_samples(x, maps, base), curves)
     auc = jnp.trapezoid(curves, jnp.asarray(counts / n, jnp.float32), axis=1)
     return curves, auc
 
@@ -341,13 +352,14 @@ def noisy_linear_imputation(
       (B, H, W, C) float32 images; kept pixels are unchanged.
 
     Raises:
-      ValueError: shapes that do not match, non-finite images, an image with every pixel
-        removed, a negative noise.
+      ValueError: shapes that do not match, non-finite images, ``removed`` holding values
+        other than 0/1, an image with every pixel removed, a negative noise.
     """
     x = _checks.images("x", x)
     r = _checks.as_float_array("removed", removed, 3, "(B, H, W)")
     if tuple(r.shape) != tuple(x.shape[:3]):
         raise ValueError(f"removed must have shape {tuple(x.shape[:3])}, got {tuple(r.shape)}")
+    _checks.zero_one("removed", removed)
     if not _checks.is_traced(removed) and bool(np.all(np.asarray(r) > 0, axis=(1, 2)).any()):
         raise ValueError("removed covers a whole image: at least one pixel must be kept")
     if not noise >= 0:
@@ -377,7 +389,8 @@ def _road(fn, x, maps, target, key, noise, lerf, *, counts, batch_size, output, 
         i, p = ids // num, ids % num
         return _score(fn(jax.vmap(image)(i, p, ids)), target[i], output)
 
-    return _chunked(run, b * num, batch_size).reshape(b, num)
+    scores = _chunked(run, b * num, batch_size).reshape(b, num)
+    return _checks.nan_where(_checks.nonfinite_samples(x, maps), scores)
 
 
 def road(

@@ -11,7 +11,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jbnn.metrics import _checks
 
@@ -20,13 +19,7 @@ def _maps_and_masks(maps, masks) -> tuple[jax.Array, jax.Array]:
     m = _checks.maps("maps", maps)
     s = _checks.as_float_array("masks", masks, 3, "(B, H, W)")
     _checks.same_shape("maps", m, "masks", s)
-    if not _checks.is_traced(masks):
-        values = np.asarray(masks)
-        if not np.isin(values, (0, 1)).all():
-            bad = values[~np.isin(values, (0, 1))].ravel()[:3]
-            raise ValueError(
-                f"masks must be boolean or hold only 0 and 1, got values such as {bad.tolist()}"
-            )
+    _checks.zero_one("masks", masks)
     return m, s > 0
 
 
@@ -35,7 +28,8 @@ def _pointing_game(m: jax.Array, s: jax.Array) -> jax.Array:
     m = m.reshape(m.shape[0], -1)
     s = s.reshape(s.shape[0], -1)
     at_max = m == jnp.max(m, axis=1, keepdims=True)
-    return jnp.any(at_max & s, axis=1).astype(jnp.float32)
+    hit = jnp.any(at_max & s, axis=1).astype(jnp.float32)
+    return _checks.nan_where(_checks.nonfinite_samples(m), hit)
 
 
 def pointing_game(maps: jax.typing.ArrayLike, masks: jax.typing.ArrayLike) -> jax.Array:
@@ -68,7 +62,8 @@ def _relevance_mass(m: jax.Array, s: jax.Array, absolute: bool) -> jax.Array:
     s = s.reshape(s.shape[0], -1)
     inside = jnp.sum(jnp.where(s, m, 0.0), axis=1)
     total = jnp.sum(m, axis=1)
-    return jnp.where(total != 0, inside / jnp.where(total != 0, total, 1.0), 0.0)
+    share = jnp.where(total != 0, inside / jnp.where(total != 0, total, 1.0), 0.0)
+    return _checks.nan_where(_checks.nonfinite_samples(m), share)
 
 
 def relevance_mass_accuracy(

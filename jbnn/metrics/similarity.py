@@ -106,7 +106,8 @@ def spearman(a: jax.typing.ArrayLike, b: jax.typing.ArrayLike, *, absolute: bool
 
     Returns:
       (B,) float32 in [-1, 1]; 1.0 when both maps of a pair are constant, 0.0 when exactly
-      one is (the correlation is undefined there).
+      one is (the correlation is undefined there). Traced inputs (inside ``jit``), which
+      cannot be checked: NaN in a pair gives NaN, +-inf are ranked as scipy ranks them.
 
     Raises:
       ValueError: maps not (B, H, W), ``a`` and ``b`` of different shapes, or non-finite
@@ -213,7 +214,8 @@ def _ssim(a: jax.Array, b: jax.Array) -> jax.Array:
     c1, c2 = (0.01 * 1.0) ** 2, (0.03 * 1.0) ** 2  # K1, K2, data_range = 1
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
     pad = (_SSIM_WIN - 1) // 2
-    return jnp.mean(s[:, pad:-pad, pad:-pad], axis=(1, 2))
+    score = jnp.mean(s[:, pad:-pad, pad:-pad], axis=(1, 2))
+    return _checks.nan_where(_checks.nonfinite_samples(a, b), score)
 
 
 def ssim(a: jax.typing.ArrayLike, b: jax.typing.ArrayLike) -> jax.Array:
@@ -346,7 +348,8 @@ def hog(
 def _hog_similarity(a, b, cell_size: int, block_size: int, orientations: int) -> jax.Array:
     fa = _hog(minmax_scale(a), cell_size, block_size, orientations)
     fb = _hog(minmax_scale(b), cell_size, block_size, orientations)
-    return jax.vmap(_spearman_flat)(fa, fb)
+    score = jax.vmap(_spearman_flat)(fa, fb)
+    return _checks.nan_where(_checks.nonfinite_samples(a, b), score)
 
 
 def hog_similarity(
@@ -398,7 +401,8 @@ def _topk_intersection(a: jax.Array, b: jax.Array, k: int) -> jax.Array:
 
     ma = jax.vmap(top_mask)(a)
     mb = jax.vmap(top_mask)(b)
-    return jnp.sum(ma * mb, axis=1) / k
+    share = jnp.sum(ma * mb, axis=1) / k
+    return _checks.nan_where(_checks.nonfinite_samples(a, b), share)
 
 
 def topk_intersection(a: jax.typing.ArrayLike, b: jax.typing.ArrayLike, *, k: int) -> jax.Array:
