@@ -320,7 +320,12 @@ class QuantConv(nn.Module):
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
 
         padding = self.padding
-        if self.pad_values != 0.0 and isinstance(padding, str) and padding not in ("SAME", "VALID"):
+        # "same" / "valid" in any case, as lax (and Larq / Keras, which spell them lowercase)
+        if (
+            self.pad_values != 0.0
+            and isinstance(padding, str)
+            and padding.upper() not in ("SAME", "VALID")
+        ):
             raise ValueError(f"QuantConv: unsupported padding {padding!r}.")
         # lax.conv_general_dilated (NHWC, HWIO) with an input gradient that stays on
         # XLA's fast CPU kernels inside loops, and padding with pad_values without a

@@ -6,11 +6,19 @@ Every quantizer follows the forward and backward formulas of Larq (see
 * ``sign(x)`` is +1 for ``x >= 0`` and -1 otherwise (``sign(0) = +1``);
 * the clip in the backward pass is inclusive (``|x| == clip_value`` passes);
 * rounding is half-to-even, as ``jnp.round`` and TensorFlow do;
-* the output dtype is the input dtype (float32, bfloat16, float16, ...).
+* a NaN input gives a NaN output, as Larq's ``tf.sign(tf.sign(x) + 0.1)`` does (a NaN
+  in a network is not hidden as -1, 0 or +1);
+* the output dtype is the input dtype (float32, bfloat16, float16, ...); the input
+  must be floating-point (a TypeError otherwise: an integer input was silently
+  truncated, e.g. the 0.05 threshold of ``ste_tern`` became 0).
+
+Second-order reverse derivatives (``jax.grad`` of ``jax.grad``) see the
+straight-through derivative of the quantized output too: each ``_fwd`` computes it
+with the quantizer itself.
 
 Quantizers are picked by name with :func:`get`, which also accepts a call-like string
 spec (``"ste_sign(clip_value=1.25)"``) so that specs can live in configs and in module
-fields, which must be hashable.
+fields, which must be hashable. Hyper-parameters are checked there (type and range).
 
 Surrogate override: :func:`with_surrogate` keeps a quantizer's forward pass bit for bit
 and replaces its backward pass by the derivative of another surrogate (``ste_sign``
@@ -28,6 +36,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from jbnn import ops
@@ -53,9 +62,28 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- helpers
+def _float_input(x: ArrayLike, name: str) -> jax.Array:
+    """x as an array; a TypeError unless its dtype is floating-point."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} expects a floating-point input, got dtype {x.dtype}.")
+    return x
+
+
+def _propagate_nan(x: jax.Array, q: jax.Array) -> jax.Array:
+    """q, with x's NaNs put back where x is NaN (the comparisons made them -1 or 0)."""
+    return jnp.where(jnp.isnan(x), x, q)
+
+
 def _sign(x: jax.Array) -> jax.Array:
-    """Larq's sign: +1 for x >= 0 (so sign(0) = +1), -1 otherwise; keeps the dtype."""
-    return jnp.where(x >= 0, jnp.ones_like(x), -jnp.ones_like(x))
+    """Larq's sign: +1 for x >= 0 (so sign(0) = +1), -1 for x < 0, NaN for NaN; keeps
+    the dtype."""
+    return _propagate_nan(x, jnp.where(x >= 0, jnp.ones_like(x), -jnp.ones_like(x)))
+
+
+def _surrogate_dtype(x: jax.Array):
+    """Surrogate derivatives are computed in float32, or in x's dtype if wider."""
+    return jnp.promote_types(x.dtype, jnp.float32)
 
 
 def _clip_mask(x: jax.Array, clip_value: float | None) -> jax.Array:
@@ -67,13 +95,13 @@ def _clip_mask(x: jax.Array, clip_value: float | None) -> jax.Array:
 
 def _approx_sign_grad(x: jax.Array) -> jax.Array:
     """Bi-Real Net's piecewise-polynomial derivative: (2 - 2|x|) * 1[|x| <= 1]."""
-    xf = x.astype(jnp.float32)
+    xf = x.astype(_surrogate_dtype(x))
     return jnp.where(jnp.abs(xf) <= 1.0, 2.0 - 2.0 * jnp.abs(xf), 0.0).astype(x.dtype)
 
 
 def _swish_sign_grad(x: jax.Array, beta: float) -> jax.Array:
     """BNN+'s SignSwish derivative: b(2 - b x tanh(b x / 2)) / (1 + cosh(b x))."""
-    xf = x.astype(jnp.float32)
+    xf = x.astype(_surrogate_dtype(x))
     bx = beta * xf
     grad = beta * (2.0 - bx * jnp.tanh(bx / 2.0)) / (1.0 + jnp.cosh(bx))
     # cosh overflows to inf for |b x| > ~89, where the exact derivative underflows to 0.
@@ -93,14 +121,14 @@ def ste_sign(x: ArrayLike, clip_value: float | None = 1.0) -> jax.Array:
       clip_value: inclusive clip of the straight-through gradient, or None.
 
     Returns:
-      An array of -1 / +1 with x's shape and dtype.
+      An array of -1 / +1 (NaN where x is NaN) with x's shape and dtype.
     """
     del clip_value
-    return _sign(x)
+    return _sign(_float_input(x, "ste_sign"))
 
 
 def _ste_sign_fwd(x, clip_value):
-    return _sign(x), x
+    return ste_sign(x, clip_value), x
 
 
 def _ste_sign_bwd(clip_value, x, g):
@@ -118,13 +146,13 @@ def approx_sign(x: ArrayLike) -> jax.Array:
       x: float array of any shape.
 
     Returns:
-      An array of -1 / +1 with x's shape and dtype.
+      An array of -1 / +1 (NaN where x is NaN) with x's shape and dtype.
     """
-    return _sign(x)
+    return _sign(_float_input(x, "approx_sign"))
 
 
 def _approx_sign_fwd(x):
-    return _sign(x), x
+    return approx_sign(x), x
 
 
 def _approx_sign_bwd(x, g):
@@ -143,14 +171,14 @@ def swish_sign(x: ArrayLike, beta: float = 5.0) -> jax.Array:
       beta: sharpness of the swish surrogate.
 
     Returns:
-      An array of -1 / +1 with x's shape and dtype.
+      An array of -1 / +1 (NaN where x is NaN) with x's shape and dtype.
     """
     del beta
-    return _sign(x)
+    return _sign(_float_input(x, "swish_sign"))
 
 
 def _swish_sign_fwd(x, beta):
-    return _sign(x), x
+    return swish_sign(x, beta), x
 
 
 def _swish_sign_bwd(beta, x, g):
@@ -174,7 +202,7 @@ def magnitude_aware_sign(x: ArrayLike, clip_value: float | None = 1.0) -> jax.Ar
     Returns:
       An array of -a / +a with x's shape and dtype.
     """
-    x = jnp.asarray(x)
+    x = _float_input(x, "magnitude_aware_sign")
     if x.ndim == 0:  # the mean over no axes
         scale = jax.lax.stop_gradient(jnp.abs(x))
     else:  # a channel sum, taken in two stages on XLA's classic CPU kernels (jbnn.ops)
@@ -194,14 +222,15 @@ def ste_heaviside(x: ArrayLike, clip_value: float | None = 1.0) -> jax.Array:
       clip_value: inclusive clip of the straight-through gradient, or None.
 
     Returns:
-      An array of 0 / 1 with x's shape and dtype.
+      An array of 0 / 1 (NaN where x is NaN) with x's shape and dtype.
     """
     del clip_value
-    return (x > 0).astype(x.dtype)
+    x = _float_input(x, "ste_heaviside")
+    return _propagate_nan(x, (x > 0).astype(x.dtype))
 
 
 def _ste_heaviside_fwd(x, clip_value):
-    return (x > 0).astype(x.dtype), x
+    return ste_heaviside(x, clip_value), x
 
 
 def _ste_heaviside_bwd(clip_value, x, g):
@@ -213,7 +242,12 @@ ste_heaviside.defvjp(_ste_heaviside_fwd, _ste_heaviside_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _ternarize(x, threshold, clip_value):
-    return jnp.where(x >= threshold, 1, jnp.where(x <= -threshold, -1, 0)).astype(x.dtype)
+    # Larq's sign(sign(x + d) + sign(x - d)), which depends on |d| only: +1 for x >= |d|,
+    # -1 for x <= -|d|, else 0; at d = 0 it is sign(x) with sign(0) = 0 (a zero kernel
+    # stays zero under the TWN threshold); NaN for a NaN x or threshold.
+    d = jnp.abs(threshold)
+    q = jnp.where((x >= d) & (x > 0), 1, jnp.where((x <= -d) & (x < 0), -1, 0)).astype(x.dtype)
+    return jnp.where(jnp.isnan(x) | jnp.isnan(d), jnp.asarray(jnp.nan, x.dtype), q)
 
 
 def _ternarize_fwd(x, threshold, clip_value):
@@ -237,8 +271,11 @@ def ste_tern(
     """Ternarization with the straight-through estimator.
 
     Forward +1 for ``x >= d``, -1 for ``x <= -d``, 0 otherwise, with
-    ``d = threshold_value``, or ``d = 0.7 * mean|x|`` (over all elements, no gradient)
-    when ``ternary_weight_networks``; backward ``1[|x| <= clip_value]``.
+    ``d = threshold_value``, or ``d = 0.7 * mean|x|`` (over all elements of x, as
+    Larq's ``reduce_sum(|x|) / size(x)``; no gradient) when ``ternary_weight_networks``;
+    backward ``1[|x| <= clip_value]``. As Larq's ``sign(sign(x + d) + sign(x - d))``:
+    ``d = 0`` gives sign(x) with 0 at 0 (so a zero kernel ternarizes to zeros), and NaN
+    in x (or in the TWN threshold) gives NaN.
 
     Args:
       x: float array of any shape.
@@ -249,7 +286,7 @@ def ste_tern(
     Returns:
       An array of -1 / 0 / +1 with x's shape and dtype.
     """
-    x = jnp.asarray(x)
+    x = _float_input(x, "ste_tern")
     if ternary_weight_networks:
         threshold = jax.lax.stop_gradient(0.7 * jnp.mean(jnp.abs(x)))
     else:
@@ -263,7 +300,7 @@ def _round_ste(x):
 
 
 def _round_ste_fwd(x):
-    return jnp.round(x), None
+    return _round_ste(x), None
 
 
 def _round_ste_bwd(_, g):
@@ -279,7 +316,7 @@ def _clip01(x):
 
 
 def _clip01_fwd(x):
-    return jnp.clip(x, 0, 1), x
+    return _clip01(x), x
 
 
 def _clip01_bwd(x, g):
@@ -305,7 +342,7 @@ def dorefa(x: ArrayLike, k_bit: int = 2, mode: str = "activations") -> jax.Array
     Returns:
       The quantized array with x's shape and dtype.
     """
-    x = jnp.asarray(x)
+    x = _float_input(x, "dorefa")
     n = 2.0**k_bit - 1.0
     if mode == "activations":
         return (_round_ste(n * _clip01(x)) / n).astype(x.dtype)
@@ -344,6 +381,40 @@ _HPARAMS: dict[str, tuple[str, ...]] = {
     "identity": (),
 }
 
+
+def _is_number(value, kinds: str = "fiu") -> bool:
+    """A real number, or a 0-d real array (not a bool); kinds="iu" for integers only."""
+    if value is None or isinstance(value, bool | str):
+        return False
+    try:
+        array = np.asarray(value)
+    except Exception:  # e.g. a tracer
+        return False
+    return array.shape == () and array.dtype.kind in kinds
+
+
+# hyper-parameter -> (check, what it must be); NaN fails every range check
+_HPARAM_CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "clip_value": (lambda v: v is None or (_is_number(v) and v >= 0), "None or a number >= 0"),
+    "beta": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "threshold_value": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "ternary_weight_networks": (lambda v: isinstance(v, bool), "True or False"),
+    "k_bit": (lambda v: _is_number(v, "iu") and v >= 1, "an int >= 1"),
+    "mode": (
+        lambda v: isinstance(v, str) and v in ("activations", "weights"),
+        "'activations' or 'weights'",
+    ),
+}
+
+
+def _check_hparams(what: str, hparams: dict) -> None:
+    """A ValueError naming the first hyper-parameter whose type or value is wrong."""
+    for key, value in hparams.items():
+        check, expected = _HPARAM_CHECKS[key]
+        if not check(value):
+            raise ValueError(f"{what}: {key} must be {expected}, got {value!r}.")
+
+
 # Quantizers whose outputs are -1, 0 or +1 only (exact in every float format).
 _INTEGER_VALUED = frozenset({"ste_sign", "approx_sign", "swish_sign", "ste_heaviside", "ste_tern"})
 
@@ -371,13 +442,13 @@ def names() -> tuple[str, ...]:
 def parse_spec(spec: str) -> tuple[str, dict]:
     """Splits ``"name"`` or ``"name(key=value, ...)"`` into (name, hparams).
 
-    Values are Python literals (numbers, None, True/False, strings).
+    Values are Python literals (numbers, None, True/False, strings), read with
+    ``ast.literal_eval``: nothing in a spec is executed.
     """
+    malformed = f"Cannot parse quantizer spec {spec!r}; expected 'name' or 'name(key=value, ...)'."
     match = _SPEC_RE.match(spec)
     if not match:
-        raise ValueError(
-            f"Cannot parse quantizer spec {spec!r}; expected 'name' or 'name(key=value, ...)'."
-        )
+        raise ValueError(malformed)
     name, args = match.group(1), match.group(2)
     hparams: dict = {}
     if args and args.strip():
@@ -385,12 +456,17 @@ def parse_spec(spec: str) -> tuple[str, dict]:
             call = ast.parse(f"f({args})", mode="eval").body
         except SyntaxError as e:
             raise ValueError(f"Cannot parse the arguments of quantizer spec {spec!r}") from e
-        if call.args:
-            raise ValueError(f"Quantizer spec {spec!r}: hyper-parameters must be keywords.")
+        # "name(a=1), (2)" or "name(a=1)(b=2)" parse as a tuple or a call of a call
+        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name)):
+            raise ValueError(malformed)
+        if call.args or any(kw.arg is None for kw in call.keywords):
+            raise ValueError(
+                f"Quantizer spec {spec!r}: hyper-parameters must be keywords (key=value)."
+            )
         for kw in call.keywords:
             try:
                 hparams[kw.arg] = ast.literal_eval(kw.value)
-            except ValueError as e:
+            except (ValueError, TypeError) as e:
                 raise ValueError(f"Quantizer spec {spec!r}: {kw.arg} is not a literal") from e
     return name, hparams
 
@@ -409,7 +485,10 @@ def get(name: str | Callable | None, **hparams) -> Quantizer:
       A function array -> array.
 
     Raises:
-      ValueError: for an unknown name or hyper-parameter.
+      ValueError: for a malformed spec, an unknown name or hyper-parameter, or a
+        hyper-parameter of the wrong type or range (``clip_value`` None or >= 0,
+        ``beta`` > 0, ``threshold_value`` >= 0, ``ternary_weight_networks`` a bool,
+        ``k_bit`` an int >= 1, ``mode`` "activations" or "weights").
     """
     if name is None:
         return identity
@@ -429,9 +508,8 @@ def get(name: str | Callable | None, **hparams) -> Quantizer:
             f"Unknown hyper-parameter(s) {unknown} for quantizer {base!r}; it takes "
             f"{list(_HPARAMS[base]) or 'none'}."
         )
+    _check_hparams(f"Quantizer {base!r}", merged)
     fn = _QUANTIZERS[base]
-    if base == "dorefa" and merged.get("mode", "activations") not in ("activations", "weights"):
-        raise ValueError(f"dorefa mode must be 'activations' or 'weights', got {merged['mode']!r}")
     if not merged:
         return fn
     return functools.partial(fn, **merged)
@@ -461,6 +539,7 @@ def surrogate_gradient(spec: str | None) -> Callable[[jax.Array], jax.Array]:
     unknown = sorted(set(hp) - set(allowed))
     if unknown:
         raise ValueError(f"Unknown hyper-parameter(s) {unknown} for surrogate {name!r}")
+    _check_hparams(f"Surrogate {name!r}", hp)
     if name == "ste_sign":
         clip_value = hp.get("clip_value", 1.0)
         return lambda x: _clip_mask(x, clip_value)
@@ -478,7 +557,7 @@ def _override(x, forward, grad_fn):
 
 
 def _override_fwd(x, forward, grad_fn):
-    return forward(x), x
+    return _override(x, forward, grad_fn), x
 
 
 def _override_bwd(forward, grad_fn, x, g):

@@ -59,11 +59,13 @@ def test_binary_dense_is_a_sign_matmul():
     np.testing.assert_array_equal(layer.apply(variables, x), expected)
 
 
-def test_pad_values_one_keeps_binary_conv_binary():
+@pytest.mark.parametrize("padding", ["SAME", "same"])  # Larq / Keras spell it "same"
+def test_pad_values_one_keeps_binary_conv_binary(padding):
     x = jax.random.normal(KEY, (1, 5, 5, 2))
     layer = QuantConv(
         3,
         (3, 3),
+        padding=padding,
         pad_values=1.0,
         input_quantizer="ste_sign",
         kernel_quantizer="ste_sign",

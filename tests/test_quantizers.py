@@ -1,5 +1,7 @@
 """Quantizers against REFERENCE.md section 1, written out independently in NumPy."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -178,10 +180,18 @@ def test_jit_vmap_grad(name, hparams):
 
 
 def test_elementwise_jit_vmap_grad_of_scalars():
-    for name in ("ste_sign", "approx_sign", "swish_sign", "ste_heaviside", "dorefa"):
-        f = qz.get(name)
-        g = jax.jit(jax.vmap(jax.grad(f)))(jnp.asarray(GRID))
-        assert g.shape == GRID.shape
+    # against the analytic derivatives (it checked only the shape, which cannot fail)
+    x = GRID.astype(np.float64)
+    expected = {
+        "ste_sign": np_clip_mask(x, 1.0),
+        "approx_sign": (2 - 2 * np.abs(x)) * (np.abs(x) <= 1),
+        "swish_sign": 5 * (2 - 5 * x * np.tanh(5 * x / 2)) / (1 + np.cosh(5 * x)),
+        "ste_heaviside": np_clip_mask(x, 1.0),
+        "dorefa": ((x >= 0) & (x <= 1)).astype(float),
+    }
+    for name, want in expected.items():
+        g = jax.jit(jax.vmap(jax.grad(qz.get(name))))(jnp.asarray(GRID))
+        np.testing.assert_allclose(g, want, atol=1e-6, err_msg=name)
 
 
 def test_get_identity_and_specs():
@@ -253,3 +263,161 @@ def test_integer_valued_names_exactly_the_quantizers_with_outputs_in_minus_one_z
     assert qz.integer_valued(name) == in_set, values[:10]
     assert qz.integer_valued(f"{name}()") == in_set
     assert not qz.integer_valued(None) and not qz.integer_valued(qz.ste_sign)
+
+
+# A NaN in a network must not be hidden as -1, 0 or +1: Larq's sign is
+# tf.sign(tf.sign(x) + 0.1) and its ternarization sign(sign(x + d) + sign(x - d)), NaN for
+# NaN. Hand values: sign(-0.0) = +1, sign(+-inf) = +-1, H(-0.0) = 0.
+NAN_ROW = np.array([np.nan, -0.0, np.inf, -np.inf, 0.3, -0.3], np.float32)
+NAN_EXPECTED = {
+    "ste_sign": [np.nan, 1, 1, -1, 1, -1],
+    "approx_sign": [np.nan, 1, 1, -1, 1, -1],
+    "swish_sign": [np.nan, 1, 1, -1, 1, -1],
+    "ste_heaviside": [np.nan, 0, 1, 0, 1, 0],
+    "ste_tern": [np.nan, 0, 1, -1, 1, -1],
+    "dorefa": [np.nan, 0, 1, 0, 1 / 3, 0],
+}
+
+
+@pytest.mark.parametrize("name", sorted(NAN_EXPECTED))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_nan_input_gives_nan_output(name, dtype):
+    f = qz.get(name)
+    for apply in (f, jax.jit(f)):
+        got = np.asarray(apply(jnp.asarray(NAN_ROW, dtype)), np.float32)
+        np.testing.assert_allclose(got, NAN_EXPECTED[name], rtol=1e-2)  # NaN == NaN here
+
+
+def test_nan_input_of_the_data_dependent_quantizers():
+    # magnitude_aware_sign: the NaN's output channel is NaN, the other one intact
+    w = np.array([[np.nan, 0.5], [1.0, -1.5]], np.float32)
+    np.testing.assert_array_equal(
+        qz.get("magnitude_aware_sign")(w), [[np.nan, 1.0], [np.nan, -1.0]]
+    )
+    # a NaN threshold (TWN, dorefa's max|tanh|) makes every output NaN, as in Larq
+    x = jnp.asarray([np.nan, 0.5, -0.5, 0.0])
+    assert np.all(np.isnan(qz.get("ste_tern(ternary_weight_networks=True)")(x)))
+    assert np.all(np.isnan(qz.get("dorefa(mode='weights')")(x)))
+
+
+@pytest.mark.parametrize("name,hparams", [a for a in ALL if a[0] != "identity"])
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
+def test_non_float_input_is_a_type_error(name, hparams, dtype):
+    # an integer input was silently truncated (ste_tern's 0.05 threshold became 0,
+    # magnitude_aware_sign's scale 1.5 became 1): a clear error instead
+    f = qz.get(name, **hparams)
+    x = jnp.asarray([[0, 1], [1, 0]], dtype)
+    for apply in (f, jax.jit(f)):
+        with pytest.raises(TypeError, match=f"{name} expects a floating-point input.*{x.dtype}"):
+            apply(x)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.05, 0.3])
+def test_ste_tern_is_larqs_formula(threshold):
+    # Larq: tf.sign(tf.sign(x + d) + tf.sign(x - d)); at d = 0 that is sign(x), 0 at 0
+    d = np.float32(threshold)
+    expected = np.sign(np.sign(GRID + d) + np.sign(GRID - d))
+    np.testing.assert_array_equal(qz.get("ste_tern", threshold_value=threshold)(GRID), expected)
+
+
+def test_ste_tern_twn_keeps_a_zero_kernel_zero():
+    # d = 0.7 * mean|0| = 0: Larq gives sign(sign(0) + sign(0)) = 0 (it was +1 everywhere)
+    f = qz.get("ste_tern(ternary_weight_networks=True)")
+    np.testing.assert_array_equal(f(jnp.zeros((3, 3, 2, 4))), np.zeros((3, 3, 2, 4)))
+    np.testing.assert_array_equal(f(jnp.array([0.0, 0.0, 0.0, 3.0])), [0, 0, 0, 1])  # d = 0.525
+
+
+SPOT = np.array([-2, -1, -0.5, 0, 0.5, 1, 2], np.float32)
+
+
+def _swish_grad_np(x, beta=5.0):
+    return beta * (2 - beta * x * np.tanh(beta * x / 2)) / (1 + np.cosh(beta * x))
+
+
+@pytest.mark.parametrize(
+    "quantizer,expected",
+    [
+        # d/dx [q'(x) x + q(x)] = q''(x) x + 2 q'(x), q' the surrogate derivative
+        ("ste_sign", [0, 2, 2, 2, 2, 2, 0]),
+        ("ste_heaviside", [0, 2, 2, 2, 2, 2, 0]),
+        ("ste_tern", [0, 2, 2, 2, 2, 2, 0]),
+        ("dorefa", [0, 0, 0, 2, 2, 2, 0]),  # both clip bounds pass
+        ("approx_sign", [0, -2, 1, 4, 1, -2, 0]),  # (4 - 6|x|) 1[|x| <= 1]
+        (
+            "swish_sign",  # the surrogate's own derivative by central differences
+            lambda x: (
+                x * (_swish_grad_np(x + 1e-6) - _swish_grad_np(x - 1e-6)) / 2e-6
+                + 2 * _swish_grad_np(x)
+            ),
+        ),
+        ("surrogate", [0, -2, 1, 4, 1, -2, 0]),  # ste_sign with approx_sign's backward
+    ],
+)
+def test_second_order_gradient_sees_the_straight_through_derivative(quantizer, expected):
+    # grad of grad of sum(q(x) * x): the forward value q(x) in the first gradient must
+    # carry the surrogate derivative too (each _fwd computed it without one: 1 * q')
+    if quantizer == "surrogate":
+        f = qz.with_surrogate(qz.get("ste_sign"), "approx_sign")
+    else:
+        f = qz.get(quantizer)
+    first = jax.grad(lambda x: jnp.sum(f(x) * x))
+    got = jax.jit(jax.grad(lambda x: jnp.sum(first(x))))(jnp.asarray(SPOT))
+    want = expected(SPOT.astype(np.float64)) if callable(expected) else expected
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_float64_surrogate_gradients_are_float64_accurate():
+    # under jax_enable_x64 the surrogates were computed in float32 (errors 8e-8, 3e-7)
+    x = np.array([0.1, 1 / 3, -0.7, 0.3], np.float64)
+    with jax.enable_x64(True):
+        for f, want in [
+            (qz.approx_sign, 2 - 2 * np.abs(x)),
+            (qz.swish_sign, _swish_grad_np(x)),
+            (qz.with_surrogate(qz.ste_sign, "approx_sign"), 2 - 2 * np.abs(x)),
+        ]:
+            got = jax.vmap(jax.grad(f))(jnp.asarray(x, jnp.float64))
+            assert got.dtype == jnp.float64
+            np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ("ste_sign(clip_value=1), (2)", "Cannot parse quantizer spec"),
+        ("ste_sign(clip_value=0.5)(clip_value=2)", "Cannot parse quantizer spec"),
+        ("ste_sign(**{'clip_value': 1})", "must be keywords"),
+        ("ste_sign(clip_value=__import__('os'))", "clip_value is not a literal"),
+        ("ste_sign(clip_value='a')", "clip_value must be None or a number >= 0, got 'a'"),
+        ("ste_sign(clip_value=-1)", "clip_value must be None or a number >= 0, got -1"),
+        ("ste_sign(clip_value=True)", "clip_value must be None or a number >= 0, got True"),
+        ("swish_sign(beta=0)", "beta must be a number > 0, got 0"),
+        ("ste_tern(threshold_value=-0.1)", "threshold_value must be a number >= 0"),
+        ("ste_tern(ternary_weight_networks='no')", "ternary_weight_networks must be True or"),
+        ("dorefa(k_bit=0)", "k_bit must be an int >= 1, got 0"),
+        ("dorefa(k_bit=1.5)", "k_bit must be an int >= 1, got 1.5"),
+        ("dorefa(mode='weight')", "mode must be 'activations' or 'weights', got 'weight'"),
+    ],
+)
+def test_bad_specs_raise_errors_naming_the_problem(spec, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        qz.get(spec)
+
+
+def test_bad_hyper_parameters_by_keyword_and_for_surrogates():
+    with pytest.raises(ValueError, match="clip_value must be None or a number >= 0, got nan"):
+        qz.get("ste_sign", clip_value=float("nan"))
+    with pytest.raises(ValueError, match="Surrogate 'swish_sign': beta must be a number > 0"):
+        qz.surrogate_gradient("swish_sign(beta=-1.0)")
+    # the valid edge values stay valid
+    for spec in [
+        "ste_sign(clip_value=None)",
+        "ste_sign(clip_value=0)",
+        "dorefa(k_bit=3, mode='weights')",
+        "ste_tern(threshold_value=0, ternary_weight_networks=False)",
+    ]:
+        qz.get(spec)
+    # numbers as numpy / JAX scalars too, as before the checks
+    for clip_value in (np.float32(1.25), jnp.float32(1.25), np.array(1.25)):
+        f = qz.get("ste_sign", clip_value=clip_value)
+        np.testing.assert_array_equal(elementwise_grad(f, [1.25, 1.3]), [1, 0])
+    qz.get("dorefa", k_bit=np.int64(3))
