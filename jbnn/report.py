@@ -13,7 +13,8 @@ opens no window.
 The ``results`` layout (see :func:`jbnn.study.run_study` for how it is filled)::
 
     meta:        dataset, model, num_images, image_shape, seed, gradcam_layer,
-                 methods, surrogates, models {name: {test_accuracy, ...}}, ...
+                 methods, surrogates, bootstrap_samples, confidence (the intervals'
+                 coverage), models {name: {test_accuracy, ...}}, ...
     findings:    {gradient|smoothgrad|gradcam: Finding}
                  Finding = {title, claim, verdict, sentence, rows: [Row], extra_rows: [Row]}
                  Row = {group, metric, label, a_name, a, b_name, b, difference, wilcoxon,
@@ -151,6 +152,11 @@ def _format_p(p: float | None) -> str:
     if p < 1e-4:
         return f"{p:.1e}"
     return f"{p:.4f}"
+
+
+def _coverage(results: Mapping) -> str:
+    """The intervals' coverage as a percentage (``config.explain.confidence``), e.g. "95%"."""
+    return f"{100 * results['meta']['confidence']:g}%"
 
 
 def _label(table: Mapping[str, str], key: str) -> str:
@@ -322,6 +328,9 @@ def figure_mprt(results: Mapping, path: str | Path) -> Path:
     axes = fig.subplots(1, max(len(metrics), 1), squeeze=False)[0]
     colours = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02"]
     styles = {"bnn": "-", "twin": "--", "control": ":"}
+    # A marker per model as well: in a legend handle this short, a dashed line with a
+    # marker in its middle looks solid.
+    markers = {"bnn": "o", "twin": "s", "control": "^"}
     layers: list[str] = []
     for ax, metric in zip(axes, metrics, strict=False):
         for c, method in enumerate(methods):
@@ -339,7 +348,7 @@ def figure_mprt(results: Mapping, path: str | Path) -> Path:
                     mean,
                     styles.get(model, "-"),
                     color=colour,
-                    marker="o",
+                    marker=markers.get(model, "o"),
                     ms=3,
                     label=f"{_label(METHOD_LABELS, method)}, {MODEL_LABELS.get(model, model)}",
                 )
@@ -351,8 +360,10 @@ def figure_mprt(results: Mapping, path: str | Path) -> Path:
         ax.axhline(0.0, color="black", linewidth=0.6)
         ax.grid(alpha=0.3)
         ax.set_title(_label(METRIC_LABELS, metric))
-    axes[0].legend(fontsize=7, loc="best")
-    fig.suptitle("Model parameter randomisation test (mean and 95% bootstrap interval)")
+    axes[0].legend(fontsize=7, loc="best", handlelength=3.5)
+    fig.suptitle(
+        f"Model parameter randomisation test (mean and {_coverage(results)} bootstrap interval)"
+    )
     return _save(fig, path)
 
 
@@ -394,9 +405,8 @@ def figure_deletion_insertion(
                 ax.set_title(_label(METHOD_LABELS, method), fontsize=10)
             if j == 0:
                 ax.set_ylabel(f"{kind}: probability of true class")
-            if kind == kinds[-1]:
-                what = "removed" if kind == "deletion" else "revealed"
-                ax.set_xlabel(f"fraction of pixels {what}")
+            what = "removed" if kind == "deletion" else "revealed"
+            ax.set_xlabel(f"fraction of pixels {what}")
     fig.suptitle(
         "Faithfulness: deletion (lower AUC is better) and insertion (higher is better), "
         "most salient pixels first"
@@ -487,7 +497,7 @@ def _header(cells: Sequence[str]) -> list[str]:
     return [_row(cells), "|" + "---|" * len(cells)]
 
 
-def _finding_table(finding: Mapping, rows_key: str = "rows") -> list[str]:
+def _finding_table(finding: Mapping, coverage: str, rows_key: str = "rows") -> list[str]:
     rows = finding.get(rows_key) or []
     if not rows:
         return []
@@ -496,10 +506,10 @@ def _finding_table(finding: Mapping, rows_key: str = "rows") -> list[str]:
             "maps",
             "metric",
             "series A",
-            "mean A [95% CI]",
+            f"mean A [{coverage} CI]",
             "series B",
-            "mean B [95% CI]",
-            "A − B [95% CI]",
+            f"mean B [{coverage} CI]",
+            f"A − B [{coverage} CI]",
             "Wilcoxon p",
             "verdict",
         ]
@@ -529,8 +539,17 @@ def headline_table(results: Mapping) -> list[str]:
     One row per finding: the claim, the main metric with both series and their
     difference, the Wilcoxon p-value and the verdict decided from these numbers.
     """
+    coverage = _coverage(results)
     lines = _header(
-        ["finding (paper)", "metric", "A", "B", "A − B [95% CI]", "Wilcoxon p", "on this data"]
+        [
+            "finding (paper)",
+            "metric",
+            "A",
+            "B",
+            f"A − B [{coverage} CI]",
+            "Wilcoxon p",
+            "on this data",
+        ]
     )
     for finding in results["findings"].values():
         r = finding["rows"][0]
@@ -555,13 +574,14 @@ def _model_label(key: str) -> str:
 
 
 def _overview_tables(results: Mapping) -> list[str]:
-    """Similarity and noise of every method (means with 95% intervals)."""
+    """Similarity and noise of every method (means with their intervals)."""
     out: list[str] = []
     similarity = results.get("similarity")
     if similarity:
         out += ["## Similarity of every method", ""]
         out.append(
-            "Mean similarity per image (95% interval) of the BNN's maps to the twin's, and of "
+            f"Mean similarity per image ({_coverage(results)} interval) of the BNN's maps to "
+            "the twin's, and of "
             "the twin's to the control's (the seed-to-seed reference)."
         )
         out.append("")
@@ -643,9 +663,12 @@ def render_markdown(results: Mapping, figures: Mapping[str, str]) -> str:
     out.append("")
     out.append(
         "Every number below comes from this run and is also in `results.json`. "
-        "Intervals are 95% bootstrap intervals of the mean over images "
+        f"Intervals are {_coverage(results)} bootstrap intervals of the mean over images "
         f"({meta['bootstrap_samples']} resamples); p-values are from a paired, two-sided "
-        "Wilcoxon signed-rank test over the same images."
+        "Wilcoxon signed-rank test over the same images. Both cover the variation over "
+        "images for these three trained models only: the seed-to-seed reference is one "
+        "control model, so neither they nor the verdicts account for the variation "
+        "between training runs (that needs several seeds of each model)."
     )
     zero = meta.get("zero_maps") or {}
     flat = [
@@ -660,7 +683,9 @@ def render_markdown(results: Mapping, figures: Mapping[str, str]) -> str:
             "All-zero maps (GradCAM: the weighted activations are negative everywhere, "
             "so the ReLU leaves nothing; gradient methods: no gradient reaches the input): "
             + ", ".join(flat)
-            + " of the images. Similarity to an all-zero map counts as 0 (1 between two)."
+            + " of the images. Spearman ρ with an all-zero map counts as 0 (1 between two); "
+            "SSIM compares it as an all-zero image: 1 between two, and against another map "
+            "not 0 but higher the more of that map is near zero."
         )
     out.append("")
     out.append("## Summary")
@@ -679,12 +704,12 @@ def render_markdown(results: Mapping, figures: Mapping[str, str]) -> str:
         out.append("")
         out.append(finding["method_note"])
         out.append("")
-        out.extend(_finding_table(finding))
+        out.extend(_finding_table(finding, _coverage(results)))
         out.append("")
         if finding.get("extra_rows"):
             out.append(finding.get("extra_note", ""))
             out.append("")
-            out.extend(_finding_table(finding, "extra_rows"))
+            out.extend(_finding_table(finding, _coverage(results), "extra_rows"))
             out.append("")
         out.append(f"**{finding['verdict'].capitalize()}.** {finding['sentence']}")
         out.append("")
@@ -724,7 +749,10 @@ def render_markdown(results: Mapping, figures: Mapping[str, str]) -> str:
         f"(revealed on a `{fa['insertion_substrate']}` start image) most salient first, in "
         f"{fa['num_steps']} steps; the curve is the softmax probability of the true class, "
         "the AUC the area under it over the fraction of pixels. Lower deletion AUC and "
-        "higher insertion AUC mean a more faithful map."
+        "higher insertion AUC mean a more faithful map of the same model; between models, "
+        "the AUCs also follow each model's probability of the true class on the intact "
+        "image and on the substrate (where the curves start and end): a less confident "
+        "model gets lower AUCs of both kinds whatever its maps."
     )
     out.append("")
     models = list(next(iter(results["faithfulness"].values())))

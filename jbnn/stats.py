@@ -44,17 +44,27 @@ def _key(key_or_seed) -> jax.Array:
     )
 
 
-def _values(name: str, values) -> jax.Array:
+def _values(name: str, values, *, float32: bool = True) -> jax.Array:
+    """``values`` checked (1-D, non-empty, finite; with ``float32``, also within the range
+    of float32, the precision of the resampling) and cast to float32."""
     if not hasattr(values, "shape"):
-        values = np.asarray(values, np.float32)
+        values = np.asarray(values, np.float64)
     if values.ndim != 1 or values.shape[0] == 0:
         raise ValueError(
             f"{name} must be a non-empty 1-D array of per-item values, got shape "
             f"{tuple(values.shape)}"
         )
-    if not isinstance(values, jax.core.Tracer) and not np.isfinite(np.asarray(values)).all():
-        raise ValueError(f"{name} holds NaN or inf; drop or fix those items first")
-    return jnp.asarray(values, jnp.float32)
+    if not isinstance(values, jax.core.Tracer):
+        if not np.isfinite(np.asarray(values)).all():
+            raise ValueError(f"{name} holds NaN or inf; drop or fix those items first")
+        if float32 and np.abs(np.asarray(values, np.float64)).max() > np.finfo(np.float32).max:
+            raise ValueError(
+                f"{name} holds values beyond the float32 range (|x| > "
+                f"{float(np.finfo(np.float32).max):.4g}) that the resampling computes in; "
+                "rescale them first"
+            )
+    with np.errstate(over="ignore"):
+        return jnp.asarray(values, jnp.float32)
 
 
 def resample_means(values: jax.Array, key: jax.Array, num_resamples: int) -> jax.Array:
@@ -114,7 +124,8 @@ def bootstrap_ci(
       ``Interval(mean, low, high)`` of 0-d float32 arrays.
 
     Raises:
-      ValueError: values not 1-D, empty or non-finite; bad num_resamples or confidence.
+      ValueError: values not 1-D, empty, non-finite or beyond the float32 range; bad
+        num_resamples or confidence.
     """
     v = _values("values", values)
     if isinstance(num_resamples, bool) or not isinstance(num_resamples, int) or num_resamples < 1:
@@ -182,8 +193,8 @@ def wilcoxon(
     """
     from scipy import stats
 
-    _values("a", a)
-    _values("b", b)
+    _values("a", a, float32=False)
+    _values("b", b, float32=False)
     a = np.asarray(a, np.float64)  # full precision: float32 could turn differences to 0
     b = np.asarray(b, np.float64)
     if a.shape != b.shape:

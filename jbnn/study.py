@@ -275,7 +275,8 @@ def similarity_finding(
     )
     note = (
         f"Similarity of {group} maps, image by image: A = s(BNN, twin), B = s(twin, "
-        "control). A metric calls the maps *alike* when the 95% interval of A − B lies "
+        f"control). A metric calls the maps *alike* when the {100 * confidence:g}% interval "
+        "of A − B lies "
         f"above −{margin:g} × |B| (the BNN is as close to its twin as a second "
         "full-precision seed is, within that margin), *less similar* when it lies below "
         f"and Wilcoxon p < {alpha:g}."
@@ -391,11 +392,12 @@ def noise_finding(
         + "; ".join(parts)
         + ". Relative to the Gradient maps, SmoothGrad changes total variation by "
         f"{change(red['a']['mean'])} for the BNN and {change(red['b']['mean'])} for the twin "
-        f"({red_text})."
+        f"(means of the per-image changes; {red_text})."
     )
     note = (
         f"Noise of {group} maps, image by image (A = BNN, B = twin). A metric calls the "
-        "BNN's maps *noisier* when the 95% interval of A − B excludes 0 in the noisy "
+        f"BNN's maps *noisier* when the {100 * confidence:g}% interval of A − B excludes 0 "
+        "in the noisy "
         f"direction, Wilcoxon p < {alpha:g}, and the difference exceeds the seed-to-seed "
         "difference between control and twin."
     )
@@ -783,7 +785,7 @@ def prepare(config, workdir: str | Path) -> Plan:
       The :class:`Plan`.
 
     Raises:
-      StudyError: for a missing workdir, a missing or half-trained model, a config of
+      StudyError: for a missing workdir, a missing, half-trained or damaged model, a config of
         another dataset or model, an unknown GradCAM or MPRT layer, a bad surrogate or
         another bad ``config.explain`` field, a dataset that cannot be loaded.
     """
@@ -796,9 +798,15 @@ def prepare(config, workdir: str | Path) -> Plan:
 
 
 def _check_report_dir(report_dir: Path) -> None:
-    """The report folder is replaced as a whole: refuse while it holds other files."""
-    if not report_dir.is_dir():
+    """The report folder is replaced as a whole: refuse while it holds other files (or
+    is not a folder)."""
+    if not report_dir.exists():
         return
+    if not report_dir.is_dir():
+        raise StudyError(
+            f"{report_dir} exists and is not a folder; explain.py writes its report there, "
+            "so move it out first (nothing was changed)."
+        )
     foreign = sorted(p.name for p in report_dir.iterdir() if p.name not in REPORT_FILES)
     if foreign:
         shown = ", ".join(foreign[:10]) + (", ..." if len(foreign) > 10 else "")
@@ -817,8 +825,14 @@ def _prepare(config, workdir: Path) -> Plan:
     _check_report_dir(workdir / REPORT_DIR)
     loaded, run_results = {}, {}
     for name, sub in RUN_DIRS.items():
-        loaded[name] = training.load_run(workdir / sub)  # half-trained: a clear error
-        run_results[name] = json.loads((workdir / sub / training.RESULTS_FILE).read_text())
+        try:
+            loaded[name] = training.load_run(workdir / sub)  # half-trained: a clear error
+            run_results[name] = json.loads((workdir / sub / training.RESULTS_FILE).read_text())
+        except (json.JSONDecodeError, KeyError) as e:  # a damaged results.json or config.json
+            raise StudyError(
+                f"{workdir / sub} holds a damaged run ({type(e).__name__}: {e}); train the "
+                f"{name} model again with train.py"
+            ) from e
     if not run_results["bnn"].get("binary", True) or run_results["twin"].get("binary", False):
         raise StudyError(f"{workdir}/bnn must hold the BNN and {workdir}/fp its twin")
     bnn_model, twin_model = loaded["bnn"][0], loaded["twin"][0]

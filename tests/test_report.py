@@ -59,6 +59,7 @@ def study():
             "image_shape": [h, w, 3],
             "seed": 7,
             "bootstrap_samples": 500,
+            "confidence": 0.95,
             "mask_fraction": _ci(0.1234, 0.01),
             "models": {m: {"test_accuracy": 0.9 + 0.01 * i} for i, m in enumerate(MODELS)},
             "faithfulness": {
@@ -215,3 +216,87 @@ def test_headline_table_one_row_per_finding(study):
     lines = report.headline_table(results)
     assert len(lines) == 2 + len(results["findings"])
     assert "does not hold" in lines[-1] and "0.88" in lines[-1]
+
+
+def test_the_report_states_the_coverage_it_was_computed_with(study):
+    """config.explain.confidence = 0.9 gives 90% intervals: no table or sentence of the
+    report may call them 95%."""
+    results, _ = study
+    results = {**results, "meta": {**results["meta"], "confidence": 0.9}}
+    text = report.render_markdown(results, {})
+    assert "95%" not in text
+    assert "Intervals are 90% bootstrap intervals" in text
+    assert "A − B [90% CI]" in text and "mean A [90% CI]" in text
+    assert "A − B [90% CI]" in report.headline_table(results)[0]
+
+
+def test_the_all_zero_map_note_says_what_the_metrics_compute(study):
+    """The note on all-zero maps, against what jbnn.metrics gives for one."""
+    from jbnn import metrics
+
+    results, _ = study
+    meta = {**results["meta"], "zero_maps": {"gradcam": {"bnn": 3, "twin": 0, "control": 0}}}
+    text = report.render_markdown({**results, "meta": meta}, {})
+    assert "GradCAM BNN 3 of the images" in text
+    zero = np.zeros((1, 32, 32), np.float32)
+    blob = zero.copy()
+    blob[0, 10:20, 10:20] = 1.0
+    assert float(metrics.spearman(zero, blob, absolute=True)[0]) == 0.0
+    assert float(metrics.spearman(zero, zero, absolute=True)[0]) == 1.0
+    assert "Spearman ρ with an all-zero map counts as 0 (1 between two)" in text
+    # SSIM against an all-zero map is not 0 (a map that is mostly flat zero scores high).
+    assert float(metrics.ssim(zero, blob)[0]) > 0.2
+    assert "Similarity to an all-zero map counts as 0" not in text
+    assert "SSIM compares it as an all-zero image" in text
+
+
+def _figure_of(monkeypatch, draw):
+    """The matplotlib Figure that ``draw(path)`` saves (captured, nothing written)."""
+    saved = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: saved.append(fig) or path)
+    draw("unused.png")
+    return saved[0]
+
+
+def test_mprt_legend_tells_the_bnn_from_the_twin(study, monkeypatch):
+    """Each legend entry's handle must differ between the BNN and the twin of a method:
+    the line styles alone (solid, dashed) do not show in a handle this short."""
+    results, _ = study
+    fig = _figure_of(monkeypatch, lambda path: report.figure_mprt(results, path))
+    legend = fig.axes[0].get_legend()
+    names = [t.get_text() for t in legend.get_texts()]
+    handles = dict(zip(names, legend.legend_handles, strict=True))
+    for method in ("Gradient", "GradCAM"):
+        bnn, twin = handles[f"{method}, BNN"], handles[f"{method}, twin"]
+        assert bnn.get_marker() != twin.get_marker(), method
+
+
+def test_deletion_insertion_axes_are_labelled(study, monkeypatch):
+    results, data = study
+    fig = _figure_of(
+        monkeypatch,
+        lambda path: report.figure_deletion_insertion(data, results, METHODS, path),
+    )
+    labels = {ax.get_ylabel().split(":")[0]: ax.get_xlabel() for ax in fig.axes if ax.get_ylabel()}
+    assert labels == {
+        "deletion": "fraction of pixels removed",
+        "insertion": "fraction of pixels revealed",
+    }
+
+
+def test_the_report_names_the_unit_its_intervals_resample(study):
+    """Intervals and tests resample images of one BNN, one twin and one control: the
+    report must not let them pass for uncertainty over training runs."""
+    results, _ = study
+    text = report.render_markdown(results, {})
+    assert "cover the variation over images for these three trained models only" in text
+    assert "neither they nor the verdicts account for the variation between training" in text
+
+
+def test_faithfulness_text_does_not_rank_models_by_auc_alone(study):
+    """A model's deletion and insertion AUCs scale with its probability of the true class,
+    so the report may call lower deletion AUC more faithful only for the same model."""
+    results, _ = study
+    text = report.render_markdown(results, {})
+    assert "mean a more faithful map of the same model" in text
+    assert "a less confident model gets lower AUCs of both kinds" in text

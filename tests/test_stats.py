@@ -96,6 +96,35 @@ def test_wilcoxon_matches_scipy(alternative):
         assert got.p_value == pytest.approx(float(want.pvalue))
 
 
+def test_wilcoxon_against_its_definition():
+    """Independent of scipy: the exact null by enumerating the 2^n sign patterns (n = 10),
+    and the normal approximation with the tie correction (n = 80, ties and zeros)."""
+    import itertools
+
+    rng = np.random.default_rng(7)
+    a = rng.normal(size=10)
+    b = a + rng.normal(0.5, 1.0, size=10)
+    d = a - b
+    ranks = st.rankdata(np.abs(d))
+    t_plus = ranks[d > 0].sum()
+    t = min(t_plus, ranks.sum() - t_plus)
+    null = [ranks[np.array(s, bool)].sum() for s in itertools.product([0, 1], repeat=10)]
+    got = stats.wilcoxon(a, b)
+    assert got.statistic == t
+    assert got.p_value == pytest.approx(min(1.0, 2 * np.mean(np.array(null) <= t)), rel=1e-12)
+
+    a = np.round(rng.normal(size=80), 1)
+    b = np.round(a + rng.normal(0.2, 1.0, size=80), 1)
+    b[:3] = a[:3]  # zero differences: dropped
+    d = (a - b)[a != b]
+    n = len(d)
+    ranks = st.rankdata(np.abs(d))
+    _, ties = np.unique(np.abs(d), return_counts=True)
+    var = n * (n + 1) * (2 * n + 1) / 24 - (ties**3 - ties).sum() / 48
+    z = (ranks[d > 0].sum() - n * (n + 1) / 4) / np.sqrt(var)
+    assert stats.wilcoxon(a, b).p_value == pytest.approx(2 * st.norm.sf(abs(z)), rel=1e-9)
+
+
 def test_wilcoxon_all_zero_differences_is_documented_no_difference():
     a = np.arange(5.0)
     assert stats.wilcoxon(a, a) == (0.0, 1.0)
@@ -122,3 +151,16 @@ def test_bad_inputs_raise_clear_errors():
         stats.wilcoxon(np.array([1.0, np.nan]), np.ones(2))
     with pytest.raises(ValueError, match="alternative"):
         stats.wilcoxon(np.ones(3), np.zeros(3), alternative="bigger")
+
+
+def test_values_beyond_float32_are_refused_not_turned_into_inf():
+    """The resampling runs in float32: 1e39 would become inf and give an infinite mean."""
+    for values in (np.array([1e39, 1.0]), [1.0, -1e39]):
+        with pytest.raises(ValueError, match="beyond the float32 range"):
+            stats.bootstrap_ci(values, key_or_seed=0, num_resamples=100)
+        with pytest.raises(ValueError, match="beyond the float32 range"):
+            stats.paired_difference(values, np.ones(2), key_or_seed=0, num_resamples=100)
+    # The Wilcoxon test computes in float64 and still takes them, as scipy does.
+    a, b = np.array([1e39, 1.0, 3.0]), np.array([1.0, 2.0, 1.0])
+    want = st.wilcoxon(a, b)
+    assert stats.wilcoxon(a, b) == (float(want.statistic), float(want.pvalue))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -205,6 +206,34 @@ def test_noise_finding_sentences_follow_the_numbers():
     assert "does not hold" in quiet["sentence"]
 
 
+def test_noise_sentence_reports_the_mean_per_image_tv_change():
+    """The TV change in finding 2's sentence is the mean of the per-image changes, which
+    can differ in sign from the change of the mean TVs shown in the tables: say which."""
+    tv_gradient = np.array([1.0, 10.0, 1.0, 10.0])
+    tv_smooth = np.array([2.0, 5.0, 2.0, 5.0])  # per image: +100%, -50%; of the means: -36%
+    reduction = study.tv_reduction(tv_smooth, tv_gradient)
+    per_image = np.mean(tv_smooth / tv_gradient - 1)
+    assert per_image > 0 > tv_smooth.mean() / tv_gradient.mean() - 1
+    noise = {"total_variation": {k: tv_smooth for k in ("bnn", "twin", "control")}}
+    finding = study.noise_finding(
+        title="t",
+        claim="c",
+        group="SmoothGrad",
+        noise=noise,
+        reduction={k: reduction for k in ("bnn", "twin", "control")},
+        labels={},
+        num_images=4,
+        alpha=0.05,
+        seed=0,
+        num_bootstrap=100,
+        confidence=0.95,
+    )
+    assert (
+        f"changes total variation by {100 * per_image:+.0f}% for the BNN and "
+        f"{100 * per_image:+.0f}% for the twin (means of the per-image changes;"
+    ) in finding["sentence"]
+
+
 def test_tv_reduction():
     out = study.tv_reduction(np.array([1.0, 3.0, 0.0]), np.array([4.0, 2.0, 0.0]))
     np.testing.assert_allclose(out, [0.75, -0.5, 0.0])
@@ -376,6 +405,57 @@ def test_end_to_end_report(report):
 
 
 @pytest.mark.slow
+def test_verdicts_follow_the_printed_numbers(report):
+    """Every verdict of results.json, re-derived from its own intervals and p-values with
+    the rules as the README states them (an independent transcription)."""
+    out, _ = report
+    results = json.loads((out / "results.json").read_text())
+    settings = results["meta"]["explain_config"]
+    margin, alpha = settings["similarity_margin"], settings["alpha"]
+    findings = results["findings"]
+    supports = {}
+    for name in ("gradient", "gradcam"):
+        supports[name] = []
+        for row in findings[name]["rows"]:
+            m = margin * abs(row["b"]["mean"])
+            d = row["difference"]
+            if d["lo"] >= -m:
+                want = "alike"
+            elif d["hi"] < -m and row["wilcoxon"]["p_value"] < alpha:
+                want = "less similar"
+            else:
+                want = "inconclusive"
+            assert row["verdict"] == want, (name, row["metric"])
+            alike = {"alike": True, "less similar": False}.get(want)
+            supports[name].append(None if alike is None else alike == (name == "gradient"))
+    seed = {
+        r["metric"]: r for r in findings["smoothgrad"]["extra_rows"] if r["a_name"] == "control"
+    }
+    supports["smoothgrad"] = []
+    for row in findings["smoothgrad"]["rows"]:
+        d, up = row["difference"], row["metric"] != "sparseness"  # Gini falls with noise
+        decided = row["wilcoxon"]["p_value"] < alpha and abs(d["mean"]) > abs(
+            seed[row["metric"]]["difference"]["mean"]
+        )
+        noisier = (d["lo"] > 0) if up else (d["hi"] < 0)
+        quieter = (d["hi"] < 0) if up else (d["lo"] > 0)
+        want = "noisier" if decided and noisier else "less noisy" if decided and quieter else None
+        assert row["verdict"] == (want or "no clear difference"), row["metric"]
+        supports["smoothgrad"].append(want == "noisier")
+    for name, s in supports.items():
+        want = (
+            "holds"
+            if all(x is True for x in s)
+            else "does not hold"
+            if all(x is False for x in s)
+            else "inconclusive"
+            if all(x is None for x in s)
+            else "mixed"
+        )
+        assert findings[name]["verdict"] == want, name
+
+
+@pytest.mark.slow
 def test_gradient_similarity_matches_an_independent_computation(workdir, report):
     """Spearman of |Gradient| (channel sum) between BNN and twin, with jax.grad and scipy."""
     from jbnn import data as jdata
@@ -456,6 +536,25 @@ def test_missing_and_half_trained_models_are_refused(workdir, report, tmp_path):
     (half / "fp" / "results.json").unlink()
     _refused(tiny_config(), half, r"half-trained")
     _refused(tiny_config(), tmp_path / "nowhere", r"does not exist")
+
+
+def test_a_report_path_that_is_not_a_folder_is_refused(tmp_path):
+    """A file where the report goes would be renamed out of sight: refuse it instead."""
+    (tmp_path / "report").write_text("my notes")
+    with pytest.raises(study.StudyError, match=r"report exists and is not a folder"):
+        study._check_report_dir(tmp_path / "report")
+    assert (tmp_path / "report").read_text() == "my notes"
+    study._check_report_dir(tmp_path / "absent")  # nothing there: fine
+
+
+@pytest.mark.slow
+def test_damaged_runs_are_refused_in_one_line(workdir, report, tmp_path):
+    for damage, text in (("results.json", "{"), ("results.json", '{"binary": false}')):
+        broken = tmp_path / f"broken{len(text)}"
+        shutil.copytree(workdir, broken)
+        (broken / "fp" / damage).write_text(text)
+        where = re.escape(str(broken / "fp"))
+        _refused(tiny_config(), broken, rf"{where} holds a damaged run .*train the twin")
 
 
 def test_explain_cli_reports_a_clear_error(tmp_path):
