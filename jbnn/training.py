@@ -1015,12 +1015,16 @@ def load_run(
     abstract = jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract
     )
-    state = _restore_latest(run_dir / CHECKPOINT_DIR, abstract)
+    state = _restore_latest(run_dir / CHECKPOINT_DIR, abstract, final_step=results["steps"])
     return model, state.variables(), config
 
 
-def _restore_latest(directory: Path, abstract: TrainState) -> TrainState:
-    """The latest complete checkpoint under ``directory``, restored once, read-only.
+def _restore_latest(directory: Path, abstract: TrainState, final_step: int) -> TrainState:
+    """The final checkpoint under ``directory``, restored once, read-only.
+
+    It must be the latest complete one and of ``final_step`` (the step ``results.json``
+    was computed at): an earlier one left after the final one was deleted holds other
+    weights than the run's reported accuracy describes, and is refused.
 
     Reads the layout the training ``CheckpointManager`` writes (``<step>/default``, a
     composite checkpoint with one item) with a one-off ``Checkpointer``: a manager made
@@ -1030,7 +1034,7 @@ def _restore_latest(directory: Path, abstract: TrainState) -> TrainState:
     complete steps and are skipped (orbax's own step discovery, as the manager's).
 
     Raises:
-      FileNotFoundError: no complete checkpoint in ``directory``.
+      FileNotFoundError: no complete checkpoint of ``final_step`` in ``directory``.
       Exception: orbax's error for a complete but unreadable checkpoint, with a note
         naming it.
     """
@@ -1038,8 +1042,15 @@ def _restore_latest(directory: Path, abstract: TrainState) -> TrainState:
     from orbax.checkpoint.path import step as ocp_step
 
     latest = ocp_step.latest_step_metadata(directory.absolute(), ocp_step.standard_name_format())
+    retrain = "retrain the run with train.py (same --config and --workdir, --force)"
     if latest is None:
-        raise FileNotFoundError(f"{directory} holds no checkpoint.")
+        raise FileNotFoundError(f"{directory} holds no checkpoint: {retrain}.")
+    if latest.step != final_step:
+        raise FileNotFoundError(
+            f"{directory}: the run finished at step {final_step} (its {RESULTS_FILE}), but "
+            f"the latest complete checkpoint is of step {latest.step}: the final weights are "
+            f"missing; {retrain}."
+        )
     name = "default"  # the manager's name for its one unnamed item (StandardSave)
     item = ocp.args.Composite(**{name: ocp.args.StandardRestore(abstract)})
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:

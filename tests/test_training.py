@@ -616,6 +616,13 @@ def test_load_run_skips_a_killed_save_and_names_a_damaged_checkpoint(trained, tm
         _, got, _ = training.load_run(run)
     jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
     assert not _loud_records(caplog), _loud_records(caplog)
+    # The final checkpoint gone, an earlier one left: not the weights results.json
+    # describes, refused (was: restored silently).
+    final = ckpt / str(steps[-1])
+    final.rename(ckpt / str(steps[-1] - 1))
+    with pytest.raises(FileNotFoundError, match=f"finished at step {steps[-1]}.*of step"):
+        training.load_run(run)
+    (ckpt / str(steps[-1] - 1)).rename(final)
     # A complete checkpoint with a damaged file: orbax's error, not hidden, with a note.
     (ckpt / str(steps[-1]) / "default" / "_METADATA").unlink()
     with pytest.raises(Exception) as info:
