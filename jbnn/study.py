@@ -20,10 +20,16 @@ values (:func:`similarity_finding`, :func:`noise_finding`), stated here once:
   with total variation and complexity growing and sparseness falling with noise. A
   metric says **noisier** when the interval of mean ``d`` excludes 0 in the noisy
   direction, Wilcoxon rejects at ``alpha`` and ``|mean d|`` exceeds the seed-to-seed
-  difference ``|mean(noise(control) - noise(twin))|``; **less noisy** in the mirrored
-  case; **no clear difference** otherwise.
-* a finding **holds** when every metric supports it, **does not hold** when none does,
-  is **mixed** otherwise (and **inconclusive** when no metric decides either way).
+  difference ``s = |mean(noise(control) - noise(twin))|``; **less noisy** in the mirrored
+  case; **within seed-to-seed** when the noisy end of the interval is at most ``s`` (the
+  BNN's maps are at most as much noisier than the twin's as a second full-precision
+  seed's: evidence against the claim); **no clear difference** (undecided) otherwise.
+* each metric supports the finding, goes against it (less similar for Gradient, alike
+  for GradCAM; less noisy or within seed-to-seed for SmoothGrad) or does not decide
+  (inconclusive, no clear difference). A finding **holds** when every metric supports
+  it, **does not hold** when every metric goes against it, is **inconclusive** when no
+  metric decides, and **mixed** otherwise; a mixed finding's sentence counts the
+  metrics that support it, go against it and do not decide.
 """
 
 from __future__ import annotations
@@ -124,7 +130,8 @@ def compare(
 
 # --------------------------------------------------------------------------- verdicts
 ALIKE, LESS_SIMILAR, INCONCLUSIVE = "alike", "less similar", "inconclusive"
-NOISIER, LESS_NOISY, NO_DIFFERENCE = "noisier", "less noisy", "no clear difference"
+NOISIER, LESS_NOISY = "noisier", "less noisy"
+WITHIN_SEED, NO_DIFFERENCE = "within seed-to-seed", "no clear difference"
 HOLDS, DOES_NOT_HOLD, MIXED = "holds", "does not hold", "mixed"
 
 # +1: the metric grows with noise; -1: it falls with noise.
@@ -152,7 +159,8 @@ def similarity_verdict(row: Mapping, margin: float, alpha: float) -> str:
 
 
 def noise_verdict(row: Mapping, metric: str, seed_difference: float, alpha: float) -> str:
-    """``noisier`` / ``less noisy`` / ``no clear difference`` for one noise row.
+    """``noisier`` / ``less noisy`` / ``within seed-to-seed`` / ``no clear difference``
+    for one noise row.
 
     Args:
       row: a :func:`compare` result with A = noise(BNN), B = noise(twin).
@@ -174,6 +182,8 @@ def noise_verdict(row: Mapping, metric: str, seed_difference: float, alpha: floa
         return NOISIER
     if hi < 0 and significant and beyond_seed:
         return LESS_NOISY
+    if hi <= abs(seed_difference):  # not noisier than a second full-precision seed
+        return WITHIN_SEED
     return NO_DIFFERENCE
 
 
@@ -190,6 +200,19 @@ def combine(supports: Sequence[bool | None]) -> str:
     return MIXED
 
 
+def conclusion(verdict: str, supports: Sequence[bool | None]) -> str:
+    """The words of a finding's sentence for ``verdict`` (from :func:`combine`): a mixed
+    finding counts its metrics that support it, go against it and do not decide."""
+    if verdict != MIXED:
+        return _CONCLUSION[verdict]
+    n = len(supports)
+    counts = [sum(x is v for x in supports) for v in (True, False, None)]
+    words = ["holds on {}", "does not hold on {}", "cannot be decided on {}"]
+    parts = [w.format(c) for w, c in zip(words, counts, strict=True) if c]
+    parts[0] += f" of {n} metrics"
+    return "is mixed on this data: it " + ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
 def _fmt(ci: Mapping, digits: int = 3) -> str:
     return f"{ci['mean']:.{digits}f} [{ci['lo']:.{digits}f}, {ci['hi']:.{digits}f}]"
 
@@ -197,7 +220,6 @@ def _fmt(ci: Mapping, digits: int = 3) -> str:
 _CONCLUSION = {
     HOLDS: "holds on this data",
     DOES_NOT_HOLD: "does not hold on this data",
-    MIXED: "holds on some metrics and not on others",
     INCONCLUSIVE: "cannot be decided on this data (the intervals are too wide)",
 }
 
@@ -268,7 +290,7 @@ def similarity_finding(
         )
     verdict = combine(supports)
     sentence = (
-        f"The paper's finding “{claim}” {_CONCLUSION[verdict]}: on "
+        f"The paper's finding “{claim}” {conclusion(verdict, supports)}: on "
         f"{num_images} test images, comparing BNN–twin {group} maps with twin–control maps, "
         + "; ".join(parts)
         + "."
@@ -348,7 +370,7 @@ def noise_finding(
         )
         rows.append(row)
         extra.append(ref)
-        supports.append(verdict == NOISIER)
+        supports.append(None if verdict == NO_DIFFERENCE else verdict == NOISIER)
         parts.append(
             f"{labels.get(metric, metric)} {row['a']['mean']:.3g} vs {row['b']['mean']:.3g} "
             f"({verdict}; difference {_fmt(row['difference'], 3)}, seed-to-seed "
@@ -387,7 +409,7 @@ def noise_finding(
         return f"{-100 * r:+.0f}%"
 
     sentence = (
-        f"The paper's finding “{claim}” {_CONCLUSION[verdict]}: on "
+        f"The paper's finding “{claim}” {conclusion(verdict, supports)}: on "
         f"{num_images} test images, {group} maps of the BNN vs the twin have "
         + "; ".join(parts)
         + ". Relative to the Gradient maps, SmoothGrad changes total variation by "
@@ -399,7 +421,9 @@ def noise_finding(
         f"BNN's maps *noisier* when the {100 * confidence:g}% interval of A − B excludes 0 "
         "in the noisy "
         f"direction, Wilcoxon p < {alpha:g}, and the difference exceeds the seed-to-seed "
-        "difference between control and twin."
+        "difference between control and twin; *less noisy* in the mirrored case; *within "
+        "seed-to-seed* when the interval's noisy end is at most that seed-to-seed "
+        "difference; *no clear difference* (undecided) otherwise."
     )
     return {
         "title": title,

@@ -68,6 +68,12 @@ def test_similarity_verdict_rule(lo, hi, p, expected):
         ("sparseness", -0.2, -0.1, 1e-5, 0.01, study.NOISIER),  # lower Gini = noisier
         ("sparseness", 0.1, 0.2, 1e-5, 0.01, study.LESS_NOISY),
         ("complexity", 0.1, 0.2, 1e-5, -0.01, study.NOISIER),
+        # the interval's noisy end is at most the seed-to-seed difference: against the claim
+        ("total_variation", 2.0, 3.0, 1e-5, 3.5, study.WITHIN_SEED),  # significant, small
+        ("total_variation", -1.0, 0.4, 0.3, 0.5, study.WITHIN_SEED),
+        ("total_variation", -4.0, -2.0, 0.2, 0.5, study.WITHIN_SEED),  # quieter, p too high
+        ("sparseness", -0.005, 0.1, 0.5, 0.01, study.WITHIN_SEED),  # noisy end 0.005
+        ("sparseness", -0.02, 0.1, 0.5, 0.01, study.NO_DIFFERENCE),  # noisy end 0.02
     ],
 )
 def test_noise_verdict_rule(metric, lo, hi, p, seed_diff, expected):
@@ -87,11 +93,37 @@ def test_noise_verdict_unknown_metric():
         ([False, False], study.DOES_NOT_HOLD),
         ([True, False], study.MIXED),
         ([True, None], study.MIXED),
+        ([None, False], study.MIXED),
         ([None, None], study.INCONCLUSIVE),
     ],
 )
 def test_combine(supports, expected):
     assert study.combine(supports) == expected
+
+
+@pytest.mark.parametrize(
+    "supports, words",
+    [
+        ([True, False], "is mixed on this data: it holds on 1 of 2 metrics and does not hold on 1"),
+        (
+            [None, False],
+            "is mixed on this data: it does not hold on 1 of 2 metrics and cannot be decided on 1",
+        ),
+        (
+            [True, None, None],
+            "is mixed on this data: it holds on 1 of 3 metrics and cannot be decided on 2",
+        ),
+        (
+            [False, True, None],
+            "is mixed on this data: it holds on 1 of 3 metrics, does not "
+            "hold on 1 and cannot be decided on 1",
+        ),
+        ([True, True], "holds on this data"),
+    ],
+)
+def test_conclusion_counts_the_metrics_of_a_mixed_finding(supports, words):
+    # A finding no metric supports is never said to hold "on some metrics" (it was).
+    assert study.conclusion(study.combine(supports), supports) == words
 
 
 def test_compare_against_numpy_and_scipy():
@@ -439,9 +471,18 @@ def test_verdicts_follow_the_printed_numbers(report):
         )
         noisier = (d["lo"] > 0) if up else (d["hi"] < 0)
         quieter = (d["hi"] < 0) if up else (d["lo"] > 0)
-        want = "noisier" if decided and noisier else "less noisy" if decided and quieter else None
+        noisy_end = d["hi"] if up else -d["lo"]
+        want = (
+            "noisier"
+            if decided and noisier
+            else "less noisy"
+            if decided and quieter
+            else "within seed-to-seed"
+            if noisy_end <= abs(seed[row["metric"]]["difference"]["mean"])
+            else None
+        )
         assert row["verdict"] == (want or "no clear difference"), row["metric"]
-        supports["smoothgrad"].append(want == "noisier")
+        supports["smoothgrad"].append(None if want is None else want == "noisier")
     for name, s in supports.items():
         want = (
             "holds"
