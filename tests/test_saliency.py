@@ -3,8 +3,10 @@
 References: per-example loops of ``jax.grad``, central finite differences (float64),
 slow Python loops over the same noise samples, hand-written GradCAM on a model split
 into a features module and a head module, hand-derived gradients of a tiny BNN, PAIR's
-``saliency.core`` (through its call_model_function protocol) and Captum's display
-formula. Tiny Linen models and 8x8 to 16x16 images keep every test on CPU.
+``saliency.core`` (through its call_model_function protocol), Captum's attribution
+methods on a float64 PyTorch copy of a small model (where torch and captum are
+installed), closed-form gradients, and Captum's display formula. Tiny Linen models and
+small images keep every test on CPU.
 """
 
 from __future__ import annotations
@@ -294,6 +296,56 @@ def test_smoothgrad_keys_sigma_and_chunking(net):
     sigmas = 0.2 * (jnp.max(x, axis=(1, 2, 3)) - jnp.min(x, axis=(1, 2, 3)))
     b = sal.smoothgrad(fn, x, target, key, num_samples=6, noise_sigma=np.asarray(sigmas))
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(a).max())
+
+
+def _cube(z):
+    """Logits (B, 2) whose class 0 has the input gradient z ** 2."""
+    return jnp.stack([jnp.sum(z**3, axis=(1, 2, 3)) / 3, jnp.sum(z, axis=(1, 2, 3))], axis=-1)
+
+
+@pytest.mark.parametrize("variant", ["smoothgrad", "vargrad"])
+def test_smoothgrad_in_float64_keeps_sigma_in_float64(variant):
+    # Gradient (x + sigma z)^2 in closed form, numpy float64: a sigma rounded to float32
+    # (0.1 -> 0.10000000149) moves the map by about 1e-9 of its scale (4e-8 for vargrad).
+    with jax.enable_x64(True):
+        x = _uniform((2, 4, 4, 3), 8, dtype=np.float64)
+        key = jax.random.key(4)
+        xs = np.asarray(x)
+        spread = xs.max(axis=(1, 2, 3)) - xs.min(axis=(1, 2, 3))
+        for kw, sigmas in [
+            (dict(noise_sigma=0.1), [0.1, 0.1]),
+            (dict(noise_level=0.15), 0.15 * spread),
+        ]:
+            ours = sal.smoothgrad(
+                _cube, x, 0, key, num_samples=4, batch_size=3, variant=variant, **kw
+            )
+            assert ours.dtype == jnp.float64
+            ref = []
+            for b in range(2):
+                key_b = jax.random.fold_in(key, b)
+                z = [
+                    jax.random.normal(jax.random.fold_in(key_b, s), xs.shape[1:], jnp.float64)
+                    for s in range(4)
+                ]
+                grads = np.stack([(xs[b] + sigmas[b] * np.asarray(zs)) ** 2 for zs in z])
+                ref.append(grads.mean(0) if variant == "smoothgrad" else grads.var(0))
+            np.testing.assert_allclose(ours, np.stack(ref), rtol=1e-12, atol=1e-14)
+
+
+def test_smoothgrad_noise_is_standard_normal_in_bfloat16():
+    # With x = 0, sigma = 1 and the gradient of |z|^2 / 2, one sample's map is the noise
+    # itself: 1M draws of it should look like N(0, 1) rounded to bfloat16. Drawn in
+    # bfloat16 by jax.random.normal, they took 128 values in [-2.89, 2.52], mean -0.012.
+    def half_square(z):
+        return 0.5 * jnp.sum(jnp.square(z.astype(jnp.float32)), axis=(1, 2, 3))[:, None]
+
+    x = jnp.zeros((1, 128, 128, 64), jnp.bfloat16)
+    z = sal.smoothgrad(half_square, x, 0, jax.random.key(0), num_samples=1, noise_sigma=1.0)
+    assert z.dtype == jnp.bfloat16
+    z = np.asarray(z, np.float64).ravel()
+    assert abs(z.mean()) < 5e-3 and abs(z.std() - 1) < 5e-3  # 5 standard errors
+    assert z.min() < -4 and z.max() > 4  # P(max |z| < 4) ~ exp(-63) for 1M draws
+    assert len(np.unique(z)) > 1000
 
 
 @pytest.mark.slow
@@ -660,6 +712,109 @@ def test_agrees_with_pair_smoothgrad_on_the_same_noise(net, monkeypatch, variant
         np.testing.assert_allclose(ours[b], mask, rtol=2e-4, atol=1e-6 * np.abs(mask).max())
 
 
+# --------------------------------------------------------------------------- Captum
+class _ConvTanhDense(nn.Module):  # 3x3 "SAME" conv = PyTorch's Conv2d(padding=1)
+    @nn.compact
+    def __call__(self, x):
+        y = jnp.tanh(nn.Conv(4, (3, 3), name="conv")(x))
+        return nn.Dense(NUM_CLASSES, name="dense")(y.reshape(x.shape[0], -1))
+
+
+@pytest.fixture(scope="module")
+def captum_net():
+    """_ConvTanhDense, its float64 PyTorch copy (NHWC in) and a batch with targets."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("captum")
+    model = _ConvTanhDense()
+    x = _uniform((3, 6, 6, 2), 9)
+    variables = _init(model, x.shape, seed=9)
+    p = jax.tree_util.tree_map(lambda a: torch.tensor(np.asarray(a, np.float64)), variables)
+    p = p["params"]
+
+    class Torch(torch.nn.Module):
+        def forward(self, x):
+            y = torch.nn.functional.conv2d(
+                x.permute(0, 3, 1, 2), p["conv"]["kernel"].permute(3, 2, 0, 1), padding=1
+            )
+            y = torch.tanh(y + p["conv"]["bias"][:, None, None]).permute(0, 2, 3, 1)
+            return y.reshape(x.shape[0], -1) @ p["dense"]["kernel"] + p["dense"]["bias"]
+
+    target = np.array([0, 3, 1])
+    torch_args = (Torch(), torch.tensor(np.asarray(x, np.float64)), torch.tensor(target))
+    return models.apply_fn(model, variables), x, target, torch_args
+
+
+def _check_captum(ours, theirs):
+    theirs = theirs.detach().numpy()
+    assert np.abs(theirs).max() > 0
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * np.abs(theirs).max())
+
+
+def test_agrees_with_captum_gradient_and_integrated_gradients(captum_net):
+    """Saliency (signed and abs), InputXGradient, IntegratedGradients with Captum's own
+    quadrature points and weights, on the same model."""
+    from captum import attr
+    from captum.attr._utils import approximation_methods as captum_quadrature
+
+    fn, x, target, (tm, xt, tt) = captum_net
+    saliency = attr.Saliency(tm)
+    _check_captum(sal.gradient(fn, x, target), saliency.attribute(xt, tt, abs=False))
+    _check_captum(jnp.abs(sal.gradient(fn, x, target)), saliency.attribute(xt, tt))
+    _check_captum(sal.input_x_gradient(fn, x, target), attr.InputXGradient(tm).attribute(xt, tt))
+    ig = attr.IntegratedGradients(tm)
+    for method in sal.IG_METHODS:
+        step_sizes, alphas = captum_quadrature.approximation_parameters(method)
+        ours_alphas, ours_weights = sal.quadrature(method, 5)
+        np.testing.assert_allclose(ours_alphas, alphas(5), rtol=1e-6, atol=1e-7)
+        # riemann_trapezoid: ours takes step 1 / (n - 1), Captum 1 / n (documented).
+        scale = 5 / 4 if method == "riemann_trapezoid" else 1.0
+        np.testing.assert_allclose(ours_weights, scale * np.array(step_sizes(5)), rtol=1e-6)
+        if method in ("gausslegendre", "riemann_trapezoid"):  # Captum's default, ours
+            ours = sal.integrated_gradients(
+                fn, x, target, baseline=0.2, num_steps=5, method=method, batch_size=2
+            )
+            theirs = ig.attribute(xt, baselines=0.2, target=tt, n_steps=5, method=method)
+            _check_captum(ours, scale * theirs)
+
+
+def test_agrees_with_captum_noise_tunnel_on_the_same_noise(captum_net, monkeypatch):
+    import torch
+    from captum import attr
+
+    fn, x, target, (tm, xt, tt) = captum_net
+    # NoiseTunnel draws torch.normal(0, stdev) for B * n copies (example-major) per
+    # chunk of n samples: hand it our standard normal draws for those samples.
+    key, num_samples, chunk, sigma = jax.random.key(2), 5, 2, 0.3
+    z = np.stack(
+        [
+            [jax.random.normal(jax.random.fold_in(k, s), x.shape[1:]) for s in range(num_samples)]
+            for k in jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(3))
+        ]
+    )  # (B, S, H, W, C)
+    for variant in sal.SMOOTHGRAD_VARIANTS:
+        starts = iter(range(0, num_samples, chunk))
+
+        def normal(mean, std, starts=starts):
+            s, n = next(starts), std.shape[0] // 3
+            return torch.tensor(z[:, s : s + n].reshape(std.shape), dtype=std.dtype) * std + mean
+
+        monkeypatch.setattr(torch, "normal", normal)
+        theirs = attr.NoiseTunnel(attr.Saliency(tm)).attribute(
+            xt,
+            nt_type=variant,
+            nt_samples=num_samples,
+            nt_samples_batch_size=chunk,
+            stdevs=sigma,
+            target=tt,
+            abs=False,
+        )
+        monkeypatch.undo()
+        ours = sal.smoothgrad(
+            fn, x, target, key, num_samples=num_samples, noise_sigma=sigma, variant=variant
+        )
+        _check_captum(ours, theirs)
+
+
 # --------------------------------------------------------------------------- display
 def test_reduce_channels_against_numpy():
     maps = np.random.default_rng(0).normal(size=(2, 4, 5, 3)).astype(np.float32)
@@ -788,6 +943,21 @@ def test_bad_inputs_raise_clear_errors(net):
     nan_maps = jnp.asarray(bad_x)  # a device array: checked on the device
     cases = [
         (lambda: sal.gradient(fn, x[0], None), ValueError, r"rank-4 .* got shape \(16, 16, 3\)"),
+        # Images of another size or channel count than the variables': say so (Flax's
+        # own error names a kernel shape only).
+        (lambda: sal.gradient(fn, x[:, :8, :8]), ValueError, r"do not fit .* = \(8, 8, 3\)"),
+        (
+            lambda: sal.gradcam(model, variables, x[..., :2], None, layer="features"),
+            ValueError,
+            r"do not fit images of shape \(H, W, C\) = \(16, 16, 2\)",
+        ),
+        (
+            lambda: sal.explain_dataset(
+                "gradient", [np.asarray(x[:, :8])], model=model, variables=variables, progress=False
+            ),
+            ValueError,
+            r"batch 0 images\): .* do not fit .* \(8, 16, 3\)",
+        ),
         (lambda: sal.gradient(fn, (x * 255).astype(jnp.uint8), None), TypeError, "uint8"),
         (lambda: sal.gradient(fn, bad_x, None), ValueError, r"NaN or inf .*\[1\]"),
         (lambda: sal.smoothgrad(fn, inf_x, None, key), ValueError, "NaN or inf"),
@@ -935,6 +1105,29 @@ def test_explain_dataset_matches_direct_calls(net, tmp_path):
     )
     direct = sal.integrated_gradients(fn, images[:3], labels[:3], num_steps=4)
     np.testing.assert_allclose(ig["maps"], direct, rtol=1e-5, atol=1e-6 * np.abs(direct).max())
+
+
+def test_explain_dataset_passes_the_ig_quadrature_on(net):
+    # explain_dataset's own first argument is also called method: IG's quadrature option
+    # must still reach integrated_gradients (a TypeError "multiple values" before).
+    model, variables, x, _ = net
+    fn = models.apply_fn(model, variables)
+    out = sal.explain_dataset(
+        "integrated_gradients",
+        [np.asarray(x[:2]), np.asarray(x[2:])],
+        fn=fn,
+        num_steps=3,
+        method="riemann_left",
+        baseline=0.1,
+        progress=False,
+    )
+    # Left Riemann sum by hand: points 0, 1/3, 2/3 of the path, weights 1/3.
+    xb = np.asarray(x) - 0.1
+    ref = sum(
+        _grad_loop(model, variables, 0.1 + a * jnp.asarray(xb), out["targets"]) / 3
+        for a in (0.0, 1 / 3, 2 / 3)
+    )
+    np.testing.assert_allclose(out["maps"], xb * ref, rtol=1e-4, atol=1e-6 * np.abs(ref).max())
 
 
 _SHARDED_SCRIPT = textwrap.dedent(

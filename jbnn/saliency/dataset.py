@@ -173,6 +173,7 @@ def _predict(fn, x):
 
 def explain_dataset(
     method: str,
+    /,
     batches: Iterable,
     *,
     model: nn.Module | None = None,
@@ -189,7 +190,9 @@ def explain_dataset(
     """Runs a saliency method over a stream of batches, sharded over the local devices.
 
     Args:
-      method: a name of :data:`METHODS` (``"gradient"``, ``"smoothgrad"``, ``"gradcam"``...).
+      method: a name of :data:`METHODS` (``"gradient"``, ``"smoothgrad"``, ``"gradcam"``...);
+        positional only, so that Integrated Gradients' own ``method`` option (the
+        quadrature, e.g. ``method="gausslegendre"``) goes to ``**options``.
       batches: an iterable of image batches (B, H, W, C), of ``(images, labels)`` pairs or
         of dicts with ``"image"`` (and ``"label"``) entries, e.g. a tfds split as numpy.
         Batches may differ in size (the last one is usually smaller), not in image
@@ -295,15 +298,18 @@ def explain_dataset(
                 # every quantized kernel computed once, not per batch (jbnn.models.frozen)
                 from jbnn.models import apply_fn
 
-                if frozen_fn:
-                    fn = apply_fn(model, variables, fold_batchnorm=fold_batchnorm, input_like=spec)
-                    fn = jax.device_put(fn, replicated)
-                if method in _CAM_METHODS:  # the model as it is: unfolded
-                    if frozen_fn and not fold_batchnorm:
-                        cam_fn = fn
-                    else:
-                        cam_fn = apply_fn(model, variables, input_like=spec)
-                        cam_fn = jax.device_put(cam_fn, replicated)
+                with _checks.variables_fit(images.shape, f"{name} (batch {index} images)"):
+                    if frozen_fn:
+                        fn = apply_fn(
+                            model, variables, fold_batchnorm=fold_batchnorm, input_like=spec
+                        )
+                        fn = jax.device_put(fn, replicated)
+                    if method in _CAM_METHODS:  # the model as it is: unfolded
+                        if frozen_fn and not fold_batchnorm:
+                            cam_fn = fn
+                        else:
+                            cam_fn = apply_fn(model, variables, input_like=spec)
+                            cam_fn = jax.device_put(cam_fn, replicated)
             num_classes = _checks.logits_shape(fn, spec, name)[1]
             step = _build_step(method, fn if cam_fn is None else cam_fn, model, shape, options)
         if labels is not None and target == "label":

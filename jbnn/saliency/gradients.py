@@ -201,6 +201,8 @@ def _smoothgrad_jit(
     if target is None:
         target = _predicted(fn, x)  # the class predicted for the clean input
     batch = x.shape[0]
+    acc_dtype = jnp.promote_types(x.dtype, jnp.float32)  # accumulate in >= float32
+    noise_scale = noise_scale.astype(acc_dtype)  # float64 for float64 x, not float32
     if relative:  # PAIR / SmoothGrad paper: a fraction of each example's value range
         spread = jnp.max(x, axis=(1, 2, 3)) - jnp.min(x, axis=(1, 2, 3))  # (B,)
         sigma = noise_scale * spread
@@ -209,12 +211,13 @@ def _smoothgrad_jit(
     sigma = sigma.astype(x.dtype)[:, None, None, None]  # (B, 1, 1, 1)
 
     def noisy_copy(s):  # the noisy copy number s of every example
+        # Drawn in >= float32: jax.random.normal in bfloat16 takes 128 values in
+        # [-2.89, 2.52] with mean -0.012, not a rounded standard normal.
         noise = jax.vmap(
-            lambda k: jax.random.normal(jax.random.fold_in(k, s), x.shape[1:], x.dtype)
+            lambda k: jax.random.normal(jax.random.fold_in(k, s), x.shape[1:], acc_dtype)
         )(keys)  # (B, H, W, C)
-        return x + sigma * noise
+        return x + sigma * noise.astype(x.dtype)
 
-    acc_dtype = jnp.promote_types(x.dtype, jnp.float32)  # accumulate in >= float32
     # The mean of the gradients is linear in them: with an affine input layer it is
     # summed at the layer's output and pulled back through the layer once.
     split = split_input_layer and variant == "smoothgrad"
@@ -278,7 +281,8 @@ def _smoothgrad_options(
         batch_size=batch_size,
         split_input_layer=bool(split_input_layer),
     )
-    return jnp.asarray(scale_np, jnp.float32), static
+    # float64 where x64 is on (cast to the accumulation dtype in the jitted code)
+    return jnp.asarray(scale_np), static
 
 
 def smoothgrad(
@@ -297,7 +301,8 @@ def smoothgrad(
     """SmoothGrad (Smilkov et al. 2017) and its squared and variance variants.
 
     Noisy copy ``s`` of example ``b`` is ``x[b] + sigma[b] * z`` with
-    ``z = jax.random.normal(fold_in(key_b, s), (H, W, C))``, where ``key_b`` is
+    ``z = jax.random.normal(fold_in(key_b, s), (H, W, C))`` (drawn in float32, or
+    float64 for float64 ``x``, then cast to x's dtype), where ``key_b`` is
     ``fold_in(key, b)`` for a single ``key`` (or ``key[b]`` when one key per example is
     given). ``sigma[b] = noise_level * (max(x[b]) - min(x[b]))``, the spread of that
     example as in the SmoothGrad paper and PAIR's ``stdev_spread`` (tf-keras-vis uses
