@@ -160,6 +160,10 @@ def test_wrong_input_shape_or_dtype_is_named():
         fn(x.astype(jnp.bfloat16))
     with pytest.raises(TypeError, match="input_like must be an array"):
         models.apply_fn(model, _variables(model, x), input_like=(2, 32, 32, 3))
+    # variables made for 32 px images, frozen for 16 px ones: named (was Flax's error)
+    message = r"variables do not fit images of shape \(H, W, C\) = \(16, 16, 3\)"
+    with pytest.raises(ValueError, match=message):
+        models.apply_fn(model, _variables(model, x), input_like=images(size=16))
 
 
 class _Sub(QuantConv):

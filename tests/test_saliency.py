@@ -956,7 +956,7 @@ def test_bad_inputs_raise_clear_errors(net):
                 "gradient", [np.asarray(x[:, :8])], model=model, variables=variables, progress=False
             ),
             ValueError,
-            r"batch 0 images\): .* do not fit .* \(8, 16, 3\)",
+            r"do not fit images of shape \(H, W, C\) = \(8, 16, 3\)",
         ),
         (lambda: sal.gradient(fn, (x * 255).astype(jnp.uint8), None), TypeError, "uint8"),
         (lambda: sal.gradient(fn, bad_x, None), ValueError, r"NaN or inf .*\[1\]"),

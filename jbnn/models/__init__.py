@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from jbnn.models import fold, frozen
 from jbnn.models.birealnet import BiRealNet18
-from jbnn.models.common import ACTIVATIONS, check_images
+from jbnn.models.common import ACTIVATIONS, check_images, variables_fit
 from jbnn.models.densenet import BinaryDenseNet28
 from jbnn.models.quicknet import QuickNetSmall
 from jbnn.models.resnet_e import BinaryResNetE18
@@ -169,9 +169,14 @@ def apply_fn(
 
     Returns:
       The function, a pytree holding ``variables`` (or their frozen form).
+
+    Raises:
+      ValueError: ``input_like`` of an image size or channel count the variables were
+        not made for.
     """
     if input_like is not None:
-        program = frozen.program(model, variables, input_like, fold_batchnorm)
+        with variables_fit(tuple(getattr(input_like, "shape", ())), "apply_fn(input_like=...)"):
+            program = frozen.program(model, variables, input_like, fold_batchnorm)
         return jax.tree_util.Partial(program.apply, program.freeze(variables))
     apply = fold.folded_apply(model) if fold_batchnorm else _eval_apply(model)
     return jax.tree_util.Partial(apply, variables)

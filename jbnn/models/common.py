@@ -20,9 +20,11 @@ running statistics unless ``train`` is True (then ``batch_stats`` must be mutabl
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -199,3 +201,18 @@ class QuantMixin(RealLayerMixin):
             surrogate=self.surrogate,
             dtype=self.dtype,
         )
+
+
+@contextlib.contextmanager
+def variables_fit(x_shape: Sequence[int], name: str):
+    """Turns Flax's parameter-shape error, met while tracing the model on inputs of
+    shape ``x_shape``, into a ValueError that names the images' shape: variables made
+    for another image size or channel count."""
+    try:
+        yield
+    except flax.errors.ScopeParamShapeError as error:
+        raise ValueError(
+            f"{name}: the model's variables do not fit images of shape (H, W, C) = "
+            f"{tuple(x_shape[1:])} (x of shape {tuple(x_shape)}); give images of the size and "
+            f"channel count the variables were made for. Flax: {error}"
+        ) from None

@@ -6,16 +6,16 @@ errors name the offending value and say what is expected.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable, Sequence
 
-import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
+
+from jbnn.models.common import variables_fit
 
 Partial = jax.tree_util.Partial
 
@@ -119,21 +119,6 @@ def _call(fn: Partial, x: jax.Array) -> jax.Array:
 
 
 _call_jit = jax.jit(_call)
-
-
-@contextlib.contextmanager
-def variables_fit(x_shape: Sequence[int], name: str):
-    """Turns Flax's parameter-shape error, met while tracing the model on inputs of
-    shape ``x_shape``, into a ValueError that names the images' shape: variables made
-    for another image size or channel count."""
-    try:
-        yield
-    except flax.errors.ScopeParamShapeError as error:
-        raise ValueError(
-            f"{name}: the model's variables do not fit images of shape (H, W, C) = "
-            f"{tuple(x_shape[1:])} (x of shape {tuple(x_shape)}); give images of the size and "
-            f"channel count the variables were made for. Flax: {error}"
-        ) from None
 
 
 def logits_shape(fn: Partial, x: ArrayLike, name: str) -> tuple[int, int]:

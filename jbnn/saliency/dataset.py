@@ -298,18 +298,16 @@ def explain_dataset(
                 # every quantized kernel computed once, not per batch (jbnn.models.frozen)
                 from jbnn.models import apply_fn
 
-                with _checks.variables_fit(images.shape, f"{name} (batch {index} images)"):
-                    if frozen_fn:
-                        fn = apply_fn(
-                            model, variables, fold_batchnorm=fold_batchnorm, input_like=spec
-                        )
-                        fn = jax.device_put(fn, replicated)
-                    if method in _CAM_METHODS:  # the model as it is: unfolded
-                        if frozen_fn and not fold_batchnorm:
-                            cam_fn = fn
-                        else:
-                            cam_fn = apply_fn(model, variables, input_like=spec)
-                            cam_fn = jax.device_put(cam_fn, replicated)
+                # (variables of another image size: apply_fn names the images' shape)
+                if frozen_fn:
+                    fn = apply_fn(model, variables, fold_batchnorm=fold_batchnorm, input_like=spec)
+                    fn = jax.device_put(fn, replicated)
+                if method in _CAM_METHODS:  # the model as it is: unfolded
+                    if frozen_fn and not fold_batchnorm:
+                        cam_fn = fn
+                    else:
+                        cam_fn = apply_fn(model, variables, input_like=spec)
+                        cam_fn = jax.device_put(cam_fn, replicated)
             num_classes = _checks.logits_shape(fn, spec, name)[1]
             step = _build_step(method, fn if cam_fn is None else cam_fn, model, shape, options)
         if labels is not None and target == "label":
