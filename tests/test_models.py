@@ -9,7 +9,8 @@ matrix product are captured (by wrapping ``jax.lax.conv_general_dilated`` and
 formulas: +-1 inputs and sign / scaled-sign kernels in the BNN, the real input and the
 latent kernel unchanged in the twin. ``with_surrogate`` keeps the forward pass bit for
 bit and changes the input gradient. Bad input raises a clear error. Parameter counts at
-224 px equal larq-zoo's published totals.
+224 px equal larq-zoo's published totals, and every BatchNorm's momentum, epsilon,
+scale and center are larq-zoo's.
 
 Models are compiled with ``jax_disable_most_optimizations`` (restored afterwards):
 compiling, not running, is what these tests spend their time on.
@@ -67,13 +68,44 @@ DOCUMENTED_PATHS = {
 }
 
 # larq-zoo's published parameter totals (Keras counts BatchNorm running statistics),
-# ImageNet stem, 224 px, 1000 classes, width 1. (QuickNetSmall's published total,
-# 12 655 688, is 5 488 below what its current larq-zoo source builds; not checked.)
+# ImageNet stem, 224 px, 1000 classes, width 1 (the larq-zoo README table).
 LARQ_ZOO_PARAMS = {
     "birealnet18": 11_699_112,
     "binary_resnet_e18": 11_699_368,
     "xnornet": 62_396_768,
     "binary_densenet28": 5_150_504,
+}
+
+# QuickNetSmall's published total (larq_zoo/sota/quicknet.py, "ImageNet Metrics") is
+# counted as ``larq.models.summary`` counts: a BatchNorm's beta and gamma are fused with
+# its moving mean and variance (larq/models.py, LayerProfile: one of each pair counted),
+# and the frozen 3x3 blur of each transition (a non-trainable DepthwiseConv2D) counts.
+LARQ_ZOO_SUMMARY_PARAMS = {"quicknet_small": 12_655_688}
+
+# Every BatchNorm's (momentum, epsilon, scale, center) and how many a model has, as the
+# larq-zoo sources build them (Keras' defaults: momentum 0.99, epsilon 1e-3).
+LARQ_ZOO_BATCHNORMS = {
+    # birealnet.py: BatchNormalization(momentum=0.8) everywhere (stem, 16 blocks, 3
+    # shortcuts)
+    "birealnet18": {(0.8, 1e-3, True, True): 20},
+    # resnet_e.py: momentum 0.9, epsilon 1e-5 (two in the stem, 16 blocks, 3 shortcuts)
+    "binary_resnet_e18": {(0.9, 1e-5, True, True): 21},
+    # xnornet.py: scale=False; epsilon 1e-5 (stem), 1e-4 (after the pool of the stem,
+    # blocks 2-5, the 6x6 "fc" conv), 1e-3 (the 1x1 "fc" conv)
+    "xnornet": {
+        (0.9, 1e-5, False, True): 1,
+        (0.9, 1e-4, False, True): 6,
+        (0.9, 1e-3, False, True): 1,
+    },
+    # quicknet.py: the stem's three with Keras' defaults, the middle one without scale
+    # and center; blocks and transitions momentum 0.9, epsilon 1e-5
+    "quicknet_small": {
+        (0.99, 1e-3, True, True): 2,
+        (0.99, 1e-3, False, False): 1,
+        (0.9, 1e-5, True, True): 19,
+    },
+    # densenet.py: momentum 0.9, epsilon 1e-5 (stem, 23 layers, 3 transitions, final)
+    "binary_densenet28": {(0.9, 1e-5, True, True): 28},
 }
 
 
@@ -402,10 +434,12 @@ def test_twin_has_the_same_parameter_tree(name, stem, size):
         assert not missing, f"{name}: documented paths missing: {missing}"
 
 
-@pytest.mark.parametrize("name", models.names())
-def test_surrogate_and_dtype_reach_every_quantized_layer(name):
+@pytest.mark.parametrize(
+    "name,stem", [(n, "small") for n in models.names()] + [("binarynet", "imagenet")]
+)
+def test_surrogate_and_dtype_reach_every_quantized_layer(name, stem):
     spec = "swish_sign(beta=2.0)"
-    model = models.with_surrogate(_build(name, "small", dtype=jnp.bfloat16), spec)
+    model = models.with_surrogate(_build(name, stem, dtype=jnp.bfloat16), spec)
     seen = []
 
     def interceptor(next_fun, args, kwargs, context):
@@ -492,6 +526,55 @@ def test_parameter_count_matches_larq_zoo(name):
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
     count = sum(math.prod(a.shape) for a in jax.tree.leaves(shapes))  # params + batch_stats
     assert count == LARQ_ZOO_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", sorted(LARQ_ZOO_SUMMARY_PARAMS))
+def test_summary_parameter_count_matches_larq_zoo(name):
+    model = models.get(name, binary=True, num_classes=1000, stem="imagenet")
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+    size = lambda tree: sum(math.prod(a.shape) for a in jax.tree.leaves(tree))
+    count = size(shapes)  # params + batch_stats
+    # Larq's summary: a BatchNorm's beta / gamma fused with its moving mean / variance.
+    fused = []
+
+    def visit(params, stats):
+        for key, value in stats.items():
+            if "mean" in value:  # a BatchNorm's running statistics
+                fused.extend(params.get(key, {}).values())  # beta, gamma: paired
+            else:
+                visit(params[key], value)
+
+    visit(shapes["params"], shapes["batch_stats"])
+    count -= size(fused)
+    # larq-zoo's transitions hold a frozen depthwise 3x3 blur of their input channels,
+    # a constant in jbnn: 9 weights per input channel of each transition's 1x1 conv.
+    transitions = [
+        stage["transition"]["conv"]["kernel"]
+        for stage in shapes["params"].values()
+        if isinstance(stage, dict) and "transition" in stage
+    ]
+    assert len(transitions) == 3
+    count += sum(9 * kernel.shape[2] for kernel in transitions)
+    assert count == LARQ_ZOO_SUMMARY_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", sorted(LARQ_ZOO_BATCHNORMS))
+def test_batchnorm_settings_match_larq_zoo(name):
+    model = models.get(name, binary=True, num_classes=10, stem="imagenet", width=0.125)
+    seen = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        mod = context.module
+        if context.method_name == "__call__" and isinstance(mod, nn.BatchNorm):
+            seen.append((mod.momentum, mod.epsilon, mod.use_scale, mod.use_bias))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+    counts = {}
+    for settings in seen:
+        counts[settings] = counts.get(settings, 0) + 1
+    assert counts == LARQ_ZOO_BATCHNORMS[name]
 
 
 # ----------------------------------------------------------------- shared pieces

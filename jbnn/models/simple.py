@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 
 from jbnn import ops
-from jbnn.layers import QuantConv
 from jbnn.models import _zoo
 from jbnn.models.common import QuantMixin, batch_norm, check_images
 
@@ -84,8 +83,10 @@ class BinaryNet(nn.Module, QuantMixin):
     """BinaryNet (VGG-like) with configurable width.
 
     Paths: ``block1`` ... ``block6`` (``ConvBlock``: ``conv``, ``bn``), ``dense1``,
-    ``dense2``, ``head``. ``stem="imagenet"`` adds a real-input 7x7/2 convolution and a
-    3x3/2 max-pool before ``block1`` (224 px -> 56 px).
+    ``dense2``, ``head``. ``stem="imagenet"`` (jbnn's addition; BinaryNet has no
+    ImageNet model) adds ``stem``, a real 7x7/2 convolution (real input and real
+    weights), ``stem_bn`` and a 3x3/2 max-pool before ``block1`` (224 px -> 56 px), whose
+    input is then binarized.
     """
 
     num_classes: int
@@ -106,7 +107,7 @@ class BinaryNet(nn.Module, QuantMixin):
         _zoo.check_width(self.width, "binarynet")
         w = lambda c: _zoo.scaled(c, self.width)
         if self.stem == "imagenet":
-            x = QuantConv(w(64), (7, 7), (2, 2), use_bias=False, dtype=self.dtype, name="stem")(x)
+            x = self.real_conv(w(64), (7, 7), (2, 2), name="stem")(x)
             x = batch_norm(train, name="stem_bn", dtype=self.dtype)(x)
             x = ops.max_pool(x, (3, 3), (2, 2), padding="SAME")
         elif self.stem != "small":
