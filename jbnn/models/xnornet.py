@@ -13,7 +13,8 @@ with 3x3/2 max-pools after the 5x5 conv and the last 3x3 conv. Channels 96, 256,
 convolution (224 px -> 6x6 maps -> 1x1). ``stem="small"`` (28-64 px, jbnn's choice) uses
 a 3x3/1 conv instead, and ``fc6`` then spans the whole remaining map (3x3 at 32 px), so
 that it stays a fully connected layer as in the original. larq-zoo's L2 kernel
-regularizer (5e-7) is a training choice and is left to the trainer.
+regularizer (5e-7, a loss term) is not reproduced: jbnn's trainer adds no regularization
+loss (its nearest option, ``adamw``'s decoupled ``weight_decay``, is not the same).
 """
 
 from __future__ import annotations
