@@ -662,8 +662,10 @@ def test_mprt_similarity_falls_on_a_trained_model():
         updates, opt = tx.update(jax.grad(loss_fn)(params), opt)
         return (optax.apply_updates(params, updates), opt), None
 
+    # 40 steps learn the task (test accuracy 1.0). Over keys 0-8 the similarity asserts
+    # below hold for keys 0, 1, 3, 7, 8 (150 steps: 0, 1, 3, 8) with margins alike.
     (variables, _), _ = jax.lax.scan(
-        step, (variables, tx.init(variables)), jax.random.split(key, 150)
+        step, (variables, tx.init(variables)), jax.random.split(key, 40)
     )
     x, y = bars(jax.random.key(99), 16)
     assert (MODEL.apply(variables, x).argmax(-1) == y).mean() >= 0.9  # it learned the task
