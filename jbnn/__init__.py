@@ -2,7 +2,8 @@
 
 import importlib
 
-from jbnn import layers, models, quantizers
+from jbnn import layers, models, ops, quantizers
+from jbnn.ops import forward_mode
 from jbnn.summary import summary  # the function; its module stays importable by name
 
 __version__ = "0.1.0"
@@ -18,4 +19,13 @@ def __getattr__(name):
     raise AttributeError(f"module 'jbnn' has no attribute {name!r}")
 
 
-__all__ = ["layers", "models", "quantizers", "summary", "__version__", *_LAZY]
+__all__ = [
+    "forward_mode",
+    "layers",
+    "models",
+    "ops",
+    "quantizers",
+    "summary",
+    "__version__",
+    *_LAZY,
+]

@@ -112,7 +112,43 @@ def _binary_kernel_and_scale(
     """
     if spec is None or not kernel_scale:
         return _quantize_kernel(kernel, spec), None
+    if ops.forward_mode_active():
+        return _xnor_kernel_forward_mode(kernel, qz.get(spec))
     return _xnor_kernel(kernel, qz.get(spec))
+
+
+@jax.custom_jvp
+def _tf_clip(kernel: jax.Array) -> jax.Array:
+    """clip(w, -1, 1) whose derivative passes at the bounds, as TensorFlow's."""
+    return jnp.clip(kernel, -1.0, 1.0)
+
+
+@_tf_clip.defjvp
+def _tf_clip_jvp(primals, tangents):
+    (kernel,), (t,) = primals, tangents
+    inside = (kernel >= -1.0) & (kernel <= 1.0)
+    return _tf_clip(kernel), jnp.where(inside, t, jnp.zeros_like(t))
+
+
+@jax.custom_jvp
+def _tf_abs(x: jax.Array) -> jax.Array:
+    """|x| whose derivative is 0 at 0, as TensorFlow's."""
+    return jnp.abs(x)
+
+
+@_tf_abs.defjvp
+def _tf_abs_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return _tf_abs(x), jnp.where(x > 0, t, jnp.where(x < 0, -t, jnp.zeros_like(t)))
+
+
+def _xnor_kernel_forward_mode(kernel: jax.Array, quantizer) -> tuple[jax.Array, jax.Array]:
+    """:func:`_xnor_kernel` written as larq-zoo's formula, with TensorFlow's tie rules as
+    ``custom_jvp`` derivatives (:func:`jbnn.ops.forward_mode`)."""
+    clipped = _tf_clip(kernel)
+    c_out = kernel.shape[-1]
+    alpha = ops.channel_sum(_tf_abs(clipped).reshape(-1, c_out)) / (kernel.size // c_out)
+    return quantizer(clipped), alpha
 
 
 def _apply_scale(y: jax.Array, scale: jax.Array | None) -> jax.Array:

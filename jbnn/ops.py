@@ -68,9 +68,13 @@ CPUs with native bfloat16 products, where it is exact: a binary input's product 
 the float32 one bit for bit, a real input's (split into three bfloat16 parts) up to float
 rounding; elsewhere it is the float32 ``lax.dot_general``.
 
-None of these ops supports forward-mode differentiation (``jax.jvp``), like every
-``jax.custom_vjp`` function; reverse mode, ``jit``, ``vmap`` and higher-order reverse
-derivatives work. Images are NHWC, kernels HWIO, as everywhere in jbnn.
+Like every ``jax.custom_vjp`` function, these ops (and jbnn's quantizers) do not take
+forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``,
+``jax.hessian``) by default; reverse mode, ``jit``, ``vmap`` and higher-order reverse
+derivatives work. Under :func:`forward_mode` they are traced in forms that take it: the
+plain JAX ops (the same forward values, bit for bit) with JAX's own derivatives, and the
+quantizers as ``jax.custom_jvp`` functions with the same surrogate derivatives. Images
+are NHWC, kernels HWIO, as everywhere in jbnn.
 
 :func:`platform_jit` is ``jax.jit`` with XLA compiler options chosen per platform when
 the call is made: on CPU, jbnn's explainers compile without XLA's YNNPACK fusions,
@@ -79,6 +83,7 @@ whose convolutions ran SmoothGrad 1.3x slower than XLA's classic CPU kernels.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import operator
@@ -97,11 +102,63 @@ __all__ = [
     "channel_sum",
     "conv",
     "dense",
+    "forward_mode",
     "max_pool",
     "platform_jit",
 ]
 
 Padding = str | Sequence[tuple[int, int]]
+
+
+# --------------------------------------------------------------------------- forward mode
+class _ForwardMode(threading.local):
+    """Set inside :func:`forward_mode` (per thread)."""
+
+    active = False
+
+
+_FORWARD_MODE = _ForwardMode()
+
+
+@contextlib.contextmanager
+def forward_mode():
+    """Traces jbnn's ops and quantizers in forms that forward-mode autodiff takes.
+
+    By default :func:`conv`, :func:`max_pool`, :func:`dense`, XNOR-Net's kernel scale
+    and every quantizer are ``jax.custom_vjp`` functions, which ``jax.jvp`` (so
+    ``jax.jacfwd``, ``jax.linearize``, ``jax.hessian``, forward-over-reverse
+    Hessian-vector products) refuses, for the full-precision twins too. Inside this
+    context they are traced as the plain JAX ops, whose forward values are the same bit
+    for bit (but for :func:`dense`'s bfloat16 products of a real input on CPUs that
+    have them, run in float32 here: float rounding), with JAX's own derivatives, and
+    the quantizers as ``jax.custom_jvp``
+    functions whose tangent is the surrogate derivative (the straight-through mask,
+    ``approx_sign``'s slope...) times the input's tangent: the same derivatives as the
+    default VJPs, so ``jvp`` agrees with ``grad``. Reverse mode works here too, at the
+    plain ops' speed (the default forms exist because XLA's CPU backend runs some of the
+    plain backward passes slowly).
+
+    The choice is made when a function is traced, as :data:`BF16_EXACT_PRODUCTS`'s: a
+    ``jax.jit`` function traced before, outside the context, keeps its trace for inputs
+    of the same shapes (jit it anew inside, or trace it first inside).
+
+    Example::
+
+        with jbnn.ops.forward_mode():
+            logits, tangent = jax.jvp(lambda x: model.apply(variables, x), (x,), (v,))
+    """
+    previous = _FORWARD_MODE.active
+    _FORWARD_MODE.active = True
+    try:
+        yield
+    finally:
+        _FORWARD_MODE.active = previous
+
+
+def forward_mode_active() -> bool:
+    """Whether functions traced now are traced in :func:`forward_mode`'s forms."""
+    return _FORWARD_MODE.active
+
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
@@ -174,6 +231,8 @@ def max_pool(
     window = _pair(window_shape, "max_pool", "window_shape")
     strides = (1, 1) if strides is None else _pair(strides, "max_pool", "strides")
     pads = _explicit_pads(padding, x.shape[1:3], window, strides, "max_pool")
+    if _FORWARD_MODE.active:
+        return _reduce_window_max(x, window, strides, pads)
     return _max_pool(x, window, strides, pads)
 
 
@@ -353,7 +412,19 @@ def conv(
         )
     strides = _pair(strides, "conv", "strides")
     pads = _explicit_pads(padding, x.shape[1:3], tuple(kernel.shape[:2]), strides, "conv")
+    # Under forward_mode the same forms, each with JAX's own derivatives (the same
+    # values, bit for bit).
+    plain = _FORWARD_MODE.active
+    conv_fn = _conv if plain else _conv_hwio_grad
     if pad_value != 0.0 and any(p != 0 for pair in pads for p in pair):
+        if plain:
+            return _conv(
+                _pad_with(x, pads, pad_value),
+                kernel,
+                strides,
+                ((0, 0), (0, 0)),
+                feature_group_count,
+            )
         return _conv_const_pad(x, kernel, strides, pads, feature_group_count, float(pad_value))
     if feature_group_count != 1:
         return _conv(x, kernel, strides, pads, feature_group_count)
@@ -362,17 +433,17 @@ def conv(
         # matrix product it is (see the module docstring); XLA's classic CPU kernels
         # (the explainers' programs) run the convolution faster.
         if _CLASSIC_CPU_KERNELS.active:
-            return _conv_hwio_grad(x, kernel, strides, pads)
+            return conv_fn(x, kernel, strides, pads)
         return _whole_input_dense(x, kernel)
     if _use_space_to_depth(x.shape[-1], strides):
         # cuDNN runs the rearranged form much faster (measured on an H100), XLA's CPU
         # kernels the direct forward pass (its input gradient is rearranged in the VJP);
         # TPUs, unmeasured, keep the direct form. The choice is made where the
         # computation is lowered.
-        direct = lambda x, k: _conv_hwio_grad(x, k, strides, pads)
-        rearranged = lambda x, k: _space_to_depth_conv(x, k, strides, pads)
+        direct = lambda x, k: conv_fn(x, k, strides, pads)
+        rearranged = lambda x, k: _space_to_depth_conv(x, k, strides, pads, conv_fn)
         return lax.platform_dependent(x, kernel, cuda=rearranged, rocm=rearranged, default=direct)
-    return _conv_hwio_grad(x, kernel, strides, pads)
+    return conv_fn(x, kernel, strides, pads)
 
 
 def _is_whole_input_window(x_shape, kernel_shape, pads) -> bool:
@@ -399,7 +470,7 @@ def _use_space_to_depth(channels: int, strides: tuple[int, int]) -> bool:
     return channels <= SPACE_TO_DEPTH_MAX_CHANNELS and strides != (1, 1)
 
 
-def _space_to_depth_conv(x, kernel, strides, pads):
+def _space_to_depth_conv(x, kernel, strides, pads, conv_fn=None):
     """The strided convolution of a few-channel input as a stride-1 one, the same sums.
 
     With strides (sh, sw), tap ``t = sh * a + b`` of a kernel row meets padded input row
@@ -438,7 +509,7 @@ def _space_to_depth_conv(x, kernel, strides, pads):
     kernel = jnp.pad(kernel, ((0, taps_h * sh - kh), (0, taps_w * sw - kw), (0, 0), (0, 0)))
     kernel = kernel.reshape(taps_h, sh, taps_w, sw, c_in, c_out)
     kernel = kernel.transpose(0, 2, 1, 3, 4, 5).reshape(taps_h, taps_w, sh * sw * c_in, c_out)
-    return _conv_hwio_grad(x, kernel, (1, 1), ((0, 0), (0, 0)))
+    return (conv_fn or _conv_hwio_grad)(x, kernel, (1, 1), ((0, 0), (0, 0)))
 
 
 def _conv(x, kernel, strides, pads, groups=1):
@@ -687,6 +758,7 @@ def dense(
     plain = lambda x, k: lax.dot_general(x, k, _DENSE_DIMS(x.ndim))  # noqa: E731
     if not (
         exact_kernel
+        and not _FORWARD_MODE.active
         and x.dtype == jnp.float32
         and kernel.dtype == jnp.float32
         and kernel.ndim == 2

@@ -4,7 +4,10 @@ Every quantizer follows the forward and backward formulas of Larq (see
 ``shared/REFERENCE.md`` section 1):
 
 * ``sign(x)`` is +1 for ``x >= 0`` and -1 otherwise (``sign(0) = +1``);
-* the clip in the backward pass is inclusive (``|x| == clip_value`` passes);
+* the clip in the backward pass is inclusive (``|x| == clip_value`` passes), and it
+  selects rather than multiplies, as Larq's ``tf.where(mask, dy, zeros)``: outside the
+  clip the gradient is 0 even where the incoming one is inf or NaN (``approx_sign`` and
+  :func:`with_surrogate` likewise; ``swish_sign`` multiplies, as Larq's does);
 * rounding is half-to-even, as ``jnp.round`` and TensorFlow do;
 * a NaN input gives a NaN output, as Larq's ``tf.sign(tf.sign(x) + 0.1)`` does (a NaN
   in a network is not hidden as -1, 0 or +1);
@@ -93,6 +96,14 @@ def _clip_mask(x: jax.Array, clip_value: float | None) -> jax.Array:
     return (jnp.abs(x) <= clip_value).astype(x.dtype)
 
 
+def _clipped_gradient(x: jax.Array, g: jax.Array, clip_value: float | None) -> jax.Array:
+    """g where |x| <= clip_value, else 0: Larq's ``tf.where(mask, dy, zeros)``, so an
+    inf or NaN cotangent outside the clip gives 0, not NaN (as ``g * mask`` would)."""
+    if clip_value is None:
+        return g
+    return jnp.where(jnp.abs(x) <= clip_value, g, jnp.zeros_like(g))
+
+
 def _approx_sign_grad(x: jax.Array) -> jax.Array:
     """Bi-Real Net's piecewise-polynomial derivative: (2 - 2|x|) * 1[|x| <= 1]."""
     xf = x.astype(_surrogate_dtype(x))
@@ -108,8 +119,22 @@ def _swish_sign_grad(x: jax.Array, beta: float) -> jax.Array:
     return jnp.where(jnp.isfinite(grad), grad, 0.0).astype(x.dtype)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _jvp_form(value, tangent, x, *aux):
+    """``value(x, *aux)`` as a ``jax.custom_jvp`` with tangent ``tangent(x, t, *aux)``
+    (linear in t; aux gets no derivative, as the VJPs give it none): the quantizers'
+    form under :func:`jbnn.ops.forward_mode`. Reverse mode transposes the tangent, so
+    it gives the same gradient as the quantizer's VJP."""
+    return value(x, *aux)
+
+
+@_jvp_form.defjvp
+def _jvp_form_jvp(value, tangent, primals, tangents):
+    x, *aux = primals
+    return _jvp_form(value, tangent, *primals), tangent(x, tangents[0], *aux)
+
+
 # --------------------------------------------------------------------------- quantizers
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def ste_sign(x: ArrayLike, clip_value: float | None = 1.0) -> jax.Array:
     """Sign with the straight-through estimator.
 
@@ -123,22 +148,28 @@ def ste_sign(x: ArrayLike, clip_value: float | None = 1.0) -> jax.Array:
     Returns:
       An array of -1 / +1 (NaN where x is NaN) with x's shape and dtype.
     """
-    del clip_value
-    return _sign(_float_input(x, "ste_sign"))
+    x = _float_input(x, "ste_sign")
+    if ops.forward_mode_active():
+        return _jvp_form(lambda x: _sign(x), lambda x, t: _clipped_gradient(x, t, clip_value), x)
+    return _ste_sign(x, clip_value)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _ste_sign(x, clip_value):
+    return _sign(x)
 
 
 def _ste_sign_fwd(x, clip_value):
-    return ste_sign(x, clip_value), x
+    return _ste_sign(x, clip_value), x
 
 
 def _ste_sign_bwd(clip_value, x, g):
-    return (g * _clip_mask(x, clip_value),)
+    return (_clipped_gradient(x, g, clip_value),)
 
 
-ste_sign.defvjp(_ste_sign_fwd, _ste_sign_bwd)
+_ste_sign.defvjp(_ste_sign_fwd, _ste_sign_bwd)
 
 
-@jax.custom_vjp
 def approx_sign(x: ArrayLike) -> jax.Array:
     """Bi-Real Net's ApproxSign: forward sign(x), backward (2 - 2|x|) * 1[|x| <= 1].
 
@@ -148,21 +179,33 @@ def approx_sign(x: ArrayLike) -> jax.Array:
     Returns:
       An array of -1 / +1 (NaN where x is NaN) with x's shape and dtype.
     """
-    return _sign(_float_input(x, "approx_sign"))
+    x = _float_input(x, "approx_sign")
+    if ops.forward_mode_active():
+        return _jvp_form(lambda x: _sign(x), _approx_sign_tangent, x)
+    return _approx_sign(x)
+
+
+def _approx_sign_tangent(x, g):
+    # Larq's tf.where(|x| <= 1, (1 - |x|) * 2 * dy, 0): 0 outside, whatever dy is.
+    return jnp.where(jnp.abs(x) <= 1.0, g * _approx_sign_grad(x), jnp.zeros_like(g))
+
+
+@jax.custom_vjp
+def _approx_sign(x):
+    return _sign(x)
 
 
 def _approx_sign_fwd(x):
-    return approx_sign(x), x
+    return _approx_sign(x), x
 
 
 def _approx_sign_bwd(x, g):
-    return (g * _approx_sign_grad(x),)
+    return (_approx_sign_tangent(x, g),)
 
 
-approx_sign.defvjp(_approx_sign_fwd, _approx_sign_bwd)
+_approx_sign.defvjp(_approx_sign_fwd, _approx_sign_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def swish_sign(x: ArrayLike, beta: float = 5.0) -> jax.Array:
     """BNN+'s SignSwish: forward sign(x), backward b(2 - b x tanh(b x/2)) / (1 + cosh(b x)).
 
@@ -173,19 +216,26 @@ def swish_sign(x: ArrayLike, beta: float = 5.0) -> jax.Array:
     Returns:
       An array of -1 / +1 (NaN where x is NaN) with x's shape and dtype.
     """
-    del beta
-    return _sign(_float_input(x, "swish_sign"))
+    x = _float_input(x, "swish_sign")
+    if ops.forward_mode_active():
+        return _jvp_form(lambda x: _sign(x), lambda x, t: t * _swish_sign_grad(x, beta), x)
+    return _swish_sign(x, beta)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _swish_sign(x, beta):
+    return _sign(x)
 
 
 def _swish_sign_fwd(x, beta):
-    return swish_sign(x, beta), x
+    return _swish_sign(x, beta), x
 
 
 def _swish_sign_bwd(beta, x, g):
     return (g * _swish_sign_grad(x, beta),)
 
 
-swish_sign.defvjp(_swish_sign_fwd, _swish_sign_bwd)
+_swish_sign.defvjp(_swish_sign_fwd, _swish_sign_bwd)
 
 
 def magnitude_aware_sign(x: ArrayLike, clip_value: float | None = 1.0) -> jax.Array:
@@ -211,7 +261,6 @@ def magnitude_aware_sign(x: ArrayLike, clip_value: float | None = 1.0) -> jax.Ar
     return (scale * ste_sign(x, clip_value)).astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def ste_heaviside(x: ArrayLike, clip_value: float | None = 1.0) -> jax.Array:
     """Heaviside step with the straight-through estimator.
 
@@ -224,24 +273,34 @@ def ste_heaviside(x: ArrayLike, clip_value: float | None = 1.0) -> jax.Array:
     Returns:
       An array of 0 / 1 (NaN where x is NaN) with x's shape and dtype.
     """
-    del clip_value
     x = _float_input(x, "ste_heaviside")
+    if ops.forward_mode_active():
+        tangent = lambda x, t: _clipped_gradient(x, t, clip_value)  # noqa: E731
+        return _jvp_form(_heaviside, tangent, x)
+    return _ste_heaviside(x, clip_value)
+
+
+def _heaviside(x):
     return _propagate_nan(x, (x > 0).astype(x.dtype))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _ste_heaviside(x, clip_value):
+    return _heaviside(x)
+
+
 def _ste_heaviside_fwd(x, clip_value):
-    return ste_heaviside(x, clip_value), x
+    return _ste_heaviside(x, clip_value), x
 
 
 def _ste_heaviside_bwd(clip_value, x, g):
-    return (g * _clip_mask(x, clip_value),)
+    return (_clipped_gradient(x, g, clip_value),)
 
 
-ste_heaviside.defvjp(_ste_heaviside_fwd, _ste_heaviside_bwd)
+_ste_heaviside.defvjp(_ste_heaviside_fwd, _ste_heaviside_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _ternarize(x, threshold, clip_value):
+def _ternary_value(x, threshold):
     # Larq's sign(sign(x + d) + sign(x - d)), which depends on |d| only: +1 for x >= |d|,
     # -1 for x <= -|d|, else 0; at d = 0 it is sign(x) with sign(0) = 0 (a zero kernel
     # stays zero under the TWN threshold); NaN for a NaN x or threshold.
@@ -250,16 +309,28 @@ def _ternarize(x, threshold, clip_value):
     return jnp.where(jnp.isnan(x) | jnp.isnan(d), jnp.asarray(jnp.nan, x.dtype), q)
 
 
+def _ternarize(x, threshold, clip_value):
+    if ops.forward_mode_active():
+        tangent = lambda x, t, threshold: _clipped_gradient(x, t, clip_value)  # noqa: E731
+        return _jvp_form(_ternary_value, tangent, x, threshold)
+    return _ternarize_vjp(x, threshold, clip_value)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _ternarize_vjp(x, threshold, clip_value):
+    return _ternary_value(x, threshold)
+
+
 def _ternarize_fwd(x, threshold, clip_value):
-    return _ternarize(x, threshold, clip_value), (x, threshold)
+    return _ternarize_vjp(x, threshold, clip_value), (x, threshold)
 
 
 def _ternarize_bwd(clip_value, res, g):
     x, threshold = res
-    return g * _clip_mask(x, clip_value), jnp.zeros_like(threshold)
+    return _clipped_gradient(x, g, clip_value), jnp.zeros_like(threshold)
 
 
-_ternarize.defvjp(_ternarize_fwd, _ternarize_bwd)
+_ternarize_vjp.defvjp(_ternarize_fwd, _ternarize_bwd)
 
 
 def ste_tern(
@@ -294,37 +365,54 @@ def ste_tern(
     return _ternarize(x, threshold.astype(x.dtype), clip_value)
 
 
-@jax.custom_vjp
 def _round_ste(x):
+    if ops.forward_mode_active():
+        return _jvp_form(lambda x: jnp.round(x), lambda x, t: t, x)
+    return _round_ste_vjp(x)
+
+
+@jax.custom_vjp
+def _round_ste_vjp(x):
     return jnp.round(x)
 
 
 def _round_ste_fwd(x):
-    return _round_ste(x), None
+    return _round_ste_vjp(x), None
 
 
 def _round_ste_bwd(_, g):
     return (g,)
 
 
-_round_ste.defvjp(_round_ste_fwd, _round_ste_bwd)
+_round_ste_vjp.defvjp(_round_ste_fwd, _round_ste_bwd)
+
+
+def _clip01(x):
+    if ops.forward_mode_active():
+        return _jvp_form(lambda x: jnp.clip(x, 0, 1), _clip01_tangent, x)
+    return _clip01_vjp(x)
+
+
+def _clip01_tangent(x, g):
+    # As TensorFlow's clip_by_value: the gradient passes at both boundaries, and is
+    # selected (0 outside, whatever g is).
+    return jnp.where((x >= 0) & (x <= 1), g, jnp.zeros_like(g))
 
 
 @jax.custom_vjp
-def _clip01(x):
+def _clip01_vjp(x):
     return jnp.clip(x, 0, 1)
 
 
 def _clip01_fwd(x):
-    return _clip01(x), x
+    return _clip01_vjp(x), x
 
 
 def _clip01_bwd(x, g):
-    # As TensorFlow's clip_by_value: the gradient passes at both boundaries.
-    return (g * ((x >= 0) & (x <= 1)).astype(g.dtype),)
+    return (_clip01_tangent(x, g),)
 
 
-_clip01.defvjp(_clip01_fwd, _clip01_bwd)
+_clip01_vjp.defvjp(_clip01_fwd, _clip01_bwd)
 
 
 def dorefa(x: ArrayLike, k_bit: int = 2, mode: str = "activations") -> jax.Array:
@@ -530,16 +618,7 @@ def surrogate_gradient(spec: str | None) -> Callable[[jax.Array], jax.Array]:
     Returns:
       A function x -> d surrogate / dx, elementwise, in x's dtype.
     """
-    if spec is None:
-        spec = "identity"
-    name, hp = parse_spec(spec)
-    if name not in _SURROGATES:
-        raise ValueError(f"Unknown surrogate {name!r}; known surrogates: {', '.join(_SURROGATES)}")
-    allowed = {"ste_sign": ("clip_value",), "swish_sign": ("beta",)}.get(name, ())
-    unknown = sorted(set(hp) - set(allowed))
-    if unknown:
-        raise ValueError(f"Unknown hyper-parameter(s) {unknown} for surrogate {name!r}")
-    _check_hparams(f"Surrogate {name!r}", hp)
+    name, hp = _surrogate_spec(spec)
     if name == "ste_sign":
         clip_value = hp.get("clip_value", 1.0)
         return lambda x: _clip_mask(x, clip_value)
@@ -551,17 +630,48 @@ def surrogate_gradient(spec: str | None) -> Callable[[jax.Array], jax.Array]:
     return jnp.ones_like
 
 
+def _surrogate_spec(spec: str | None) -> tuple[str, dict]:
+    """A surrogate's name and hyper-parameters, checked."""
+    if spec is None:
+        spec = "identity"
+    name, hp = parse_spec(spec)
+    if name not in _SURROGATES:
+        raise ValueError(f"Unknown surrogate {name!r}; known surrogates: {', '.join(_SURROGATES)}")
+    allowed = {"ste_sign": ("clip_value",), "swish_sign": ("beta",)}.get(name, ())
+    unknown = sorted(set(hp) - set(allowed))
+    if unknown:
+        raise ValueError(f"Unknown hyper-parameter(s) {unknown} for surrogate {name!r}")
+    _check_hparams(f"Surrogate {name!r}", hp)
+    return name, hp
+
+
+def _surrogate_tangent(spec: str | None) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """(x, g) -> the gradient that the surrogate passes back for the cotangent g, as the
+    quantizer of that name does: selected by the clip (0 outside it, whatever g is, as
+    Larq's ``tf.where``), multiplied by the slope inside."""
+    name, hp = _surrogate_spec(spec)
+    if name == "ste_sign":
+        clip_value = hp.get("clip_value", 1.0)
+        return lambda x, g: _clipped_gradient(x, g, clip_value)
+    if name == "approx_sign":
+        return _approx_sign_tangent
+    if name == "swish_sign":
+        beta = hp.get("beta", 5.0)
+        return lambda x, g: g * _swish_sign_grad(x, beta).astype(g.dtype)
+    return lambda x, g: g
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _override(x, forward, grad_fn):
+def _override(x, forward, tangent):
     return forward(x)
 
 
-def _override_fwd(x, forward, grad_fn):
-    return _override(x, forward, grad_fn), x
+def _override_fwd(x, forward, tangent):
+    return _override(x, forward, tangent), x
 
 
-def _override_bwd(forward, grad_fn, x, g):
-    return (g * grad_fn(x).astype(g.dtype),)
+def _override_bwd(forward, tangent, x, g):
+    return (tangent(x, g),)
 
 
 _override.defvjp(_override_fwd, _override_bwd)
@@ -571,7 +681,8 @@ def with_surrogate(quantizer: Quantizer, surrogate: str | None) -> Quantizer:
     """Keeps ``quantizer``'s forward pass and replaces its backward pass.
 
     The result computes exactly ``quantizer(x)`` (bit for bit) and back-propagates
-    ``g * surrogate_gradient(surrogate)(x)``.
+    ``g * surrogate_gradient(surrogate)(x)`` inside the surrogate's clip and 0 outside
+    it, whatever g is (Larq's ``tf.where``).
 
     Args:
       quantizer: any quantizer function.
@@ -580,5 +691,11 @@ def with_surrogate(quantizer: Quantizer, surrogate: str | None) -> Quantizer:
     Returns:
       A function array -> array.
     """
-    grad_fn = surrogate_gradient(surrogate)
-    return lambda x: _override(x, quantizer, grad_fn)
+    tangent = _surrogate_tangent(surrogate)
+
+    def overridden(x):
+        if ops.forward_mode_active():
+            return _jvp_form(quantizer, tangent, x)
+        return _override(x, quantizer, tangent)
+
+    return overridden

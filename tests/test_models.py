@@ -25,7 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import variables_with_statistics
 
+import jbnn
 from jbnn import models
 from jbnn import quantizers as qz
 from jbnn.layers import QuantConv, QuantDense
@@ -675,3 +677,75 @@ def test_layer_factories_of_quant_mixin():
         "binary_dense": real,
         "real_dense": (None, None, None, True, sur, bf16),
     }
+
+
+def _latent_ties(path, leaf, rng):
+    """Kernels with a fifth of their entries at exactly -1, 0, +1 (where the clips and
+    XNOR-Net's |w| have their tie rules) or beyond the clip (+-1.5)."""
+    if path[-1].key != "kernel":
+        return None
+    k = np.array(leaf)
+    at = rng.uniform(size=k.shape) < 0.2
+    k[at] = rng.choice([-1.5, -1.0, 0.0, 1.0, 1.5], size=int(at.sum()))
+    return jnp.asarray(k, leaf.dtype)
+
+
+# Every op and quantizer form the zoo uses, in four models (compiling is the cost): sign
+# STE and max-pool (BinaryNet, also its binary dense layers), approx_sign, the
+# magnitude-aware sign and average-pool shortcuts (Bi-Real Net), XNOR-Net's kernel scale
+# and whole-input window, QuickNet's +1 padding and 1.25 clip. DenseNet and ResNetE use
+# only forms these cover; the MLP only binary dense layers.
+FORWARD_MODE_MODELS = ("binarynet", "birealnet18", "xnornet", "quicknet_small")
+
+
+@pytest.mark.parametrize("name", FORWARD_MODE_MODELS)
+def test_forward_mode_jvp_of_zoo_models_equals_their_default_gradient(name):
+    # jax.jvp refuses jbnn's custom VJPs (the ops' and the quantizers'), for the twins
+    # too. Under jbnn.forward_mode the BNN's
+    # logits are the default ones bit for bit, and its JVP along a random direction of
+    # the input and of every parameter equals the default reverse-mode gradient's inner
+    # product with that direction: the forward forms (plain ops, custom_jvp quantizers,
+    # XNOR-Net's TensorFlow tie rules written as JVPs) against the custom VJPs, two
+    # derivations of one derivative.
+    x = _images(16, batch=2)
+    twin_model = _build(name, "small", binary=False)
+    twin_vars = jax.eval_shape(twin_model.init, jax.random.key(0), x)
+    jvp = jax.jit(lambda v, x: jax.jvp(lambda x: twin_model.apply(v, x), (x,), (x,)))
+    with pytest.raises(TypeError, match="forward-mode"):  # lowered only, not compiled
+        jvp.lower(twin_vars, x)
+    model = _build(name, "small", binary=True)
+    variables = variables_with_statistics(model, x, fill=_latent_ties)
+    params = variables["params"]
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    rng = np.random.default_rng(1)
+    weights = jnp.asarray(rng.normal(size=(2, NUM_CLASSES)), jnp.float32)
+
+    def logits(params, x):
+        return model.apply({"params": params, **rest}, x)
+
+    t_params = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+    t_x = jnp.asarray(rng.normal(size=x.shape), x.dtype)
+    default_logits, vjp = jax.vjp(jax.jit(logits), params, x)
+    g_params, g_x = jax.jit(vjp)(weights)
+    with jbnn.forward_mode():
+        fm_logits, tangent = jax.jit(lambda p, x, tp, tx: jax.jvp(logits, (p, x), (tp, tx)))(
+            params, x, t_params, t_x
+        )
+        # reverse mode through the forward forms (JAX transposes their JVPs): leaf by leaf
+        fm_g_params, fm_g_x = jax.jit(lambda p, x, w: jax.vjp(logits, p, x)[1](w))(
+            params, x, weights
+        )
+    np.testing.assert_array_equal(fm_logits, default_logits)
+    for (path, got), want in zip(
+        jax.tree_util.tree_leaves_with_path((fm_g_params, fm_g_x)),
+        jax.tree.leaves((g_params, g_x)),
+        strict=True,
+    ):
+        atol = 1e-5 * float(jnp.abs(want).max())
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=atol, err_msg=str(path))
+    pairs = [*zip(jax.tree.leaves(g_params), jax.tree.leaves(t_params), strict=True), (g_x, t_x)]
+    want = sum(float(jnp.vdot(g, t)) for g, t in pairs)
+    scale = sum(float(jnp.vdot(jnp.abs(g), jnp.abs(t))) for g, t in pairs)
+    got = float(jnp.vdot(weights, tangent))
+    assert scale > 0
+    assert abs(got - want) <= 1e-4 * scale, (got, want, scale)

@@ -700,3 +700,66 @@ def test_kernel_scales_write_no_magnitudes_out_in_the_explainers_cpu_programs(mo
     for name, (fun, own) in scales.items():
         text = _compiled_text(ops.platform_jit(fun), w)
         assert "reduce-window(" in text and _kernel_sized_results(text, w.size) == own + 1, name
+
+
+# --------------------------------------------------------------------------- forward mode
+FORWARD_MODE_CONVS = [
+    # (input shape, kernel shape, strides, padding, groups, pad_value): every form conv takes
+    ((2, 8, 8, 4), (3, 3, 4, 5), (1, 1), "SAME", 1, 0.0),
+    ((2, 12, 10, 3), (7, 7, 3, 4), (2, 2), "SAME", 1, 0.0),  # stem: space-to-depth on GPU
+    ((2, 9, 9, 4), (3, 3, 1, 4), (1, 1), "SAME", 4, 0.0),  # depthwise
+    ((2, 6, 6, 8), (6, 6, 8, 16), (1, 1), "VALID", 1, 0.0),  # whole-input window
+    ((2, 9, 11, 4), (3, 3, 4, 5), (2, 2), "SAME", 1, 1.0),  # QuickNet's +1 padding
+]
+
+
+def _jvp_and_vjp(f, primals, tangents, cotangent):
+    out, jvp_out = jax.jit(lambda p, t: jax.jvp(f, p, t))(primals, tangents)
+    vjp_out = jax.jit(lambda p, c: jax.vjp(f, *p)[1](c))(primals, cotangent)
+    return out, jvp_out, vjp_out
+
+
+@pytest.mark.parametrize("shape,kernel,strides,padding,groups,value", FORWARD_MODE_CONVS)
+def test_forward_mode_conv_takes_jvp_with_the_same_values_and_derivatives(
+    shape, kernel, strides, padding, groups, value
+):
+    # By default ops.conv's forms are custom_vjps (but the grouped and whole-window
+    # ones), which jax.jvp refuses. Under forward_mode the values are the default ones
+    # bit for bit, the JVP is the plain padded lax convolution's, and reverse mode
+    # agrees with the default VJP.
+    keys = jax.random.split(jax.random.key(3), 5)
+    x, w = jax.random.normal(keys[0], shape), jax.random.normal(keys[1], kernel)
+    tx, tw = jax.random.normal(keys[2], shape), jax.random.normal(keys[3], kernel)
+    fast = lambda x, w: ops.conv(x, w, strides, padding, groups, pad_value=value)
+    plain = lambda x, w: _padded_lax_conv(x, w, strides, padding, groups, value)
+    default = jax.jit(fast)(x, w)
+    cotangent = jax.random.normal(keys[4], default.shape)
+    _, want_jvp, _ = _jvp_and_vjp(plain, (x, w), (tx, tw), cotangent)
+    want_vjp = jax.jit(lambda x, w, c: jax.vjp(fast, x, w)[1](c))(x, w, cotangent)
+    with ops.forward_mode():
+        out, got_jvp, got_vjp = _jvp_and_vjp(fast, (x, w), (tx, tw), cotangent)
+    assert not ops.forward_mode_active()
+    np.testing.assert_array_equal(out, default)
+    np.testing.assert_allclose(got_jvp, want_jvp, rtol=1e-5, atol=1e-4)
+    for got, want in zip(got_vjp, want_vjp, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_forward_mode_max_pool_and_dense():
+    x = jax.random.normal(jax.random.key(4), (2, 9, 8, 3))
+    t = jax.random.normal(jax.random.key(5), x.shape)
+    pool = lambda x: ops.max_pool(x, (3, 3), (2, 2), "SAME")
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(pool, (x,), (t,))
+    with ops.forward_mode():
+        y, jt = jax.jvp(pool, (x,), (t,))
+    y_flax, jt_flax = jax.jvp(lambda x: nn.max_pool(x, (3, 3), (2, 2), "SAME"), (x,), (t,))
+    np.testing.assert_array_equal(y, y_flax)
+    np.testing.assert_array_equal(jt, jt_flax)
+    # dense with an exact kernel (bfloat16 products where the CPU has them) is plain here
+    k = jnp.sign(jax.random.normal(jax.random.key(6), (24, 5)))
+    xs = jax.random.normal(jax.random.key(7), (3, 24))
+    with ops.forward_mode():
+        y, jt = jax.jvp(lambda x: ops.dense(x, k, exact_kernel=True), (xs,), (xs,))
+    np.testing.assert_allclose(y, xs @ k, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(jt, xs @ k, rtol=1e-6, atol=1e-5)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jbnn import ops
 from jbnn import quantizers as qz
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -421,3 +422,92 @@ def test_bad_hyper_parameters_by_keyword_and_for_surrogates():
         f = qz.get("ste_sign", clip_value=clip_value)
         np.testing.assert_array_equal(elementwise_grad(f, [1.25, 1.3]), [1, 0])
     qz.get("dorefa", k_bit=np.int64(3))
+
+
+def _larq_masked(x, dy, keep):
+    """Larq's tf.where(keep, dy, zeros), in NumPy: no arithmetic on dy where not kept."""
+    return np.where(keep, dy, 0.0)
+
+
+@pytest.mark.parametrize(
+    "name, hparams, keep",
+    [
+        ("ste_sign", {}, lambda x: np.abs(x) <= 1.0),
+        ("ste_sign", {"clip_value": 1.25}, lambda x: np.abs(x) <= 1.25),
+        ("ste_heaviside", {}, lambda x: np.abs(x) <= 1.0),
+        ("ste_tern", {}, lambda x: np.abs(x) <= 1.0),
+        ("approx_sign", {}, lambda x: np.abs(x) <= 1.0),
+    ],
+)
+def test_non_finite_cotangent_outside_the_clip_gives_zero_as_larqs_where(name, hparams, keep):
+    # Larq selects the gradient with tf.where; a product g * mask turns an inf cotangent
+    # outside the clip into NaN (inf * 0), which then poisons every latent weight.
+    x = np.array([-3.0, -1.0, -0.5, 0.0, 0.5, 1.0, 1.1, 3.0], np.float32)
+    f = qz.get(name, **hparams)
+    for bad in (np.inf, -np.inf, np.nan):
+        dy = np.full_like(x, bad)
+        _, vjp = jax.vjp(f, jnp.asarray(x))
+        (got,) = vjp(jnp.asarray(dy))
+        slope = np.where(np.abs(x) <= 1, 2 - 2 * np.abs(x), 0) if name == "approx_sign" else 1.0
+        with np.errstate(invalid="ignore"):
+            expected = _larq_masked(x, dy * slope, keep(x))
+        np.testing.assert_array_equal(np.asarray(got), expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("surrogate", ["ste_sign", "ste_sign(clip_value=1.25)", "approx_sign"])
+def test_surrogate_override_masks_non_finite_cotangents_outside_its_clip(surrogate):
+    x = jnp.array([-3.0, -0.5, 0.0, 0.5, 3.0])
+    f = qz.with_surrogate(qz.get("ste_sign"), surrogate)
+    _, vjp = jax.vjp(f, x)
+    (got,) = vjp(jnp.full_like(x, jnp.inf))
+    # inside the clip the (positive) slope times inf is inf; outside 0, not NaN
+    np.testing.assert_array_equal(np.asarray(got), [0.0, np.inf, np.inf, np.inf, 0.0])
+
+
+FORWARD_MODE_SPECS = [
+    ("ste_sign", {}),
+    ("ste_sign", {"clip_value": None}),
+    ("approx_sign", {}),
+    ("swish_sign", {}),
+    ("magnitude_aware_sign", {}),
+    ("ste_heaviside", {}),
+    ("ste_tern", {}),
+    ("ste_tern", {"ternary_weight_networks": True}),
+    ("dorefa", {}),
+    ("dorefa", {"mode": "weights", "k_bit": 3}),
+]
+
+
+@pytest.mark.parametrize("name, hparams", FORWARD_MODE_SPECS)
+def test_forward_mode_jvp_equals_the_default_vjp(name, hparams):
+    # Every quantizer is elementwise in its derivative (data-dependent scales and
+    # thresholds pass none), so its Jacobian is diagonal: the forward-mode tangent along
+    # t must equal the default custom VJP of t, entry by entry, inf / NaN included.
+    f = qz.get(name, **hparams)
+    x = jnp.asarray(GRID[:600].reshape(-1, 6))  # (100, 6): a kernel-like shape
+    t = jnp.asarray(np.random.default_rng(0).normal(size=x.shape), jnp.float32)
+    t = t.at[0, 0].set(jnp.inf).at[-1, -1].set(jnp.nan)
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(f, (x,), (t,))
+    jvp = lambda x, t: jax.jvp(f, (x,), (t,))  # noqa: E731
+    vjp = lambda x, t: jax.vjp(f, x)[1](t)[0]  # noqa: E731
+    y_default, want = jax.jit(f)(x), jax.jit(vjp)(x, t)
+    with ops.forward_mode():  # traced anew here: new functions
+        y, got = jax.jit(lambda x, t: jvp(x, t))(x, t)
+        reverse = jax.jit(lambda x, t: vjp(x, t))(x, t)
+    np.testing.assert_array_equal(y, y_default)
+    # DoReFa's chain is differentiated by JAX's own rules (the scalings by n and 1 / n,
+    # tanh) in the other order going forward: float rounding; the others bit for bit
+    tol = {"rtol": 1e-5, "atol": 1e-6} if name == "dorefa" else {"rtol": 0, "atol": 0}
+    np.testing.assert_allclose(got, want, **tol)
+    np.testing.assert_allclose(reverse, want, **tol)
+
+
+def test_forward_mode_surrogate_override_and_jacfwd():
+    f = qz.with_surrogate(qz.get("ste_sign"), "approx_sign")
+    x = jnp.asarray(SPOT)
+    with ops.forward_mode():
+        jac = jax.jacfwd(f)(x)
+        second = jax.grad(lambda x: jnp.sum(jax.grad(lambda x: jnp.sum(f(x) * x))(x)))(x)
+    np.testing.assert_allclose(jac, np.diag((2 - 2 * np.abs(SPOT)) * (np.abs(SPOT) <= 1)))
+    np.testing.assert_allclose(second, [0, -2, 1, 4, 1, -2, 0], atol=1e-6)
