@@ -59,7 +59,9 @@ def parse_args(argv=None):
         "(counted, update not tied to it), sumflip (an int32 sum of the comparison, "
         "tied), xnorplain (XNOR kernel scale differentiated by JAX), xnorkernel (XNOR's "
         "scale in the kernel, as before 2026-11-27, not on the output), wholeconv (a kernel "
-        "as large as its input as a convolution, not a matrix product); NAME+NAME: "
+        "as large as its input as a convolution, not a matrix product), nonan (quantizers "
+        "without NaN propagation), mulmask (the straight-through mask multiplied in, not "
+        "selected); NAME+NAME: "
         "both; twin-NAME: the twin with that change",
     )
     p.add_argument(
@@ -146,6 +148,14 @@ FLIP_VARIANTS = {
     "xnorkernel": (layers, "_binary_kernel_and_scale", _kernel_scaled_layers),
     # a kernel as large as its input as a convolution (before 2026-11-27 on CPUs)
     "wholeconv": (ops, "_is_whole_input_window", lambda *a: False),
+    # quantizers without NaN propagation (a NaN input gave -1 / 0 before 2026-11-27)
+    "nonan": (qz, "_propagate_nan", lambda x, q: q),
+    # the straight-through mask multiplied in, not selected (before 2026-11-28)
+    "mulmask": (
+        qz,
+        "_clipped_gradient",
+        lambda x, g, c: g if c is None else g * qz._clip_mask(x, c).astype(g.dtype),
+    ),
 }
 
 
