@@ -72,9 +72,10 @@ Like every ``jax.custom_vjp`` function, these ops (and jbnn's quantizers) do not
 forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``,
 ``jax.hessian``) by default; reverse mode, ``jit``, ``vmap`` and higher-order reverse
 derivatives work. Under :func:`forward_mode` they are traced in forms that take it: the
-plain JAX ops (the same forward values, bit for bit) with JAX's own derivatives, and the
-quantizers as ``jax.custom_jvp`` functions with the same surrogate derivatives. Images
-are NHWC, kernels HWIO, as everywhere in jbnn.
+plain JAX ops (the same forward values, bit for bit, but for :func:`dense`'s bfloat16
+products of a real input) with JAX's own derivatives, and the quantizers as
+``jax.custom_jvp`` functions with the same surrogate derivatives. Images are NHWC,
+kernels HWIO, as everywhere in jbnn.
 
 :func:`platform_jit` is ``jax.jit`` with XLA compiler options chosen per platform when
 the call is made: on CPU, jbnn's explainers compile without XLA's YNNPACK fusions,
@@ -131,10 +132,10 @@ def forward_mode():
     context they are traced as the plain JAX ops, whose forward values are the same bit
     for bit (but for :func:`dense`'s bfloat16 products of a real input on CPUs that
     have them, run in float32 here: float rounding), with JAX's own derivatives, and
-    the quantizers as ``jax.custom_jvp``
-    functions whose tangent is the surrogate derivative (the straight-through mask,
-    ``approx_sign``'s slope...) times the input's tangent: the same derivatives as the
-    default VJPs, so ``jvp`` agrees with ``grad``. Reverse mode works here too, at the
+    the quantizers as ``jax.custom_jvp`` functions whose tangent is the surrogate
+    derivative (the straight-through mask, ``approx_sign``'s slope...) times the
+    input's tangent: the same derivatives as the default VJPs, so ``jvp`` agrees with
+    ``grad``. Reverse mode works here too, at the
     plain ops' speed (the default forms exist because XLA's CPU backend runs some of the
     plain backward passes slowly).
 
@@ -418,13 +419,7 @@ def conv(
     conv_fn = _conv if plain else _conv_hwio_grad
     if pad_value != 0.0 and any(p != 0 for pair in pads for p in pair):
         if plain:
-            return _conv(
-                _pad_with(x, pads, pad_value),
-                kernel,
-                strides,
-                ((0, 0), (0, 0)),
-                feature_group_count,
-            )
+            return _conv_padded_copy(x, kernel, strides, pads, feature_group_count, pad_value)
         return _conv_const_pad(x, kernel, strides, pads, feature_group_count, float(pad_value))
     if feature_group_count != 1:
         return _conv(x, kernel, strides, pads, feature_group_count)
@@ -636,9 +631,14 @@ def _pad_with(x, pads, value):
     )
 
 
+def _conv_padded_copy(x, kernel, strides, pads, groups, value):
+    """The convolution of x padded with ``value`` (the forward pass of both forms)."""
+    return _conv(_pad_with(x, pads, value), kernel, strides, ((0, 0), (0, 0)), groups)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _conv_const_pad(x, kernel, strides, pads, groups, value):
-    return _conv(_pad_with(x, pads, value), kernel, strides, ((0, 0), (0, 0)), groups)
+    return _conv_padded_copy(x, kernel, strides, pads, groups, value)
 
 
 def _conv_const_pad_fwd(x, kernel, strides, pads, groups, value):
