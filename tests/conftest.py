@@ -1,7 +1,14 @@
-"""Fixtures shared by the test modules."""
+"""Fixtures shared by the test modules.
+
+The README runs the suite in two pytest-xdist workers with ``--dist loadfile``: each
+module's tests run in one worker, one after another, so a module-scoped fixture (the
+study's report, the trained runs) is made once; with xdist's default distribution the
+costliest, the study's, was made in both workers (47 + 26 s of an 11-minute run).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -34,11 +41,36 @@ def pytest_sessionfinish(session):
         shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _most_optimizations_disabled():
+    previous = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", previous)
+
+
 @pytest.fixture(scope="module")
 def fast_compiles():
     """``jax_disable_most_optimizations`` for a module's tests (restored afterwards): the
     models compile several times faster, and the tests check values, not speed."""
-    previous = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+    with _most_optimizations_disabled():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _fast_compiles_after_the_first_case(request):
+    """Tests marked ``fast_compiles_after_first_case``: every parametrized case but the
+    first compiles as ``fast_compiles`` does (the formulas checked case by case); the
+    first case checks the programs as XLA optimises them for jbnn's users."""
+    callspec = getattr(request.node, "callspec", None)
+    if (
+        request.node.get_closest_marker("fast_compiles_after_first_case") is None
+        or callspec is None
+        or not any(callspec.indices.values())
+    ):
+        yield
+        return
+    with _most_optimizations_disabled():
+        yield

@@ -14,6 +14,15 @@ import pytest
 
 from jbnn import ops
 
+
+@pytest.mark.fast_compiles_after_first_case
+@pytest.mark.parametrize("case", [0, 1, 2])
+def test_marked_tests_compile_their_first_case_optimized(case):
+    # tests/conftest.py: the value tests below check every case but the first with
+    # unoptimized (fast) compiles, the first as jbnn's users compile it
+    assert jax.config.values["jax_disable_most_optimizations"] == (case > 0)
+
+
 POOLS = [
     # (input shape, window, strides, padding)
     ((2, 8, 8, 3), (3, 3), (2, 2), "SAME"),  # ResNet stem, even size: pads (0, 1)
@@ -38,6 +47,7 @@ def _pool_grads(x, cotangent, window, strides, padding):
     return jax.jit(plain)(x), jax.jit(fast)(x)
 
 
+@pytest.mark.fast_compiles_after_first_case
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("shape,window,strides,padding", POOLS)
 def test_max_pool_equals_flax(shape, window, strides, padding, ties):
@@ -142,6 +152,7 @@ def _lax_conv(x, w, strides, padding, groups):
     )
 
 
+@pytest.mark.fast_compiles_after_first_case
 @pytest.mark.parametrize("shape,kernel,strides,padding,groups", CONVS)
 def test_conv_equals_lax(shape, kernel, strides, padding, groups):
     x = jax.random.normal(jax.random.key(0), shape)
@@ -173,6 +184,7 @@ SPACE_TO_DEPTH = [
 ]
 
 
+@pytest.mark.fast_compiles_after_first_case
 @pytest.mark.parametrize("shape,kernel,strides,padding", SPACE_TO_DEPTH)
 def test_space_to_depth_conv_equals_the_strided_conv(shape, kernel, strides, padding):
     # The GPU form of a strided few-channel convolution: the same sums in another
@@ -225,6 +237,7 @@ def test_conv_picks_space_to_depth_only_on_gpu():
     assert "lhs_dilate = [2, 2]" in dx.trace(x).lower(lowering_platforms=("tpu",)).as_text()
 
 
+@pytest.mark.fast_compiles_after_first_case
 @pytest.mark.parametrize(
     "shape,kernel",
     [((3, 6, 6, 8), (6, 6, 8, 16)), ((2, 3, 5, 4), (3, 5, 4, 7)), ((2, 1, 1, 5), (1, 1, 5, 3))],
@@ -304,6 +317,7 @@ def _slow_input_grad(x_shape, w, ct, strides, pads):
     return dx
 
 
+@pytest.mark.fast_compiles_after_first_case
 @pytest.mark.parametrize("shape,kernel,strides,padding", PRODUCT)
 def test_product_input_gradient_equals_the_transposed_convolution(shape, kernel, strides, padding):
     # CPU form of the input gradient when the cotangent has few positions per channel:
@@ -379,6 +393,7 @@ def _padded_lax_conv(x, w, strides, padding, groups, value):
     return _lax_conv(xp, w, strides, "VALID", groups)
 
 
+@pytest.mark.fast_compiles_after_first_case
 @pytest.mark.parametrize("shape,kernel,strides,padding,groups", PADDED)
 def test_conv_pad_value_equals_padding_a_copy(shape, kernel, strides, padding, groups):
     # The forward pass is the padded copy's convolution itself; the backward pass splits
