@@ -391,6 +391,36 @@ def test_train_cli_reports_clear_one_line_errors(tmp_path):
         assert not (tmp_path / "w").exists()
 
 
+def test_train_step_flags_a_non_finite_gradient_under_a_finite_loss():
+    # d/dw sqrt(w - w) is 0.5 / sqrt(0) * 0 = NaN while the term adds 0 to the logits:
+    # the loss stays finite, one gradient is NaN; the step must record step 1 (a check
+    # of the loss alone would not, and Bop would hide such a NaN in its moment).
+    import flax.linen as nn
+
+    from jbnn import optim
+
+    class NanGradient(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            w = self.param("w", nn.initializers.ones, ())
+            return nn.Dense(10)(x.reshape(x.shape[0], -1)) + jnp.sqrt(w - w)
+
+    model, shape = NanGradient(), (1, 4, 4, 1)
+    tx = optax.adam(1e-3)
+    mesh = training.make_mesh(jax.devices()[:1])
+    state = training.create_train_state(model, tx, shape, 0, mesh)
+    step = training.make_train_step(model, tx, optim.binary_kernels(model, shape), "latent", mesh)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.uniform(0, 1, (8, 4, 4, 1)).astype(np.float32),
+        "label": rng.integers(0, 10, 8).astype(np.int32),
+    }
+    state = step(state, training.shard_batch(batch, mesh))
+    assert np.isfinite(float(state.loss_sum))
+    assert not np.isfinite(np.asarray(state.params["w"]))
+    assert int(state.nonfinite_step) == 1
+
+
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     original = jdata.ArraySource.batches
 
