@@ -135,9 +135,8 @@ def forward_mode():
     the quantizers as ``jax.custom_jvp`` functions whose tangent is the surrogate
     derivative (the straight-through mask, ``approx_sign``'s slope...) times the
     input's tangent: the same derivatives as the default VJPs, so ``jvp`` agrees with
-    ``grad``. Reverse mode works here too, at the
-    plain ops' speed (the default forms exist because XLA's CPU backend runs some of the
-    plain backward passes slowly).
+    ``grad``. Reverse mode works here too, at the plain ops' speed (the default forms
+    exist because XLA's CPU backend runs some of the plain backward passes slowly).
 
     The choice is made when a function is traced, as :data:`BF16_EXACT_PRODUCTS`'s: a
     ``jax.jit`` function traced before, outside the context, keeps its trace for inputs

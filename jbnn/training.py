@@ -310,18 +310,13 @@ def _loss_and_grads_finite(loss: jax.Array, grads: Any) -> jax.Array:
     """Whether the loss and every gradient are finite (a bool scalar).
 
     The gradients are checked, not only the loss: a NaN or inf gradient (an overflow in
-    the backward pass) is then reported at its own step, not at the next one, and Bop,
-    which flips a weight only where ``w * m > threshold``, would otherwise turn a NaN
-    moment into weights that never flip again, with a finite loss. The sum of |g| is
-    finite exactly when every gradient is (short of a sum beyond 3.4e38); unlike a sum
-    of squares it shares no g * g with Adam's second moment, which XLA would otherwise
-    materialise for both (the MLP's step: 0.4 ms). The check is one more reader of a
-    binary kernel's masked gradient: XLA then writes that gradient out rather than
-    fusing the straight-through mask into Adam's two moments (one kernel-sized array
-    more than without the check; ``benchmarks/train_step.py --bnn-variants
-    nogradcheck`` measures it). Checking a latent kernel's updated value instead, in the
-    flip count's pass (Adam's update is NaN where the gradient is NaN or inf), removes
-    that array, but measured 0.97-1.01x this step (the MLP, 2-core VM): not kept.
+    the backward pass) is then reported at its own step, and under Bop, which flips a
+    weight only where ``w * m > threshold``, a NaN moment would otherwise stop every
+    flip with a finite loss. The sum of |g| is finite exactly when every gradient is
+    (short of a sum beyond 3.4e38); unlike a sum of squares it shares no g * g with
+    Adam's second moment, which XLA would otherwise materialise for both. What the check
+    costs a BNN's step: ``docs/performance.md`` (``benchmarks/train_step.py
+    --bnn-variants nogradcheck``).
     """
     grad_abs = sum(jnp.sum(jnp.abs(g)) for g in jax.tree_util.tree_leaves(grads))
     return jnp.isfinite(loss) & jnp.isfinite(grad_abs)
