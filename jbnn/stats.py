@@ -146,7 +146,9 @@ def paired_difference(
     """Mean of the paired differences ``a - b`` with a bootstrap interval.
 
     The pairs (a[i], b[i]) are resampled together (:func:`bootstrap_ci` of ``a - b``): use
-    it for two scores of the same images, e.g. the BNN's and the twin's.
+    it for two scores of the same images, e.g. the BNN's and the twin's. The differences
+    are taken in float64 before the float32 resampling (under ``jit``, in float32), so
+    that two close scores far from zero keep their difference.
 
     Args:
       a: (n,) scores.
@@ -159,14 +161,22 @@ def paired_difference(
       ``Interval(mean, low, high)`` of the mean difference.
 
     Raises:
-      ValueError: a and b of different shapes, or as :func:`bootstrap_ci`.
+      ValueError: a and b of different shapes, or as :func:`bootstrap_ci` (the range check
+        applies to the differences).
     """
-    a = _values("a", a)
-    b = _values("b", b)
-    if a.shape != b.shape:
-        raise ValueError(f"a and b must pair up: got shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    a_checked = _values("a", a, float32=False)
+    b_checked = _values("b", b, float32=False)
+    if a_checked.shape != b_checked.shape:
+        raise ValueError(
+            f"a and b must pair up: got shapes {tuple(a_checked.shape)} and "
+            f"{tuple(b_checked.shape)}"
+        )
+    if isinstance(a, jax.core.Tracer) or isinstance(b, jax.core.Tracer):
+        diff = a_checked - b_checked
+    else:  # in float64, as wilcoxon: float32 scores would round their differences
+        diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
     return bootstrap_ci(
-        a - b, key_or_seed=key_or_seed, num_resamples=num_resamples, confidence=confidence
+        diff, key_or_seed=key_or_seed, num_resamples=num_resamples, confidence=confidence
     )
 
 

@@ -220,6 +220,11 @@ def test_total_variation_by_hand():
     np.testing.assert_allclose(metrics.total_variation(m), [3.75], rtol=1e-6)
     np.testing.assert_allclose(metrics.total_variation(7 * m), [3.75], rtol=1e-6)
     np.testing.assert_array_equal(metrics.total_variation(np.zeros((1, 4, 4))), [0.0])
+    # Constant maps give exactly 0: dividing each pixel by max |m| first rounded equal
+    # pixels apart (7.0 on 32 x 32 gave 4.7e-5).
+    for value, shape in ((7.0, (2, 32, 32)), (0.1, (1, 20, 24)), (-3e38, (1, 5, 7))):
+        constant = np.full(shape, value, np.float32)
+        np.testing.assert_array_equal(metrics.total_variation(constant), np.zeros(shape[0]))
 
 
 @pytest.mark.slow
@@ -814,6 +819,20 @@ def test_traced_nonfinite_map_gives_nan_for_its_sample_only(name):
         assert np.isfinite(got[0]) and got[0] == jitted(b, a)[0]
     with pytest.raises(ValueError, match="non-finite"):
         f(bad, b)  # concrete: refused at the boundary
+
+
+@pytest.mark.parametrize("exponent", [-100, 100, 127])
+def test_scores_do_not_change_when_maps_are_scaled_by_a_power_of_two(exponent):
+    """Every score is scale invariant; near the float32 limit (2**127 ~ 1.7e38) sums
+    overflowed (pearson, relevance mass) and XLA flushed the reciprocal of the max to 0,
+    zeroing the normalised map (total variation, sparseness, complexity, ssim, hog)."""
+    a, b = (m / np.abs(m).max() for m in random_maps((4, 16, 16), seed=8))  # |.| <= 1
+    scale = np.float32(2.0**exponent)
+    scores = dict(SCORES, spearman=metrics.spearman)
+    for name, f in scores.items():
+        want = np.asarray(f(a, b))
+        got = np.asarray(f(a * scale, b * scale))
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=name)
 
 
 def _poisoned_patch_problem():

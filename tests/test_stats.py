@@ -83,6 +83,16 @@ def test_paired_difference_is_the_bootstrap_of_the_differences():
     assert 0.4 < got.low < 0.5 < got.high < 0.6
 
 
+def test_paired_difference_keeps_small_differences_of_large_scores():
+    """Differences are taken before the float32 cast: 1e8 + 1 and 1e8 were both 1e8."""
+    b = np.full(4, 1e8)
+    a = b + np.array([1.0, 2.0, 3.0, 4.0])
+    got = stats.paired_difference(a, b, key_or_seed=0, num_resamples=200)
+    want = stats.bootstrap_ci(a - b, key_or_seed=0, num_resamples=200)
+    np.testing.assert_array_equal(got, want)
+    assert float(got.mean) == 2.5 and 1.0 <= got.low < got.high <= 4.0
+
+
 @pytest.mark.parametrize("alternative", ["two-sided", "greater", "less"])
 def test_wilcoxon_matches_scipy(alternative):
     rng = np.random.default_rng(4)

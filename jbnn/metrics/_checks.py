@@ -57,6 +57,25 @@ def check_finite(name: str, x) -> None:
         )
 
 
+def scale_by_power_of_two(m: jax.Array, axis) -> tuple[jax.Array, jax.Array]:
+    """``(m / 2**e, max|m| / 2**e)``, ``e`` the binary exponent of max ``|m|`` over ``axis``.
+
+    Multiplying by a power of two is exact (equal values stay equal, ratios and ranks are
+    unchanged), and afterwards ``max|m|`` lies in [0.5, 1) (0 for an all-zero slice), so
+    sums and squares of a map cannot overflow, and dividing by the max cannot go through a
+    reciprocal that XLA on CPU flushes to zero (a subnormal, for a max above ~8.5e37).
+
+    Args:
+      m: float array.
+      axis: the axes that one scale covers (e.g. (1, 2) for each map of a batch).
+
+    Returns:
+      The rescaled ``m`` and its max ``|.|`` over ``axis`` (kept as size-1 axes).
+    """
+    mantissa, exponent = jnp.frexp(jnp.max(jnp.abs(m), axis=axis, keepdims=True))
+    return jnp.ldexp(m, -exponent), mantissa
+
+
 def nonfinite_samples(*arrays: jax.Array) -> jax.Array:
     """(B,) bool, traceable: True where sample i of any array (B, ...) holds NaN or inf.
 

@@ -16,16 +16,20 @@ from jbnn.metrics import _checks
 
 def _normalise_by_max_abs(m: jax.Array) -> jax.Array:
     """Each map (B, H, W) divided by its own max |m|; an all-zero map stays zero."""
-    scale = jnp.max(jnp.abs(m), axis=(1, 2), keepdims=True)
-    return m / jnp.where(scale > 0, scale, 1.0)
+    # Exactly rescaled first: a max above ~8.5e37 would otherwise zero the map.
+    p, mantissa = _checks.scale_by_power_of_two(m, (1, 2))
+    return p / jnp.where(mantissa > 0, mantissa, 1.0)
 
 
 @jax.jit
 def _total_variation(m: jax.Array) -> jax.Array:
-    s = _normalise_by_max_abs(m)
-    down = jnp.sum(jnp.abs(s[:, 1:, :] - s[:, :-1, :]), axis=(1, 2))
-    right = jnp.sum(jnp.abs(s[:, :, 1:] - s[:, :, :-1]), axis=(1, 2))
-    return down + right
+    # The differences of the exactly rescaled map, divided once by its max: equal pixels
+    # give exactly 0 (dividing each pixel by max |m| first can round equal pixels apart).
+    p, mantissa = _checks.scale_by_power_of_two(m, (1, 2))
+    down = jnp.sum(jnp.abs(p[:, 1:, :] - p[:, :-1, :]), axis=(1, 2))
+    right = jnp.sum(jnp.abs(p[:, :, 1:] - p[:, :, :-1]), axis=(1, 2))
+    mantissa = mantissa[:, 0, 0]
+    return (down + right) / jnp.where(mantissa > 0, mantissa, 1.0)
 
 
 def total_variation(m: jax.typing.ArrayLike) -> jax.Array:

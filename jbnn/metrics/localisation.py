@@ -56,14 +56,15 @@ def pointing_game(maps: jax.typing.ArrayLike, masks: jax.typing.ArrayLike) -> ja
 
 @functools.partial(jax.jit, static_argnames=("absolute",))
 def _relevance_mass(m: jax.Array, s: jax.Array, absolute: bool) -> jax.Array:
-    m = m.reshape(m.shape[0], -1)
+    bad = _checks.nonfinite_samples(m)
+    m = _checks.scale_by_power_of_two(m.reshape(m.shape[0], -1), 1)[0]  # sums cannot overflow
     if absolute:
         m = jnp.abs(m)
     s = s.reshape(s.shape[0], -1)
     inside = jnp.sum(jnp.where(s, m, 0.0), axis=1)
     total = jnp.sum(m, axis=1)
     share = jnp.where(total != 0, inside / jnp.where(total != 0, total, 1.0), 0.0)
-    return _checks.nan_where(_checks.nonfinite_samples(m), share)
+    return _checks.nan_where(bad, share)
 
 
 def relevance_mass_accuracy(

@@ -54,6 +54,9 @@ def _pearson_flat(x: jax.Array, y: jax.Array) -> jax.Array:
     """Pearson r of two vectors (N,), with the constant-vector conventions of the module."""
     const_x = jnp.max(x) == jnp.min(x)
     const_y = jnp.max(y) == jnp.min(y)
+    # Exactly rescaled to max |.| < 1 so that the means cannot overflow.
+    x = _checks.scale_by_power_of_two(x, 0)[0]
+    y = _checks.scale_by_power_of_two(y, 0)[0]
     x = x - jnp.mean(x)
     y = y - jnp.mean(y)
     # Scale to max |.| = 1 first so that squares neither overflow nor underflow.
@@ -150,6 +153,7 @@ def minmax_scale(m: jax.Array) -> jax.Array:
     Returns:
       ``(m - min) / (max - min)`` per map, same shape; a constant map becomes all zeros.
     """
+    m = _checks.scale_by_power_of_two(m, (-2, -1))[0]  # exact; max - min cannot overflow
     lo = jnp.min(m, axis=(-2, -1), keepdims=True)
     hi = jnp.max(m, axis=(-2, -1), keepdims=True)
     span = hi - lo
