@@ -79,7 +79,8 @@ def _sign(x: jax.Array) -> jax.Array:
 
 
 def _value(v: ScalarOrSchedule, count: jax.Array) -> jax.Array:
-    return v(count) if callable(v) else jnp.asarray(v)
+    # A schedule may return a Python float (optax.constant_schedule does).
+    return jnp.asarray(v(count) if callable(v) else v)
 
 
 def bop(
@@ -157,10 +158,13 @@ class BinaryKernels:
     """The binary kernels of a model: parameter path -> latent clip (None: no clip).
 
     A path is the tuple of keys under ``variables["params"]``, e.g.
-    ``("block2", "conv", "kernel")``. Hashable, so it can be a static argument.
+    ``("block2", "conv", "kernel")``. ``quantizers`` holds each path's kernel quantizer
+    spec, as :func:`binary_kernels` finds it (empty when built by hand: then nothing is
+    known of the kernels' bit widths). Hashable, so it can be a static argument.
     """
 
     clips: tuple[tuple[Path, float | None], ...]
+    quantizers: tuple[tuple[Path, Any], ...] = ()
 
     @property
     def paths(self) -> tuple[Path, ...]:
@@ -181,12 +185,31 @@ def binary_kernels(model: nn.Module, input_shape: Sequence[int]) -> BinaryKernel
     Returns:
       A :class:`BinaryKernels` (empty for a full-precision twin).
     """
-    clips = tuple(
-        ((*info.path, "kernel"), info.kernel_clip)
-        for info in quantized_layers(model, input_shape)
-        if info.kernel_quantizer is not None
+    infos = [
+        info for info in quantized_layers(model, input_shape) if info.kernel_quantizer is not None
+    ]
+    return BinaryKernels(
+        clips=tuple(((*info.path, "kernel"), info.kernel_clip) for info in infos),
+        quantizers=tuple(((*info.path, "kernel"), info.kernel_quantizer) for info in infos),
     )
-    return BinaryKernels(clips)
+
+
+def _check_bop_kernels(kernels: BinaryKernels) -> None:
+    """Bop keeps its kernels at +-1: a kernel quantizer of more than one bit (ste_tern,
+    dorefa with k_bit > 1) or none (identity) would silently lose its other levels."""
+    from jbnn.summary import precision
+
+    wrong = [
+        f"{'/'.join(path[:-1])} ({spec!r}: {bits or 'full-precision'} bits)"
+        for path, spec in kernels.quantizers
+        if (bits := precision(spec)) != 1
+    ]
+    if wrong:
+        raise ValueError(
+            "binary_optimizer 'bop' trains binary (1-bit) kernels only, and sets them to "
+            f"+-1; these layers' kernel quantizers are not 1-bit: {', '.join(wrong)}. "
+            "Use binary_optimizer 'latent' for them."
+        )
 
 
 def _check_paths(params: Mapping[str, Any], kernels: BinaryKernels) -> dict[Path, Any]:
@@ -211,12 +234,18 @@ def param_labels(params: Mapping[str, Any], kernels: BinaryKernels, binary_optim
 
     Returns:
       A pytree like ``params`` of labels :data:`REAL`, :data:`LATENT` or :data:`BINARY`.
+
+    Raises:
+      ValueError: an unknown binary optimizer, kernel paths not in ``params``, or
+        ``"bop"`` for a kernel whose quantizer is not 1-bit.
     """
     if binary_optimizer not in BINARY_OPTIMIZERS:
         raise ValueError(
             f"Unknown binary optimizer {binary_optimizer!r}; expected one of {BINARY_OPTIMIZERS}"
         )
     flat = _check_paths(params, kernels)
+    if binary_optimizer == "bop":
+        _check_bop_kernels(kernels)
     binary_label = LATENT if binary_optimizer == "latent" else BINARY
     binary = set(kernels.paths)
     labels = {path: binary_label if path in binary else REAL for path in flat}

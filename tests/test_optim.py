@@ -1,5 +1,6 @@
 """Bop, latent-weight clipping and parameter routing against hand computations."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,6 +77,40 @@ def test_bop_binarizes_float_initial_weights_and_needs_params():
         optim.bop(gamma=0.0)
     with pytest.raises(ValueError, match="threshold"):
         optim.bop(threshold=-1.0)
+
+
+def test_bop_takes_schedules_that_return_python_floats():
+    """optax.constant_schedule returns a float; Bop called .astype on it."""
+    rng = np.random.default_rng(1)
+    params = {"k": jnp.asarray(np.where(rng.normal(size=(5, 4)) >= 0, 1.0, -1.0), jnp.float32)}
+    grads = {"k": jnp.asarray(rng.normal(scale=0.5, size=(5, 4)), jnp.float32)}
+    want, _ = optim.bop(threshold=0.1, gamma=0.5).update(grads, optim.bop().init(params), params)
+    tx = optim.bop(threshold=lambda step: 0.1, gamma=optax.constant_schedule(0.5))
+    got, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    np.testing.assert_array_equal(np.asarray(got["k"]), np.asarray(want["k"]))
+    assert np.any(np.asarray(got["k"]) != 0)  # some weights flipped
+    assert int(state.count) == 1
+
+
+def test_bop_refuses_kernels_that_are_not_one_bit():
+    """Bop sets its kernels to +-1: a ternary or 2-bit kernel would lose its other levels."""
+    from jbnn.layers import QuantDense
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = QuantDense(4, kernel_quantizer="ste_sign", name="binary")(x)
+            return QuantDense(3, kernel_quantizer="ste_tern", name="ternary")(x)
+
+    model = Net()
+    params = jax.jit(model.init)(KEY, jnp.zeros((1, 6)))["params"]
+    kernels = optim.binary_kernels(model, (1, 6))
+    schedule = optim.make_schedule(1e-3, 10, "constant")
+    with pytest.raises(ValueError, match=r"1-bit.*ternary \('ste_tern': 2 bits\)"):
+        optim.make_optimizer(params, kernels, schedule=schedule, binary_optimizer="bop")
+    optim.make_optimizer(params, kernels, schedule=schedule, binary_optimizer="latent")
+    sign_only = optim.BinaryKernels(kernels.clips[:1], kernels.quantizers[:1])
+    optim.param_labels(params, sign_only, "bop")  # the 1-bit layer alone is fine
 
 
 def _mlp(binary=True, kernel_clip=1.0):
