@@ -736,7 +736,8 @@ def dense(
     product took 1.2 ms and the float32 binary one 1.6-1.9 ms. The gradients are float32
     products: the kernel's is ``x^T g`` in float32 (JAX's own for a 2-D input, otherwise
     up to float rounding); the input's is ``g k^T`` with ``g`` split as above (float
-    rounding).
+    rounding). The two products are each other's derivatives, so second and higher
+    reverse derivatives (Hessian-vector products) are float32-accurate too.
 
     Elsewhere (GPU, TPU, a CPU without native bfloat16, a non-float32 operand, a kernel
     not known to be exact, or inside :func:`platform_jit`'s CPU programs, whose classic
@@ -785,28 +786,56 @@ def _bf16_product(parts: jax.Array, k16: jax.Array, contract_k: int) -> jax.Arra
     return functools.reduce(operator.add, [y[i] for i in range(y.shape[0])])
 
 
+def _lead_product(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a^T b`` over every leading axis, float32: (..., M), (..., N) -> (M, N).
+
+    As JAX's transpose rule of the product computes a kernel's gradient
+    (jax.linear_transpose of it made XLA split the training step's gradient sums).
+    """
+    lead = tuple(range(a.ndim - 1))
+    return lax.dot_general(a, b, ((lead, lead), ((), ())))
+
+
+# ``x @ kernel`` and ``g @ kernel^T`` are each other's derivatives: two custom_vjp
+# functions whose backward passes call each other, so that every order of reverse
+# derivative (grad of grad: Hessian-vector products) runs the same exact products. The
+# residual is the float32 kernel: a cotangent through its bfloat16 copy would be rounded
+# to bfloat16 (a Hessian-vector product was off by 3e-3). XLA's CSE merges the two
+# casts of the kernel, so a first-order step compiles as it did with a bfloat16 residual.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _bf16_dense(x, kernel, exact_input):
-    return _bf16_dense_fwd(x, kernel, exact_input)[0]
+    parts = x.astype(jnp.bfloat16)[None] if exact_input else _split3(x)
+    return _bf16_product(parts, kernel.astype(jnp.bfloat16), 0)
 
 
 def _bf16_dense_fwd(x, kernel, exact_input):
-    k16 = kernel.astype(jnp.bfloat16)
-    parts = x.astype(jnp.bfloat16)[None] if exact_input else _split3(x)
-    return _bf16_product(parts, k16, 0), (x, k16)
+    return _bf16_dense(x, kernel, exact_input), (x, kernel)
 
 
 def _bf16_dense_bwd(exact_input, residuals, g):
-    x, k16 = residuals
-    d_x = _bf16_product(_split3(g), k16, 1).astype(x.dtype)
-    # x^T g over every leading axis, as JAX's transpose rule of the product computes it
-    # (jax.linear_transpose of it made XLA split the training step's gradient sums).
-    lead = tuple(range(x.ndim - 1))
-    d_kernel = lax.dot_general(x, g, ((lead, lead), ((), ())))
-    return d_x, d_kernel
+    x, kernel = residuals
+    return _bf16_dense_t(g, kernel).astype(x.dtype), _lead_product(x, g)
 
 
 _bf16_dense.defvjp(_bf16_dense_fwd, _bf16_dense_bwd)
+
+
+@jax.custom_vjp
+def _bf16_dense_t(g, kernel):
+    """``g @ kernel^T`` (the input gradient of :func:`_bf16_dense`), ``g`` split."""
+    return _bf16_product(_split3(g), kernel.astype(jnp.bfloat16), 1)
+
+
+def _bf16_dense_t_fwd(g, kernel):
+    return _bf16_dense_t(g, kernel), (g, kernel)
+
+
+def _bf16_dense_t_bwd(residuals, c):
+    g, kernel = residuals
+    return _bf16_dense(c, kernel, False).astype(g.dtype), _lead_product(c, g)
+
+
+_bf16_dense_t.defvjp(_bf16_dense_t_fwd, _bf16_dense_t_bwd)
 
 
 # --------------------------------------------------------------------------- channel sum

@@ -623,6 +623,27 @@ def test_dense_in_bfloat16_is_exact_for_binary_inputs_and_float32_close_for_real
     )
 
 
+@pytest.mark.parametrize("x_shape", [(4, 300), (2, 3, 300)])
+def test_dense_in_bfloat16_has_float32_accurate_second_derivatives(monkeypatch, x_shape):
+    """Hessian-vector products of ||x k||^2 in x and in k against the analytic ones in
+    float64: 2 (v k) k^T and 2 x^T (x w), w the direction in k (a cotangent through a
+    bfloat16 residual or split was rounded: 3e-3 relative error)."""
+    monkeypatch.setattr(ops, "BF16_EXACT_PRODUCTS", True)  # any CPU: the bfloat16 form
+    k = _ternary(jax.random.key(0), (300, 20))
+    x = jax.random.normal(jax.random.key(1), x_shape)
+    v = jax.random.normal(jax.random.key(2), x_shape)
+    w = _ternary(jax.random.key(3), (300, 20))
+    loss = lambda x, k: jnp.sum(ops.dense(x, k, exact_kernel=True) ** 2)  # noqa: E731
+    hvp_x = jax.jit(jax.grad(lambda x: jnp.vdot(jax.grad(loss)(x, k), v)))(x)
+    hvp_k = jax.jit(jax.grad(lambda k: jnp.vdot(jax.grad(loss, 1)(x, k), w)))(k)
+    x64, k64, v64, w64 = (np.asarray(a, np.float64) for a in (x, k, v, w))
+    want_x = 2 * (v64 @ k64) @ k64.T
+    flat_x = x64.reshape(-1, 300)
+    want_k = 2 * flat_x.T @ (flat_x @ w64)
+    for got, want in ((hvp_x, want_x), (hvp_k, want_k)):
+        assert np.max(np.abs(np.asarray(got) - want)) / np.max(np.abs(want)) < 2e-6
+
+
 def test_dense_takes_bfloat16_only_on_cpu_for_exact_float32_kernels(monkeypatch):
     def has_bf16(fn, *args, platform=None):
         fn = lambda *a, fn=fn: fn(*a)  # a new function: traced again (the flag is read then)
