@@ -1030,6 +1030,21 @@ def test_bad_inputs_raise_clear_errors(net):
             ValueError,
             "key is required",
         ),
+        *[  # a per-example array was applied by position in each batch
+            (
+                lambda option=option: sal.explain_dataset(
+                    "smoothgrad",
+                    [np.asarray(x)],
+                    fn=fn,
+                    key=jax.random.key(0),
+                    progress=False,
+                    **{option: np.full(len(x), 0.1)},
+                ),
+                ValueError,
+                f"{option} must be one number for a whole dataset",
+            )
+            for option in ("noise_level", "noise_sigma")
+        ],
         (
             lambda: sal.explain_dataset("gradient", [bad_x], fn=fn, progress=False),
             ValueError,

@@ -81,8 +81,9 @@ def _build_step(method, fn, model, x_shape, kwargs) -> Callable:
             method, "smoothgrad"
         )
         options.update(kwargs)
-        if options["noise_sigma"] is not None and np.ndim(options["noise_sigma"]) != 0:
-            raise ValueError(f"{name}: noise_sigma must be one number for a whole dataset.")
+        for option in ("noise_sigma", "noise_level"):  # per-example arrays would apply
+            if options[option] is not None and np.ndim(options[option]) != 0:  # per slot
+                raise ValueError(f"{name}: {option} must be one number for a whole dataset.")
         scale, static = gradients._smoothgrad_options(
             x_shape[0],
             options["num_samples"],
