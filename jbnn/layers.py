@@ -21,6 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.linen import initializers
 
 from jbnn import ops
@@ -68,9 +69,10 @@ def _xnor_kernel_fwd(kernel, quantizer):
     # CPU fusions reduce this form in one pass over the kernel (the clipped kernel's abs,
     # or a select, was written out first; Gradient of an XNOR-Net at 224 px: 1.6x); on
     # XLA's classic CPU kernels (the explainers' programs) ops.channel_sum sums in two
-    # stages, as one reduction wrote the magnitudes out first there (1.38x)
+    # stages, as one reduction wrote the magnitudes out first there (1.38x). Summed and
+    # divided in float32 for a float16 kernel, whose fan-in may pass 65504.
     magnitude = jnp.minimum(jnp.abs(kernel.reshape(-1, c_out)), 1.0)
-    alpha = ops.channel_sum(magnitude) / magnitude.shape[0]
+    alpha = qz._channel_mean(magnitude, magnitude.shape[0])
     return (quantizer(jnp.clip(kernel, -1.0, 1.0)), alpha), kernel
 
 
@@ -80,7 +82,7 @@ def _xnor_kernel_bwd(quantizer, kernel, cotangents):
     _, quantizer_pullback = jax.vjp(quantizer, jnp.clip(kernel, -1.0, 1.0))
     (d_clipped,) = quantizer_pullback(g_binary)
     # d mean|c| / dc = sign(c) / fan_in, with TensorFlow's abs'(0) = 0 (sign(c) = sign(w))
-    d_mean = (g_alpha / fan_in).astype(kernel.dtype)
+    d_mean = _divide_in_scale_dtype(g_alpha, fan_in).astype(kernel.dtype)
     d_clipped = d_clipped + jnp.where(kernel > 0, d_mean, jnp.where(kernel < 0, -d_mean, 0.0))
     # d clip(w) / dw: 1 on [-1, 1], bounds included (TensorFlow's clip_by_value), 0
     # beyond. Selects (not masks multiplied in) and no |w| shared with the forward pass,
@@ -90,6 +92,15 @@ def _xnor_kernel_bwd(quantizer, kernel, cotangents):
 
 
 _xnor_kernel.defvjp(_xnor_kernel_fwd, _xnor_kernel_bwd)
+
+
+def _divide_in_scale_dtype(value: jax.Array, fan_in: int) -> jax.Array:
+    """``value / fan_in`` in value's dtype, computed in float32 for float16 (a fan-in
+    above 65504 is inf there), as :func:`jbnn.quantizers._channel_mean` does."""
+    dtype = qz._scale_dtype(value.dtype)
+    if dtype == value.dtype:
+        return value / fan_in
+    return (value.astype(dtype) / fan_in).astype(value.dtype)
 
 
 def _binary_kernel_and_scale(
@@ -147,12 +158,45 @@ def _xnor_kernel_forward_mode(kernel: jax.Array, quantizer) -> tuple[jax.Array, 
     ``custom_jvp`` derivatives (:func:`jbnn.ops.forward_mode`)."""
     clipped = _tf_clip(kernel)
     c_out = kernel.shape[-1]
-    alpha = ops.channel_sum(_tf_abs(clipped).reshape(-1, c_out)) / (kernel.size // c_out)
+    alpha = qz._channel_mean(_tf_abs(clipped).reshape(-1, c_out), kernel.size // c_out)
     return quantizer(clipped), alpha
 
 
 def _apply_scale(y: jax.Array, scale: jax.Array | None) -> jax.Array:
     return y if scale is None else y * scale.astype(y.dtype)
+
+
+def _check_kernel_clip(value: Any, layer: str) -> None:
+    """A ValueError unless the latent-weight clip is None or a finite number > 0 (the
+    trainer clips to [-value, value]: -1 set every weight to -1, True clipped to 1).
+    Checked in Python when the layer is traced, so once per trace; a traced value (the
+    layer built inside a transformation) is left as it is."""
+    if value is None or isinstance(value, jax.core.Tracer):
+        return
+    try:
+        ok = (
+            not isinstance(value, bool | str)
+            and np.ndim(value) == 0
+            and np.asarray(value).dtype.kind in "fiu"
+            and bool(np.isfinite(value))
+            and value > 0
+        )
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{layer}: kernel_clip must be None or a finite number > 0, got {value!r}."
+        )
+
+
+def _conv_pair(value: Any, what: str) -> tuple[int, int]:
+    """``kernel_size`` / ``strides`` as (h, w): an int n is (n, n), as Larq's (and
+    nn.Conv's strides); a ValueError for anything but one or two positive ints."""
+    if isinstance(value, bool) or (
+        hasattr(value, "__len__") and any(isinstance(v, bool) for v in value)
+    ):
+        raise ValueError(f"QuantConv: {what} must be two positive ints (h, w), got {value!r}.")
+    return ops._pair(value, "QuantConv", what)
 
 
 def _check_input(x: jax.Array, ndim: int | None, layer: str) -> None:
@@ -172,7 +216,8 @@ class QuantDense(nn.Module):
       use_bias: whether to add a bias.
       input_quantizer: quantizer spec for the input (e.g. ``"ste_sign"``), or None.
       kernel_quantizer: quantizer spec for the latent kernel, or None.
-      kernel_clip: clip value of the latent kernel, applied by the trainer, or None.
+      kernel_clip: clip value of the latent kernel, applied by the trainer: None or a
+        finite number > 0 (a ValueError otherwise, when the layer is called).
       kernel_scale: XNOR-Net's kernel ``alpha * q(clip(w, -1, 1))``, alpha = mean
         |clip(w, -1, 1)| per output unit; the product is by ``q(clip(w, -1, 1))`` and
         alpha scales the output (the same map, exact for binary inputs).
@@ -198,6 +243,7 @@ class QuantDense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         _check_input(x, None, "QuantDense")
+        _check_kernel_clip(self.kernel_clip, "QuantDense")
         kernel = self.param(
             "kernel", self.kernel_init, (jnp.shape(x)[-1], self.features), self.param_dtype
         )
@@ -249,8 +295,8 @@ class QuantConv(nn.Module):
 
     Attributes:
       features: number of output channels.
-      kernel_size: (kh, kw).
-      strides: (sh, sw).
+      kernel_size: (kh, kw), or one int for a square kernel.
+      strides: (sh, sw), or one int for both.
       padding: "SAME", "VALID" or explicit ((top, bottom), (left, right)).
       pad_values: value that SAME / explicit padding fills with (QuickNet uses 1.0 so
         that a binary input stays binary); 0.0 is ordinary zero padding.
@@ -262,8 +308,8 @@ class QuantConv(nn.Module):
     """
 
     features: int
-    kernel_size: Sequence[int] = (3, 3)
-    strides: Sequence[int] = (1, 1)
+    kernel_size: int | Sequence[int] = (3, 3)
+    strides: int | Sequence[int] = (1, 1)
     padding: str | Sequence[tuple[int, int]] = "SAME"
     pad_values: float = 0.0
     feature_group_count: int = 1
@@ -281,13 +327,14 @@ class QuantConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         _check_input(x, 4, "QuantConv")
+        _check_kernel_clip(self.kernel_clip, "QuantConv")
+        kh, kw = _conv_pair(self.kernel_size, "kernel_size")
         in_features = x.shape[-1]
         if in_features % self.feature_group_count:
             raise ValueError(
                 f"QuantConv: {in_features} input channels are not divisible by "
                 f"feature_group_count={self.feature_group_count}."
             )
-        kh, kw = self.kernel_size
         kernel = self.param(
             "kernel",
             self.kernel_init,
@@ -369,7 +416,7 @@ class QuantConv(nn.Module):
         y = ops.conv(
             x,
             kernel,
-            tuple(self.strides),
+            _conv_pair(self.strides, "strides"),
             padding if isinstance(padding, str) else tuple(map(tuple, padding)),
             self.feature_group_count,
             pad_value=self.pad_values,
@@ -420,7 +467,7 @@ def quantized_layers(model: nn.Module, input_shape: Sequence[int]) -> list[Layer
                 kshape = (x.shape[-1], mod.features)
             else:
                 kshape = (
-                    *mod.kernel_size,
+                    *_conv_pair(mod.kernel_size, "kernel_size"),
                     x.shape[-1] // mod.feature_group_count,
                     mod.features,
                 )

@@ -21,7 +21,8 @@ with the quantizer itself.
 
 Quantizers are picked by name with :func:`get`, which also accepts a call-like string
 spec (``"ste_sign(clip_value=1.25)"``) so that specs can live in configs and in module
-fields, which must be hashable. Hyper-parameters are checked there (type and range).
+fields, which must be hashable. Hyper-parameters are checked there (type and range), and
+by each quantizer when it is called (in Python, once per trace under ``jit``).
 
 Surrogate override: :func:`with_surrogate` keeps a quantizer's forward pass bit for bit
 and replaces its backward pass by the derivative of another surrogate (``ste_sign``
@@ -71,6 +72,25 @@ def _float_input(x: ArrayLike, name: str) -> jax.Array:
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name} expects a floating-point input, got dtype {x.dtype}.")
     return x
+
+
+def _scale_dtype(dtype) -> jnp.dtype:
+    """The dtype in which a per-channel mean of |x| is summed and divided: float32 for a
+    float type with a narrower exponent range than float32's (float16, the float8s),
+    where a channel sum or a fan-in above the type's max (65504 in float16) is inf; the
+    type itself otherwise (float32, bfloat16 and float64 scales are unchanged)."""
+    if jnp.finfo(dtype).maxexp < jnp.finfo(jnp.float32).maxexp:
+        return jnp.dtype(jnp.float32)
+    return jnp.dtype(dtype)
+
+
+def _channel_mean(magnitude: jax.Array, fan_in: int) -> jax.Array:
+    """``channel_sum(magnitude) / fan_in``: (..., C) -> (C,) in magnitude's dtype, summed
+    and divided in :func:`_scale_dtype` (float32 for float16: one rounding at the end)."""
+    dtype = _scale_dtype(magnitude.dtype)
+    if dtype == magnitude.dtype:
+        return ops.channel_sum(magnitude) / fan_in
+    return (ops.channel_sum(magnitude.astype(dtype)) / fan_in).astype(magnitude.dtype)
 
 
 def _propagate_nan(x: jax.Array, q: jax.Array) -> jax.Array:
@@ -147,7 +167,11 @@ def ste_sign(x: ArrayLike, clip_value: float | None = 1.0) -> jax.Array:
 
     Returns:
       An array of -1 / +1 (NaN where x is NaN) with x's shape and dtype.
+
+    Raises:
+      ValueError: for a hyper-parameter that :func:`get` rejects (checked at trace time).
     """
+    _check_call("ste_sign", clip_value=clip_value)
     x = _float_input(x, "ste_sign")
     if ops.forward_mode_active():
         return _jvp_form(lambda x: _sign(x), lambda x, t: _clipped_gradient(x, t, clip_value), x)
@@ -215,7 +239,11 @@ def swish_sign(x: ArrayLike, beta: float = 5.0) -> jax.Array:
 
     Returns:
       An array of -1 / +1 (NaN where x is NaN) with x's shape and dtype.
+
+    Raises:
+      ValueError: for a hyper-parameter that :func:`get` rejects (checked at trace time).
     """
+    _check_call("swish_sign", beta=beta)
     x = _float_input(x, "swish_sign")
     if ops.forward_mode_active():
         return _jvp_form(lambda x: _sign(x), lambda x, t: t * _swish_sign_grad(x, beta), x)
@@ -251,13 +279,18 @@ def magnitude_aware_sign(x: ArrayLike, clip_value: float | None = 1.0) -> jax.Ar
 
     Returns:
       An array of -a / +a with x's shape and dtype.
+
+    Raises:
+      ValueError: for a hyper-parameter that :func:`get` rejects (checked at trace time).
     """
+    _check_call("magnitude_aware_sign", clip_value=clip_value)
     x = _float_input(x, "magnitude_aware_sign")
     if x.ndim == 0:  # the mean over no axes
         scale = jax.lax.stop_gradient(jnp.abs(x))
-    else:  # a channel sum, taken in two stages on XLA's classic CPU kernels (jbnn.ops)
+    else:  # a channel sum, taken in two stages on XLA's classic CPU kernels (jbnn.ops),
+        # in float32 for float16 (a sum or fan-in above 65504 was inf, the scale 0 or inf)
         fan_in = x.size // x.shape[-1] if x.shape[-1] else 1
-        scale = jax.lax.stop_gradient(ops.channel_sum(jnp.abs(x)) / fan_in)
+        scale = jax.lax.stop_gradient(_channel_mean(jnp.abs(x), fan_in))
     return (scale * ste_sign(x, clip_value)).astype(x.dtype)
 
 
@@ -272,7 +305,11 @@ def ste_heaviside(x: ArrayLike, clip_value: float | None = 1.0) -> jax.Array:
 
     Returns:
       An array of 0 / 1 (NaN where x is NaN) with x's shape and dtype.
+
+    Raises:
+      ValueError: for a hyper-parameter that :func:`get` rejects (checked at trace time).
     """
+    _check_call("ste_heaviside", clip_value=clip_value)
     x = _float_input(x, "ste_heaviside")
     if ops.forward_mode_active():
         tangent = lambda x, t: _clipped_gradient(x, t, clip_value)  # noqa: E731
@@ -356,7 +393,16 @@ def ste_tern(
 
     Returns:
       An array of -1 / 0 / +1 with x's shape and dtype.
+
+    Raises:
+      ValueError: for a hyper-parameter that :func:`get` rejects (checked at trace time).
     """
+    _check_call(
+        "ste_tern",
+        threshold_value=threshold_value,
+        ternary_weight_networks=ternary_weight_networks,
+        clip_value=clip_value,
+    )
     x = _float_input(x, "ste_tern")
     if ternary_weight_networks:
         threshold = jax.lax.stop_gradient(0.7 * jnp.mean(jnp.abs(x)))
@@ -429,16 +475,18 @@ def dorefa(x: ArrayLike, k_bit: int = 2, mode: str = "activations") -> jax.Array
 
     Returns:
       The quantized array with x's shape and dtype.
+
+    Raises:
+      ValueError: for a hyper-parameter that :func:`get` rejects (checked at trace time).
     """
+    _check_call("dorefa", k_bit=k_bit, mode=mode)
     x = _float_input(x, "dorefa")
     n = 2.0**k_bit - 1.0
     if mode == "activations":
         return (_round_ste(n * _clip01(x)) / n).astype(x.dtype)
-    if mode == "weights":
-        t = jnp.tanh(x)
-        t = t / (2.0 * jax.lax.stop_gradient(jnp.max(jnp.abs(t)))) + 0.5
-        return (2.0 * _round_ste(n * t) / n - 1.0).astype(x.dtype)
-    raise ValueError(f"dorefa mode must be 'activations' or 'weights', got {mode!r}")
+    t = jnp.tanh(x)  # mode == "weights"
+    t = t / (2.0 * jax.lax.stop_gradient(jnp.max(jnp.abs(t)))) + 0.5
+    return (2.0 * _round_ste(n * t) / n - 1.0).astype(x.dtype)
 
 
 def identity(x: ArrayLike) -> jax.Array:
@@ -486,7 +534,7 @@ _HPARAM_CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
     "clip_value": (lambda v: v is None or (_is_number(v) and v >= 0), "None or a number >= 0"),
     "beta": (lambda v: _is_number(v) and v > 0, "a number > 0"),
     "threshold_value": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "ternary_weight_networks": (lambda v: isinstance(v, bool), "True or False"),
+    "ternary_weight_networks": (lambda v: isinstance(v, bool | np.bool_), "True or False"),
     "k_bit": (lambda v: _is_number(v, "iu") and v >= 1, "an int >= 1"),
     "mode": (
         lambda v: isinstance(v, str) and v in ("activations", "weights"),
@@ -501,6 +549,15 @@ def _check_hparams(what: str, hparams: dict) -> None:
         check, expected = _HPARAM_CHECKS[key]
         if not check(value):
             raise ValueError(f"{what}: {key} must be {expected}, got {value!r}.")
+
+
+def _check_call(name: str, **hparams) -> None:
+    """:func:`_check_hparams` for a call of the quantizer ``name``, as :func:`get` checks
+    them: in Python, so under ``jit`` once per trace. A traced hyper-parameter (jit,
+    vmap or grad over ``threshold_value`` or ``k_bit``, which the quantizers support)
+    has no value to check then, and is left as it is."""
+    concrete = {k: v for k, v in hparams.items() if not isinstance(v, jax.core.Tracer)}
+    _check_hparams(f"Quantizer {name!r}", concrete)
 
 
 # Quantizers whose outputs are -1, 0 or +1 only (exact in every float format).

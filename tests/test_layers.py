@@ -1,12 +1,14 @@
 """Quantized layers against Flax's own layers and hand-written convolutions."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jbnn import layers
+from jbnn import layers, ops
 from jbnn import quantizers as qz
 from jbnn.layers import QuantConv, QuantDense, quantized_layers
 
@@ -268,8 +270,6 @@ def test_bfloat16_layers():
     ],
 )
 def test_quant_dense_multiplies_exact_kernels_in_bfloat16(monkeypatch, kwargs, bf16):
-    from jbnn import ops
-
     layer = QuantDense(16, **kwargs)
     x = jax.random.normal(jax.random.key(0), (5, 32))
     variables = layer.init(jax.random.key(1), x)
@@ -283,3 +283,90 @@ def test_quant_dense_multiplies_exact_kernels_in_bfloat16(monkeypatch, kwargs, b
         outputs[enabled] = step(variables, x)
     for a, b in zip(jax.tree.leaves(outputs[True]), jax.tree.leaves(outputs[False]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer_cls", [QuantDense, QuantConv])
+@pytest.mark.parametrize(
+    "kernel_clip", [0.0, -1.0, float("nan"), float("inf"), True, False, "1.0", (1.0,)]
+)
+def test_kernel_clip_must_be_none_or_a_finite_positive_number(layer_cls, kernel_clip):
+    # the trainer clips latent weights to [-c, c]: c = -1 set every weight to -1, True
+    # clipped to [-1, 1], and NaN, inf, 0 were taken as well
+    x = jnp.ones((1, 4, 4, 2))
+    layer = layer_cls(3, kernel_quantizer="ste_sign", kernel_clip=kernel_clip)
+    match = f"{layer_cls.__name__}: kernel_clip must be None or a finite number > 0, got "
+    with pytest.raises(ValueError, match=re.escape(match + repr(kernel_clip))):
+        layer.init(KEY, x)
+    with pytest.raises(ValueError, match=re.escape(match)):
+        quantized_layers(layer, x.shape)
+
+
+@pytest.mark.parametrize("kernel_clip", [None, 1, 1.25, np.float32(1.3), 1e-3])
+def test_valid_kernel_clips_are_recorded_as_given(kernel_clip):
+    layer = QuantConv(3, kernel_quantizer="ste_sign", kernel_clip=kernel_clip)
+    layer.init(KEY, jnp.ones((1, 4, 4, 2)))
+    (info,) = quantized_layers(layer, (1, 4, 4, 2))
+    assert info.kernel_clip is kernel_clip
+
+
+def test_conv_takes_an_int_kernel_size_and_stride_as_a_square_pair():
+    x = jax.random.normal(KEY, (2, 9, 9, 3))
+    ints = QuantConv(4, kernel_size=3, strides=2, input_quantizer="ste_sign")
+    pairs = QuantConv(4, kernel_size=(3, 3), strides=(2, 2), input_quantizer="ste_sign")
+    variables = ints.init(KEY, x)
+    assert variables["params"]["kernel"].shape == (3, 3, 3, 4)
+    np.testing.assert_array_equal(ints.apply(variables, x), pairs.apply(variables, x))
+    # as nn.Conv with pairs (nn.Conv takes an int kernel_size as a 1-D window)
+    ref = nn.Conv(4, (3, 3), strides=2)
+    plain = QuantConv(4, kernel_size=3, strides=2)
+    np.testing.assert_array_equal(plain.apply(variables, x), ref.apply(variables, x))
+    (info,) = quantized_layers(ints, x.shape)
+    assert info.kernel_shape == (3, 3, 3, 4) and info.output_shape == (2, 5, 5, 4)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("kernel_size", (3, 3, 3)),
+        ("kernel_size", (3,)),
+        ("kernel_size", 0),
+        ("kernel_size", (0, 3)),
+        ("kernel_size", 2.5),
+        ("kernel_size", "3"),
+        ("kernel_size", True),
+        ("strides", (1, 1, 1)),
+        ("strides", -1),
+        ("strides", (1.5, 1)),
+        ("strides", False),
+    ],
+)
+def test_conv_rejects_bad_kernel_size_and_strides(field, value):
+    layer = QuantConv(4, **{field: value})
+    match = f"QuantConv: {field} must be two positive ints (h, w), got {value!r}"
+    with pytest.raises(ValueError, match=re.escape(match)):
+        layer.init(KEY, jnp.ones((1, 8, 8, 3)))
+
+
+def test_xnor_alpha_in_float16_does_not_overflow():
+    # alpha = mean min(|w|, 1) over fan_in = 70000 > 65504 (float16's max): the divisor
+    # was inf, alpha and its gradient 0
+    w = jnp.asarray(np.random.default_rng(0).uniform(-0.02, 0.02, (70000, 2)), jnp.float16)
+    want = np.abs(np.asarray(w, np.float64)).mean(0)
+    layer = QuantDense(2, kernel_quantizer="ste_sign", kernel_scale=True, use_bias=False)
+    _, alpha, _ = layer.quantized_kernel(w, None)
+    assert alpha.dtype == jnp.float16
+    np.testing.assert_allclose(np.asarray(alpha, np.float64), want, rtol=1e-3)
+    # d sum(alpha) / dw = sign(w) / fan_in, a float16 subnormal
+    grad = jax.grad(lambda w: jnp.sum(layer.quantized_kernel(w, None)[1]).astype(jnp.float32))
+    want_grad = np.sign(np.asarray(w, np.float64)) / 70000
+    np.testing.assert_allclose(np.asarray(grad(w), np.float64), want_grad, rtol=1e-2)
+    with ops.forward_mode():  # larq-zoo's formula with custom_jvp tie rules
+        alpha_fwd, alpha_dot = jax.jvp(
+            lambda w: layer.quantized_kernel(w, None)[1], (w,), (jnp.ones_like(w),)
+        )
+    np.testing.assert_allclose(np.asarray(alpha_fwd, np.float64), want, rtol=1e-3)
+    np.testing.assert_allclose(
+        np.asarray(alpha_dot, np.float64),
+        np.sign(np.asarray(w, np.float64)).sum(0) / 70000,
+        rtol=1e-2,
+    )

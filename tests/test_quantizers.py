@@ -504,3 +504,72 @@ def test_forward_mode_surrogate_override_and_jacfwd():
         second = jax.grad(lambda x: jnp.sum(jax.grad(lambda x: jnp.sum(f(x) * x))(x)))(x)
     np.testing.assert_allclose(jac, np.diag((2 - 2 * np.abs(SPOT)) * (np.abs(SPOT) <= 1)))
     np.testing.assert_allclose(second, [0, -2, 1, 4, 1, -2, 0], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "quantizer, hparams, match",
+    [
+        (qz.ste_sign, {"clip_value": -1.0}, "'ste_sign': clip_value must be None or a number >= 0"),
+        (qz.ste_sign, {"clip_value": True}, "'ste_sign': clip_value must be None or a number >= 0"),
+        (qz.magnitude_aware_sign, {"clip_value": float("nan")}, "clip_value must be None or a"),
+        (qz.ste_heaviside, {"clip_value": -0.5}, "'ste_heaviside': clip_value must be None"),
+        (qz.swish_sign, {"beta": 0.0}, "'swish_sign': beta must be a number > 0, got 0.0"),
+        (qz.ste_tern, {"threshold_value": -0.1}, "'ste_tern': threshold_value must be a number"),
+        (qz.ste_tern, {"ternary_weight_networks": "yes"}, "ternary_weight_networks must be True"),
+        (qz.ste_tern, {"clip_value": -1.0}, "'ste_tern': clip_value must be None or a number"),
+        (qz.dorefa, {"k_bit": 0}, "'dorefa': k_bit must be an int >= 1, got 0"),
+        (qz.dorefa, {"k_bit": -2}, "'dorefa': k_bit must be an int >= 1, got -2"),
+        (qz.dorefa, {"mode": "weight"}, "'dorefa': mode must be 'activations' or 'weights'"),
+    ],
+)
+def test_direct_calls_check_hyper_parameters_as_get_does(quantizer, hparams, match):
+    # dorefa(x, k_bit=0) was all NaN and ste_sign(x, clip_value=-1) had a zero gradient:
+    # only quantizers.get checked them
+    x = jnp.asarray([-0.5, 0.0, 0.5])
+    with pytest.raises(ValueError, match=re.escape(match)):
+        quantizer(x, **hparams)
+    with pytest.raises(ValueError, match=re.escape(match)):
+        jax.jit(lambda x: quantizer(x, **hparams))(x)  # at trace time
+
+
+def test_direct_calls_keep_valid_and_traced_hyper_parameters():
+    x = jnp.asarray(GRID[::10])
+    # traced threshold_value and k_bit worked before the checks (jit, vmap, grad over
+    # them) and still do; their values are then not known at trace time
+    tern = jax.jit(lambda x, d: qz.ste_tern(x, threshold_value=d))
+    np.testing.assert_array_equal(tern(x, 0.5), qz.ste_tern(x, threshold_value=0.5))
+    dorefa = jax.jit(lambda x, k: qz.dorefa(x, k_bit=k))
+    # (a traced n = 2**k - 1 is not folded into a constant: float rounding)
+    np.testing.assert_allclose(dorefa(x, 3), qz.dorefa(x, k_bit=3), rtol=1e-6)
+    by_k = jax.vmap(lambda k: qz.dorefa(x, k_bit=k))(jnp.asarray([2, 3]))
+    np.testing.assert_allclose(by_k[1], qz.dorefa(x, k_bit=3), rtol=1e-6)
+    assert np.isfinite(jax.grad(lambda k: jnp.sum(qz.dorefa(x, k_bit=k)))(2.0))
+    # concrete NumPy / JAX scalars and NumPy bools, as before
+    np.testing.assert_array_equal(
+        elementwise_grad(lambda v: qz.ste_sign(v, clip_value=jnp.float32(1.25)), [1.25, 1.3]),
+        [1, 0],
+    )
+    np.testing.assert_array_equal(qz.dorefa(x, k_bit=np.int64(3)), qz.dorefa(x, k_bit=3))
+    np.testing.assert_array_equal(
+        qz.ste_tern(x, ternary_weight_networks=np.True_),
+        qz.ste_tern(x, ternary_weight_networks=True),
+    )
+
+
+@pytest.mark.parametrize(
+    "x",
+    [
+        # fan_in 70000 > 65504, float16's max: the divisor was inf, the scale 0
+        np.random.default_rng(0).uniform(-0.02, 0.02, (70000, 2)),
+        # a channel sum 4 * 30000 > 65504: the sum was inf, the scale inf
+        np.full((2, 2, 1, 3), 30000.0) * np.array([1.0, -1.0, 0.5]),
+    ],
+    ids=["fan_in", "sum"],
+)
+def test_magnitude_aware_sign_float16_scale_does_not_overflow(x):
+    x16 = jnp.asarray(x, jnp.float16)
+    x64 = np.asarray(x16, np.float64)
+    want = np.abs(x64).reshape(-1, x64.shape[-1]).mean(0) * np.where(x64 >= 0, 1.0, -1.0)
+    got = qz.magnitude_aware_sign(x16)
+    assert got.dtype == jnp.float16
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-3)
