@@ -228,6 +228,22 @@ def test_shapes_class_is_not_in_colour_or_a_single_pixel(shapes_small):
     assert max(lo for lo, _ in ranges) < min(hi for _, hi in ranges)
 
 
+def test_shapes_centre_margin_covers_the_farthest_point_of_every_shape():
+    """The centres keep every class's shape inside the image: the margin, in radii, is
+    the farthest inside point of any shape, found here on a fine grid (a margin of one
+    radius let rotated squares stick out by up to 0.9 px at 32 px, 5 px at 128)."""
+    from jbnn.data import embedded
+
+    step = 1e-3
+    u, v = np.meshgrid(np.arange(-1.5, 1.5, step), np.arange(-1.5, 1.5, step))
+    farthest = [
+        np.sqrt(u * u + v * v)[embedded._inside(k, u, v)].max()
+        for k in range(len(data.SHAPE_CLASSES))
+    ]
+    assert max(farthest) <= embedded._SHAPE_EXTENT + 2 * step
+    assert max(farthest) >= embedded._SHAPE_EXTENT - 2 * step  # and no wider than needed
+
+
 def test_shapes_normalisation_is_shared_by_splits():
     train = data.load("shapes", "train", num_examples=200, seed=0)
     test = data.load("shapes", "test", num_examples=200, seed=7)
@@ -480,6 +496,9 @@ def test_tfds_large_dataset_streams_resized(tfds):
         batches = collect(source.batches(4, seed=0, epoch=0, augment={"crop_padding": 2}))
         net = data.load("imagenet2012", "train", image_size=16)
         first = next(net.batches(6, seed=0, epoch=0))
+        # manual_dir only builds a missing imagenet2012: a stale path does not refuse it.
+        stale = data.load("imagenet2012", "train", image_size=16, manual_dir="/no/such/dir")
+        assert stale.num_examples == net.num_examples
     assert isinstance(source, data.StreamSource) and source.num_classes == 10
     assert source.image_shape == (24, 24, 3) and len(batches) == 3
     assert batches[0]["image"].shape == (4, 24, 24, 3)
@@ -568,6 +587,13 @@ def test_tfds_unknown_split_and_option():
     assert data.tfds_source.resolve_split("imagenette", "test") == "validation"
     assert data.tfds_source.resolve_split("cifar10", "train[:90%]") == "train[:90%]"
     assert data.tfds_source.resolve_split("svhn_cropped", "extra") == "extra"
+    # A config the dataset lacks is a bad name, not missing data (it said "tfds build").
+    with pytest.raises(ValueError, match="Unknown config 'x' of TFDS dataset 'mnist'; it has no"):
+        data.load("mnist/x", "train")
+    with pytest.raises(ValueError, match="Unknown config '' of TFDS dataset 'cifar10'"):
+        data.load("cifar10/", "train")
+    with pytest.raises(ValueError, match="Unknown config 'nope'.*its configs: full-size-v2"):
+        data.load("imagenette/nope", "train")
 
 
 @pytest.mark.slow

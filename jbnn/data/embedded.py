@@ -123,6 +123,11 @@ def load_digits(
     )
 
 
+# The farthest point of any shape from its centre, in radii: the square's corner (the
+# cross reaches sqrt(1 + 0.3^2) = 1.044, the others 1).
+_SHAPE_EXTENT = 0.8 * np.sqrt(2.0)
+
+
 def _inside(label: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Whether local coordinates (in units of the shape's radius) lie inside the shape."""
     name = SHAPE_CLASSES[label]
@@ -151,7 +156,8 @@ def generate_shapes(
 
     Every image: a background of a random colour plus a random oriented sinusoidal
     texture (amplitude 0.08), one shape (class balanced) of radius 18-34 % of the image,
-    random centre with the shape inside the image, random rotation, a colour that
+    random centre with the shape at least 0.5 px inside the image whatever its class and
+    rotation, random rotation, a colour that
     differs from the background by 0.3-0.7 in every channel (uniform marginally),
     drawn antialiased (2x2 supersampling), then Gaussian pixel noise of std
     ``noise_level`` and a clip to [0, 1].
@@ -170,8 +176,11 @@ def generate_shapes(
     k = len(SHAPE_CLASSES)
     labels = rng.permutation(np.arange(n) % k).astype(np.int32)
     radius = rng.uniform(0.18, 0.34, n) * s  # (N,)
-    cy = rng.uniform(radius + 0.5, s - 0.5 - radius)  # (N,) in pixel units
-    cx = rng.uniform(radius + 0.5, s - 0.5 - radius)
+    # Every class keeps the margin of the farthest-reaching shape (a rotated square's
+    # corner, 0.8 sqrt(2) radii), so that a shape's position does not reveal its class.
+    margin = _SHAPE_EXTENT * radius + 0.5
+    cy = rng.uniform(margin, s - margin)  # (N,) in pixel units
+    cx = rng.uniform(margin, s - margin)
     angle = rng.uniform(0.0, 2.0 * np.pi, n)
     bg_colour = rng.uniform(0.0, 1.0, (n, 3))
     offset = 0.5 + rng.uniform(-0.2, 0.2, (n, 3))

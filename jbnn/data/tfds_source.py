@@ -170,7 +170,21 @@ def _check_manual_dir(manual_dir: str | None, split: str, data_dir: str | None) 
     return str(manual_dir)
 
 
+def _check_config(tfds, name: str) -> None:
+    """A ValueError for a config that the dataset does not have ("mnist/x", "cifar10/"):
+    it is no missing data, and building it is no remedy."""
+    if "/" not in name:
+        return
+    base, config = name.split("/", 1)
+    config = config.split(":")[0]  # "imagenette/160px-v2:1.0.0": a version
+    known = list(getattr(tfds.builder_cls(base), "builder_configs", None) or {})
+    if config not in known:
+        has = f"its configs: {', '.join(known)}" if known else "it has no configs"
+        raise ValueError(f"Unknown config {config!r} of TFDS dataset {base!r}; {has}.")
+
+
 def _builder(tfds, name: str, split: str, data_dir: str | None):
+    _check_config(tfds, name)
     try:
         return tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # unknown config, unreadable data_dir...
@@ -288,9 +302,8 @@ def load_tfds(
         image_size = check_int("image_size", image_size, 1)
     in_memory = spec["in_memory"] if in_memory is None else bool(in_memory)
     shuffle_buffer = check_int("shuffle_buffer", shuffle_buffer, 1)
-    if manual_dir is not None and base == "imagenet2012" and not os.path.isdir(manual_dir):
-        _check_manual_dir(manual_dir, tfds_split, data_dir)  # raises, before importing TF
-
+    # manual_dir is checked only if imagenet2012 must be built (_as_dataset): a stale
+    # path must not refuse data that data_dir already holds.
     tf, tfds = _import_tfds()
     builder = _builder(tfds, name, split, data_dir)
     features = builder.info.features
