@@ -225,12 +225,26 @@ def max_pool(
 
     Returns:
       The pooled batch (B, H', W', C), x's dtype.
+
+    Raises:
+      ValueError: x not NHWC, bad window, strides or padding, or an empty output (an
+        input smaller than the window).
     """
     x = jnp.asarray(x)
     _check_nhwc(x, "max_pool")
     window = _pair(window_shape, "max_pool", "window_shape")
     strides = (1, 1) if strides is None else _pair(strides, "max_pool", "strides")
     pads = _explicit_pads(padding, x.shape[1:3], window, strides, "max_pool")
+    out_hw = [
+        (n + lo + hi - k) // s + 1
+        for n, (lo, hi), k, s in zip(x.shape[1:3], pads, window, strides, strict=True)
+    ]
+    if min(out_hw) < 1:  # an empty map: a global average pool of it gave NaN logits
+        raise ValueError(
+            f"max_pool: a {x.shape[1]}x{x.shape[2]} input is smaller than the "
+            f"{window[0]}x{window[1]} window (padding {padding!r}): the output would be empty. "
+            "The model's input is too small for its downsampling; use larger images."
+        )
     if _FORWARD_MODE.active:
         return _reduce_window_max(x, window, strides, pads)
     return _max_pool(x, window, strides, pads)

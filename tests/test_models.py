@@ -511,8 +511,42 @@ def test_bad_stem_and_width(name):
     with pytest.raises(ValueError, match="'cifar'"):
         jax.eval_shape(_build(name, "cifar").init, key, x)
     if name in REAL_LAYERS:
-        with pytest.raises(ValueError, match="width must be a positive number, got -1"):
-            jax.eval_shape(_build(name, "small", width=-1).init, key, x)
+        for width in (-1, 0.0, float("inf"), float("nan"), True):  # True was width 1
+            with pytest.raises(
+                ValueError, match=f"width must be a finite positive number, got {width}"
+            ):
+                jax.eval_shape(_build(name, "small", width=width).init, key, x)
+        # NumPy scalars are numbers (np.float32(0.5) was refused)
+        jax.eval_shape(_build(name, "small", width=np.float32(0.5)).init, key, x)
+
+
+def test_get_takes_numpy_ints_and_lists():
+    """num_classes=np.int64(10) was refused; hidden=[16, 16] built a module that
+    apply_fn could not hash ("Failed to hash Flax Module")."""
+    model = models.get("mlp", binary=True, num_classes=np.int64(3), hidden=[16, 16])
+    assert model.num_classes == 3 and type(model.num_classes) is int
+    assert model.hidden == (16, 16)
+    x = jnp.ones((2, 8, 8, 1))
+    variables = model.init(jax.random.key(0), x)
+    np.testing.assert_array_equal(models.apply_fn(model, variables)(x), model.apply(variables, x))
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="num_classes must be a positive int"):
+            models.get("mlp", binary=True, num_classes=bad)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "size"),
+    [
+        ("quicknet_small", {"stem": "imagenet"}, 28),
+        ("binary_densenet28", {}, 4),
+        ("binarynet", {}, 7),  # a ZeroDivisionError in the dense layer's initializer
+    ],
+)
+def test_too_small_inputs_are_refused_not_turned_into_nan(name, kwargs, size):
+    """A 2x2 VALID max-pool of a 1 px map was empty: global pooling gave NaN logits."""
+    model = models.get(name, binary=True, num_classes=3, width=0.125, **kwargs)
+    with pytest.raises(ValueError, match=r"max_pool: a 1x1 input.*too small"):
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
 
 
 def test_xnornet_too_small_input():

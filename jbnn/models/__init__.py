@@ -11,11 +11,13 @@ bit-identical forward pass). ``layer_paths(model, input_shape)`` lists every sub
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jbnn.models import fold, frozen
 from jbnn.models.birealnet import BiRealNet18
@@ -64,8 +66,16 @@ def get(name: str, *, binary: bool, num_classes: int, **kwargs) -> nn.Module:
     """
     if name not in _REGISTRY:
         raise ValueError(f"Unknown model {name!r}; registered models: {', '.join(names())}")
-    if not isinstance(num_classes, int) or num_classes < 1:
+    if (
+        not isinstance(num_classes, numbers.Integral)
+        or isinstance(num_classes, bool | np.bool_)
+        or num_classes < 1
+    ):
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    num_classes = int(num_classes)
+    # Lists (from code or JSON) as tuples: a module must be hashable, as apply_fn's
+    # caches need it (hidden=[16, 16] failed there with "Failed to hash Flax Module").
+    kwargs = {key: _as_tuples(value) for key, value in kwargs.items()}
     constructor = _REGISTRY[name]
     fields = getattr(constructor, "__dataclass_fields__", {})
     unknown = sorted(set(kwargs) - set(fields))
@@ -77,6 +87,13 @@ def get(name: str, *, binary: bool, num_classes: int, **kwargs) -> nn.Module:
             f"Unknown fp_activation {kwargs['fp_activation']!r}; known: {', '.join(ACTIVATIONS)}"
         )
     return constructor(num_classes=num_classes, binary=binary, **kwargs)
+
+
+def _as_tuples(value):
+    """``value`` with every list (nested too) turned into a tuple."""
+    if isinstance(value, list) or type(value) is tuple:
+        return tuple(_as_tuples(v) for v in value)
+    return value
 
 
 def twin(model: nn.Module, binary: bool = False) -> nn.Module:

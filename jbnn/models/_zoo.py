@@ -6,11 +6,14 @@ BinaryResNetE18 and BinaryDenseNet28 have in common, and pooling helpers.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jbnn import ops
 from jbnn.models.common import QuantMixin, RealLayerMixin, batch_norm, check_images
@@ -39,9 +42,16 @@ def check_stem(stem: str, model_name: str) -> None:
 
 
 def check_width(width: float, model_name: str) -> None:
-    """Raises a ValueError naming ``width`` unless it is a positive number."""
-    if not isinstance(width, int | float) or not width > 0:
-        raise ValueError(f"{model_name}: width must be a positive number, got {width!r}.")
+    """Raises a ValueError naming ``width`` unless it is a finite positive number (NumPy
+    scalars included; a bool is not a width)."""
+    ok = (
+        isinstance(width, numbers.Real)
+        and not isinstance(width, bool | np.bool_)
+        and math.isfinite(width)
+        and width > 0
+    )
+    if not ok:
+        raise ValueError(f"{model_name}: width must be a finite positive number, got {width!r}.")
 
 
 def check_model_input(x: jax.Array, stem: str, width: float, model_name: str) -> None:

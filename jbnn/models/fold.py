@@ -158,8 +158,11 @@ def _batchnorm_affine(fold: _Fold, variables) -> tuple[jax.Array, jax.Array]:
     """The folded BatchNorm's ``(s, t)``: in inference mode it computes ``x * s + t``."""
     stats = _lookup(variables["batch_stats"], fold.bn_path)
     bn = _lookup(variables["params"], fold.bn_path) if (fold.use_scale or fold.use_bias) else {}
-    mean = stats["mean"].astype(jnp.float32)
-    scale = jax.lax.rsqrt(stats["var"].astype(jnp.float32) + fold.epsilon)
+    # In the statistics' precision, at least float32 (float64 stats folded in float32
+    # were off by 6e-8, enough to flip a binarized activation near zero).
+    dtype = jnp.promote_types(stats["var"].dtype, jnp.float32)
+    mean = stats["mean"].astype(dtype)
+    scale = jax.lax.rsqrt(stats["var"].astype(dtype) + fold.epsilon)
     if fold.use_scale:
         scale = scale * bn["scale"]
     shift = -mean * scale
