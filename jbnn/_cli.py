@@ -3,11 +3,13 @@
 ``ml_collections``' ``--config.a.b=value`` overrides name config fields by path; a path
 that names no field made absl print a 40-line ``AttributeError`` traceback (a "Did you
 mean" hint only for top-level names). :func:`flags_parser` turns that into one line that
-names the override, the missing field and the fields that section has.
+names the override, the missing field and the fields that section has; for an empty
+section (``data_kwargs``, whose fields are free), the dict-literal override that sets it.
 """
 
 from __future__ import annotations
 
+import ast
 import runpy
 import sys
 from collections.abc import Callable, Sequence
@@ -30,13 +32,17 @@ def flags_parser(prog: str) -> Callable[[list[str]], Any]:
     return parse
 
 
-def _overrides(argv: Sequence[str]) -> list[str]:
-    """The dotted paths of the ``--config.<path>`` flags in ``argv``."""
-    paths = []
-    for arg in argv[1:]:
+def _overrides(argv: Sequence[str]) -> list[tuple[str, str | None]]:
+    """The dotted paths and values (None: not given) of the ``--config.<path>`` flags."""
+    out = []
+    for i, arg in enumerate(argv[1:], start=1):
         if arg.startswith("--config."):
-            paths.append(arg[len("--config.") :].split("=", 1)[0])
-    return paths
+            path, eq, value = arg[len("--config.") :].partition("=")
+            if not eq:  # --config.a.b value
+                nxt = argv[i + 1] if i + 1 < len(argv) else None
+                value = None if nxt is None or nxt.startswith("-") else nxt
+            out.append((path, value))
+    return out
 
 
 def _config_file(argv: Sequence[str]) -> str | None:
@@ -48,15 +54,36 @@ def _config_file(argv: Sequence[str]) -> str | None:
     return None
 
 
-def _missing_field(config: Any, path: str) -> str | None:
-    """Why ``path`` names no field of ``config`` (None when it does)."""
+def _literal(value: str | None) -> Any:
+    """The Python value a command-line value stands for, as ml_collections reads it."""
+    if value is None:
+        return "<value>"
+    try:
+        return ast.literal_eval(value)
+    except (SyntaxError, ValueError):
+        return value  # a bare word: a string
+
+
+def _missing_field(config: Any, path: str, value: str | None = None) -> str | None:
+    """Why ``path`` names no field of ``config`` (None when it does); ``value`` is the
+    override's value, for the dict literal that sets an empty section."""
+    keys = path.split(".")
     node, walked = config, []
-    for key in path.split("."):
+    for i, key in enumerate(keys):
         if not hasattr(node, "keys"):
             where = "config." + ".".join(walked)
             return f"{where} is {type(node).__name__} {node!r}, not a section with fields"
         if key not in node:
             where = "config." + ".".join(walked) if walked else "the config's top level"
+            if walked and not len(node):  # e.g. data_kwargs: its fields are free
+                literal = _literal(value)
+                for inner in reversed(keys[i:]):
+                    literal = {inner: literal}
+                flag = f"--config.{'.'.join(walked)}={literal!r}"
+                return (
+                    f"{where} is an empty section: it has no fields to override; set it as a "
+                    f'whole instead, "{flag}"'
+                )
             return f"{where} has no field {key!r}; its fields: {', '.join(sorted(node.keys()))}"
         node, walked = node[key], [*walked, key]
     return None
@@ -74,8 +101,8 @@ def override_error(argv: Sequence[str], error: Exception) -> str:
         except Exception:  # noqa: BLE001 - the generic message below is still right
             config = None
     if config is not None:
-        for override in _overrides(argv):
-            why = _missing_field(config, override)
+        for override, value in _overrides(argv):
+            why = _missing_field(config, override, value)
             if why is not None:
                 return f"--config.{override}: unknown config field ({why})."
     return f"a --config override names no config field ({type(error).__name__}: {error})."

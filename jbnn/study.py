@@ -698,6 +698,11 @@ def _check_runs(config, workdir: Path) -> None:
     """Each run directory exists and was trained with this config (training fields)."""
     from jbnn import training
 
+    if workdir.exists() and not workdir.is_dir():
+        raise StudyError(
+            f"workdir {workdir} is a file, not a directory: pass the --workdir that train.py "
+            "wrote bnn/, fp/ and control/ into."
+        )
     if not workdir.is_dir():
         raise StudyError(
             f"workdir {workdir} does not exist; train the models first with "
@@ -719,7 +724,20 @@ def _check_runs(config, workdir: Path) -> None:
                 f"{run_dir} is missing or is not a jbnn run (no {training.CONFIG_FILE}); "
                 f"explain.py needs the {name} model trained by train.py in {workdir}.{extra}"
             )
-        trained = json.loads(stored.read_text())
+        advice = (
+            f"it records the config the {name} model was trained with: restore it from a "
+            f"copy, or delete {run_dir} and rerun train.py (same --config and --workdir) to "
+            "train that model again."
+        )
+        try:
+            trained = json.loads(stored.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StudyError(f"{stored} is not valid JSON ({e}); {advice}") from e
+        if not isinstance(trained, dict):
+            raise StudyError(
+                f"{stored} is not a jbnn config (a JSON object expected, found "
+                f"{type(trained).__name__}); {advice}"
+            )
         changes = _diff(
             {k: v for k, v in trained.items() if k not in ignore},
             {k: v for k, v in current.items() if k not in ignore},
@@ -811,7 +829,10 @@ def prepare(config, workdir: str | Path) -> Plan:
     except StudyError:
         raise
     except (FileNotFoundError, ValueError, TypeError) as e:
-        raise StudyError(str(e)) from e
+        # training.DamagedCheckpointError, a ValueError, lands here. Notes (what an error
+        # was about, added on its way up) are part of the message.
+        notes = [" ".join(note.split()) for note in getattr(e, "__notes__", [])]
+        raise StudyError("; ".join([str(e), *notes])) from e
 
 
 def _check_report_dir(report_dir: Path) -> None:

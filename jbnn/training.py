@@ -46,14 +46,19 @@ all hosts share; only process 0 writes the JSON files, orbax coordinates checkpo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import gc
 import json
 import logging
 import math
 import os
+import re
 import shutil
+import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -72,7 +77,9 @@ from jbnn import models, optim
 
 __all__ = [
     "NON_TRAINING_FIELDS",
+    "ConfigError",
     "ConfigMismatchError",
+    "DamagedCheckpointError",
     "NonFiniteLossError",
     "RunSpec",
     "TrainState",
@@ -120,6 +127,14 @@ class ConfigError(ValueError):
 
 class ConfigMismatchError(ConfigError):
     """A run directory already holds a run of another config."""
+
+
+class DamagedCheckpointError(ConfigError):
+    """A complete checkpoint in a run directory cannot be read back (its files are
+    damaged, or were written for another model). The run directory is left as it was;
+    the message names the checkpoint, the folders to delete and the earlier step that
+    would then be used (a run never falls back to an older checkpoint by itself).
+    orbax's error is the cause."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -621,6 +636,154 @@ def _restore(manager: Any, step: int, state: TrainState) -> TrainState:
     return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
+_ORBAX_READ = "_read_array_index_and_device_put"  # orbax's coroutine reading one array
+
+
+def _is_abandoned_read(error: BaseException | None, obj: Any) -> bool:
+    """An unraisable error of a read that orbax abandoned (see _quiet_abandoned_reads)."""
+    if getattr(obj, "__qualname__", None) == _ORBAX_READ:
+        return True
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+class _AbandonedTaskFilter(logging.Filter):
+    """Drops asyncio's "<Task|Future|...> exception was never retrieved" for orbax's reads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        first = message.partition("\n")[0]
+        ours = any(s in message for s in ("orbax", "reading array index", "OCDBT"))
+        return not (first.endswith(" exception was never retrieved") and ours)
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads() -> Iterator[None]:
+    """Silences what an orbax restore leaves behind when one array cannot be read.
+
+    The restore fails at the first unreadable array and stops its event loop, abandoning
+    the reads of the other arrays. As those finish or are collected, Python reports each
+    one's error (with a TensorStore spec: hundreds of lines after train.py's or
+    explain.py's one-line message, at any later time, even at exit) as an unraisable
+    exception ("Exception ignored in: <coroutine _read_array_index_and_device_put>",
+    "RuntimeError: Event loop is closed"), as asyncio's "Task (Future, _GatheringFuture)
+    exception was never retrieved" or as a "never awaited" RuntimeWarning. Within this
+    context those, and nothing else, are dropped; :func:`_release_abandoned_reads`
+    collects them in it. The first error, the one that names the damage, is raised as
+    usual.
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not _is_abandoned_read(unraisable.exc_value, unraisable.object):
+            previous(unraisable)
+
+    log_filter = _AbandonedTaskFilter()
+    asyncio_log = logging.getLogger("asyncio")
+    sys.unraisablehook = hook
+    asyncio_log.addFilter(log_filter)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", f"coroutine '{_ORBAX_READ}' was never awaited", RuntimeWarning
+            )
+            yield
+    finally:
+        asyncio_log.removeFilter(log_filter)
+        sys.unraisablehook = previous
+
+
+def _release_abandoned_reads(error: BaseException) -> None:
+    """Frees the reads a failed restore abandoned, now (inside _quiet_abandoned_reads),
+    not at some later time: drops the tracebacks of ``error``'s chain, whose frames hold
+    them (the messages are kept), and collects them."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        error.__traceback__ = None
+        error = error.__cause__ or error.__context__
+    gc.collect()
+
+
+def _short_reason(error: BaseException, limit: int = 200) -> str:
+    """One line on why orbax could not read a checkpoint: ``Type: first line`` of the
+    innermost explicit cause (orbax wraps TensorStore's read error, which names the array
+    and the fault, in a bare ``Exception`` whose message is a kilobytes-long spec dump),
+    with the notes of the errors on the way."""
+    notes = list(getattr(error, "__notes__", []))
+    while error.__cause__ is not None:
+        error = error.__cause__
+        notes += getattr(error, "__notes__", [])
+    lines = str(error).strip().splitlines()
+    text = re.sub(r' at local file "[^"]*"', "", lines[0]) if lines else ""
+    if len(text) > limit or len(lines) > 1:
+        text = text[:limit].rstrip() + " ..."
+    reason = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return "; ".join([reason, *(" ".join(n.split()) for n in notes)])
+
+
+def _intact_earlier_step(
+    directory: Path, step: int, restore: Callable[[int, Path], Any]
+) -> tuple[int | None, list[int]]:
+    """The latest complete checkpoint before ``step`` that ``restore(step, path)`` reads
+    back, and the complete ones after it that it cannot read (latest first)."""
+    from orbax.checkpoint.path import step as ocp_step
+
+    found = ocp_step.standard_name_format().find_all(directory.absolute())
+    earlier = sorted((m for m in found if m.step < step), key=lambda m: m.step, reverse=True)
+    damaged = []
+    for meta in earlier:
+        try:
+            restore(meta.step, Path(meta.path))
+        except Exception:  # noqa: BLE001 - any failure: not a checkpoint to resume from
+            damaged.append(meta.step)
+            continue
+        return meta.step, damaged
+    return None, damaged
+
+
+def _resume_error(
+    manager: Any, run_dir: Path, step: int, state: TrainState, error: Exception
+) -> DamagedCheckpointError:
+    """The one-line error for a run whose latest checkpoint cannot be restored.
+
+    Says which earlier checkpoint reads back, and which folders to delete to resume from
+    it; the run is never resumed from an older checkpoint unasked (a researcher must know
+    that steps are trained again).
+    """
+    directory = run_dir / CHECKPOINT_DIR
+    intact, damaged = _intact_earlier_step(
+        directory, step, lambda s, _: _restore(manager, s, state)
+    )
+    reason = _short_reason(error)
+    lead = f"checkpoint of step {step} in {directory} is damaged or unreadable ({reason})"
+    rerun = "rerun train.py (same --config and --workdir)"
+    if intact is not None:
+        folders = [directory / str(s) for s in (step, *damaged)]
+        what = (
+            f"that step's folder, {folders[0]},"
+            if len(folders) == 1
+            else f"the folders of steps {', '.join(str(s) for s in (step, *damaged))} (which do "
+            f"not read back either), {', '.join(str(f) for f in folders)},"
+        )
+        return DamagedCheckpointError(
+            f"{lead}; delete {what} and {rerun} to resume from the checkpoint of step "
+            f"{intact}, which reads back intact."
+        )
+    earlier = (
+        f"no earlier checkpoint reads back either ({_steps_text(damaged)})"
+        if damaged
+        else "there is no earlier checkpoint"
+    )
+    return DamagedCheckpointError(
+        f"{lead}; {earlier}: delete {directory} and {rerun} to train the run in {run_dir} "
+        "from scratch."
+    )
+
+
+def _steps_text(steps: list[int]) -> str:
+    return ("step " if len(steps) == 1 else "steps ") + ", ".join(str(s) for s in steps)
+
+
 def _check_finite(state: TrainState, spec: RunSpec, run_dir: Path, last_ckpt: int | None):
     bad = int(jax.device_get(state.nonfinite_step))
     if bad >= 0:
@@ -712,16 +875,24 @@ def _train_run(run: _Run, on_step: Callable[[str, int], None] | None) -> dict[st
     config, spec, run_dir, mesh = run.config, run.spec, run.run_dir, run.mesh
     is_main = jax.process_index() == 0
     metrics_path = run_dir / METRICS_FILE
+    state = create_train_state(run.model, run.tx, run.input_shape, spec.seed, mesh)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_json(run_dir / CONFIG_FILE, _json_config(config))
-
-    state = create_train_state(run.model, run.tx, run.input_shape, spec.seed, mesh)
     manager = _checkpoint_manager(run_dir, config)
     last_ckpt = manager.latest_step()
     if last_ckpt is not None:
-        state = _restore(manager, last_ckpt, state)
+        with _quiet_abandoned_reads():
+            try:
+                restored = _restore(manager, last_ckpt, state)
+            except Exception as e:  # noqa: BLE001 - orbax raises bare Exceptions
+                error = _resume_error(manager, run_dir, last_ckpt, state, e)
+                manager.close()
+                _release_abandoned_reads(e)
+                raise error from e
+        state = restored
         log.info("%s: resuming from the checkpoint of step %d", spec.name, last_ckpt)
+    if is_main:  # after the restore: a run refused for a damaged checkpoint is left as it was
+        _atomic_write_json(run_dir / CONFIG_FILE, _json_config(config))
     start = int(jax.device_get(state.step))
     if is_main:  # drop lines logged after the checkpoint, and any torn line
         kept = _read_metrics(metrics_path, start)
@@ -905,15 +1076,20 @@ def train_and_evaluate(
 
     Raises:
       ConfigError: (a ValueError) for a bad config, an unknown dataset or model, images
-        the model cannot take, found before anything is written.
+        the model cannot take, a ``workdir`` that is a file (or lies under one), a
+        ``config.json`` or ``results.json`` there that is damaged, found before anything
+        is written.
       ConfigMismatchError: (a ConfigError) when ``workdir`` holds runs of another
         config.
+      DamagedCheckpointError: (a ConfigError) when the checkpoint a run would resume from
+        cannot be read back (the run is left as it was; the message names the earlier
+        checkpoint that would be used once the damaged one is deleted).
       DatasetNotAvailableError: for a TFDS dataset missing from ``data_dir``.
       NonFiniteLossError: when the loss becomes NaN or inf (names the step).
     """
     workdir = Path(workdir)
     try:
-        _, runs = _preflight(config, workdir, force)
+        _, runs, finished = _preflight(config, workdir, force)
     except ConfigError:
         raise
     except ValueError as e:  # a bad field, found before anything is written
@@ -921,14 +1097,13 @@ def train_and_evaluate(
 
     results, trained = {}, False
     for run in runs:
-        done = run.run_dir / RESULTS_FILE
-        if done.exists() and not force:
+        if run.spec.name in finished:
             log.info(
                 "%s: finished already (%s); pass --force (force=True) to retrain",
                 run.spec.name,
-                done,
+                run.run_dir / RESULTS_FILE,
             )
-            results[run.spec.name] = json.loads(done.read_text())
+            results[run.spec.name] = finished[run.spec.name]
             continue
         if force and run.run_dir.exists() and jax.process_index() == 0:
             shutil.rmtree(run.run_dir)
@@ -946,16 +1121,61 @@ def train_and_evaluate(
     return results
 
 
+def _check_workdir(workdir: Path) -> None:
+    """``workdir`` is a directory or can be made one: neither it nor a parent is a file."""
+    for path in (workdir, *workdir.parents):
+        if path.exists() or path.is_symlink():
+            if path.is_dir():
+                return
+            what = (
+                "a file"
+                if path.is_file()
+                else "a broken link"
+                if path.is_symlink()
+                else "a special file"
+            )
+            where = f"is {what}" if path == workdir else f"lies under {path}, which is {what}"
+            raise ConfigError(
+                f"workdir {workdir} {where}, not a directory: pass a --workdir that is a "
+                "directory or does not exist yet."
+            )
+
+
+def _read_run_json(path: Path, what: str, advice: str) -> dict[str, Any]:
+    """The JSON object in ``path``; a ConfigError naming the file when it is not one."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); {advice}") from e
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"{path} is not a jbnn {what} (a JSON object expected, found "
+            f"{type(value).__name__}); {advice}"
+        )
+    return value
+
+
 def _preflight(
     config: ml_collections.ConfigDict, workdir: Path, force: bool
-) -> tuple[list[RunSpec], list[_Run]]:
-    """Checks everything that can be checked before a write and builds the runs."""
+) -> tuple[list[RunSpec], list[_Run], dict[str, dict[str, Any]]]:
+    """Checks everything that can be checked before a write and builds the runs.
+
+    Returns the specs, the runs and, unless ``force``, the ``results.json`` of the runs
+    that are finished already.
+    """
     _check_config(config)
+    _check_workdir(workdir)
     specs = run_specs(config)
     current = _training_view(_json_config(config))
+    finished = {}
     for spec in specs:  # before loading data: cheap, and nothing is touched
         stored = workdir / spec.name / CONFIG_FILE
         run_dir = workdir / spec.name
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(
+                f"{run_dir} is a file, not a run directory: train.py writes the {spec.name} "
+                "run there, so move it away or use another --workdir (nothing was written)."
+            )
         if force and run_dir.exists() and not stored.exists():
             if not run_dir.is_dir() or any(run_dir.iterdir()):
                 raise ConfigError(
@@ -963,7 +1183,12 @@ def _preflight(
                     f"{CONFIG_FILE}): nothing deleted. Move it away or use another --workdir."
                 )
         if stored.exists() and not force:
-            previous = _training_view(json.loads(stored.read_text()))
+            advice = (
+                f"it records the config the run in {run_dir} was trained with: restore it "
+                f"from a copy, or delete {run_dir} and rerun train.py (same --config and "
+                "--workdir) to train that run again (nothing was written)."
+            )
+            previous = _training_view(_read_run_json(stored, "config", advice))
             if previous != current:
                 changes = "; ".join(_diff(previous, current)[:8])
                 raise ConfigMismatchError(
@@ -971,12 +1196,43 @@ def _preflight(
                     "Use another --workdir, delete that directory, or pass --force to "
                     "retrain from scratch there."
                 )
+        done = run_dir / RESULTS_FILE
+        if done.exists() and not force:
+            finished[spec.name] = _read_results(done, run_dir)
     train_src, test_src = _load_data(config)
     mesh = make_mesh()
     runs = [
         _Run(config, spec, workdir / spec.name, train_src, test_src, mesh) for spec in specs
     ]  # builds every model and optimizer: a bad model field raises before any write
-    return specs, runs
+    return specs, runs, finished
+
+
+def _read_results(done: Path, run_dir: Path) -> dict[str, Any]:
+    """A finished run's ``results.json``; a ConfigError naming it when it is damaged.
+
+    Deleting the file is the way out: the run then resumes from its last checkpoint,
+    which for a finished run is of its final step, so it is evaluated, not trained, again.
+    """
+    from orbax.checkpoint.path import step as ocp_step
+
+    latest = ocp_step.latest_step_metadata(
+        (run_dir / CHECKPOINT_DIR).absolute(), ocp_step.standard_name_format()
+    )
+    then = (
+        f"the run resumes from its last checkpoint (step {latest.step}), so a finished run "
+        "is only evaluated again"
+        if latest is not None
+        else f"{run_dir} holds no checkpoint, so the run is trained again from scratch"
+    )
+    advice = (
+        f"it marks the run in {run_dir} as finished: delete it and rerun train.py (same "
+        f"--config and --workdir): {then} (nothing was written)."
+    )
+    results = _read_run_json(done, "results file", advice)
+    missing = [k for k in ("test_accuracy", "test_loss") if k not in results]
+    if missing:
+        raise ConfigError(f"{done} is not a jbnn results file (no {', '.join(missing)}); {advice}")
+    return results
 
 
 def load_run(
@@ -995,6 +1251,8 @@ def load_run(
     Raises:
       FileNotFoundError: if ``run_dir`` is not a finished run (missing, or half-trained:
         no ``results.json``), or holds no complete checkpoint.
+      DamagedCheckpointError: (a ValueError) if its final checkpoint cannot be read back;
+        the message says how to train it again.
     """
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).exists() and (run_dir / "bnn" / CONFIG_FILE).exists():
@@ -1045,10 +1303,9 @@ def _restore_latest(directory: Path, abstract: TrainState, final_step: int) -> T
 
     Raises:
       FileNotFoundError: no complete checkpoint of ``final_step`` in ``directory``.
-      Exception: orbax's error for a complete but unreadable checkpoint, with a note
-        naming it.
+      DamagedCheckpointError: a complete but unreadable checkpoint (orbax's error is the
+        cause), naming it and how to train the run again.
     """
-    import orbax.checkpoint as ocp
     from orbax.checkpoint.path import step as ocp_step
 
     latest = ocp_step.latest_step_metadata(directory.absolute(), ocp_step.standard_name_format())
@@ -1061,14 +1318,49 @@ def _restore_latest(directory: Path, abstract: TrainState, final_step: int) -> T
             f"the latest complete checkpoint is of step {latest.step}: the final weights are "
             f"missing; {retrain}."
         )
+    with _quiet_abandoned_reads():
+        try:
+            return _restore_step(Path(latest.path), abstract)
+        except Exception as e:  # noqa: BLE001 - orbax raises bare Exceptions for damaged files
+            error = _final_checkpoint_error(directory, latest.step, abstract, e)
+            _release_abandoned_reads(e)
+            raise error from e
+
+
+def _restore_step(path: Path, abstract: TrainState) -> TrainState:
+    """The checkpoint in the step folder ``path``, restored read-only."""
+    import orbax.checkpoint as ocp
+
     name = "default"  # the manager's name for its one unnamed item (StandardSave)
     item = ocp.args.Composite(**{name: ocp.args.StandardRestore(abstract)})
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        try:
-            return checkpointer.restore(latest.path, args=item)[name]
-        except Exception as e:  # orbax's own error, kept, with the checkpoint it concerns
-            e.add_note(
-                f"while restoring the checkpoint of step {latest.step} from {latest.path} "
-                "(complete, but its files are damaged or were written for another model)"
-            )
-            raise
+        return checkpointer.restore(path, args=item)[name]
+
+
+def _final_checkpoint_error(
+    directory: Path, step: int, abstract: TrainState, error: Exception
+) -> DamagedCheckpointError:
+    """The one-line error for a finished run whose final checkpoint cannot be restored."""
+    run_dir = directory.parent
+    intact, damaged = _intact_earlier_step(
+        directory, step, lambda _, path: _restore_step(path, abstract)
+    )
+    lead = (
+        f"{run_dir}: checkpoint of step {step} is damaged or unreadable "
+        f"({_short_reason(error)}); it holds the run's final weights"
+    )
+    rerun = "rerun train.py (same --config and --workdir)"
+    if intact is None:
+        earlier = (
+            f"no earlier checkpoint reads back either ({_steps_text(damaged)})"
+            if damaged
+            else "there is no earlier checkpoint"
+        )
+        return DamagedCheckpointError(
+            f"{lead} and {earlier}: delete {run_dir} and {rerun} to train it again."
+        )
+    folders = ", ".join(str(directory / str(s)) for s in (step, *damaged))
+    return DamagedCheckpointError(
+        f"{lead}: to train them again, delete {folders} and {run_dir / RESULTS_FILE}, then "
+        f"{rerun}: it resumes from the checkpoint of step {intact}, which reads back intact."
+    )

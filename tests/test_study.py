@@ -604,9 +604,66 @@ def test_damaged_runs_are_refused_in_one_line(workdir, report, tmp_path):
         _refused(tiny_config(), broken, rf"{where} holds a damaged run .*train the twin")
 
 
+@pytest.mark.slow
+def test_damaged_checkpoints_and_configs_are_refused_in_one_line(workdir, tmp_path):
+    # A complete checkpoint with truncated array files or without its _METADATA (was: a
+    # 151-line traceback from orbax's bare Exception; a pytree error naming no run or
+    # file), a config.json that is not JSON (was: "Expecting value: line 2 column 1").
+    from jbnn import training
+
+    steps = json.loads((workdir / "fp" / training.RESULTS_FILE).read_text())["steps"]
+    broken = tmp_path / "broken"
+
+    def truncate(step_dir):
+        for f in (step_dir / "default").glob("ocdbt.process_0/d/*"):
+            f.write_bytes(f.read_bytes()[:100])
+
+    for damage, match in [
+        (truncate, r"\(ValueError: .*byte range .*\)"),
+        (lambda step_dir: (step_dir / "default" / "_METADATA").unlink(), r"\(ValueError: .*\)"),
+    ]:
+        shutil.rmtree(broken, ignore_errors=True)
+        shutil.copytree(workdir, broken)
+        damage(broken / "fp" / training.CHECKPOINT_DIR / str(steps))
+        where = re.escape(str(broken / "fp"))
+        before = snapshot(broken)
+        with pytest.raises(study.StudyError) as info:
+            study.run_study(tiny_config(), broken, verbose=False)
+        assert snapshot(broken) == before
+        message = str(info.value)
+        assert "\n" not in message, message
+        assert re.match(  # the fixture's runs keep one checkpoint, the final one
+            rf"{where}: checkpoint of step {steps} is damaged or unreadable {match}; it holds the "
+            r"run's final weights and there is no earlier checkpoint: delete "
+            rf"{where} and rerun train\.py \(same --config and --workdir\) to train it again\.$",
+            message,
+        ), message
+    shutil.rmtree(broken)
+    shutil.copytree(workdir, broken)
+    (broken / "bnn" / training.CONFIG_FILE).write_text('{\n  "augm')
+    _refused(
+        tiny_config(),
+        broken,
+        rf"^{re.escape(str(broken / 'bnn' / training.CONFIG_FILE))} is not valid JSON "
+        r"\(Unterminated string .*\); it records the config the bnn model was trained with: "
+        rf"restore it from a copy, or delete {re.escape(str(broken / 'bnn'))} and rerun",
+    )
+
+
 def test_explain_cli_reports_a_clear_error(tmp_path):
     proc = run_cli("explain.py", "shapes", tmp_path / "absent")
     assert proc.returncode == 1
     assert "explain.py: workdir" in proc.stderr and "does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "absent").exists()
+    # A file for a workdir: "not a directory" (was: "does not exist"); the file kept.
+    (tmp_path / "afile").write_text("keep me")
+    with pytest.raises(study.StudyError, match=r"workdir .*afile is a file, not a directory"):
+        study.prepare(tiny_config(), tmp_path / "afile")
+    proc = run_cli("explain.py", "shapes", tmp_path / "afile")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"explain.py: workdir {tmp_path / 'afile'} is a file, not a directory: pass the "
+        "--workdir that train.py wrote bnn/, fp/ and control/ into."
+    ), proc.stderr
+    assert (tmp_path / "afile").read_text() == "keep me"

@@ -5,6 +5,8 @@ import importlib
 import json
 import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -332,7 +334,7 @@ def test_workdir_of_another_config_is_refused_and_kept(trained):
         (
             {"model": "binarynet", "model_kwargs": {"width": 0.0}},
             training.ConfigError,
-            "binarynet: width must be a positive",
+            "binarynet: width must be a finite positive",
         ),
         # BinaryNet's three 2x2 pools need 8 px; the bisection finds the smallest size
         (
@@ -389,6 +391,180 @@ def test_train_cli_reports_clear_one_line_errors(tmp_path):
         assert proc.returncode == 1, proc.stderr[-2000:]
         assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert not (tmp_path / "w").exists()
+
+
+def _damage_checkpoint(ckpt: Path, step: int) -> None:
+    """Truncates a complete checkpoint's array data to 100 bytes (a disk that filled up,
+    a copy cut short): orbax still lists the step, and reading it fails."""
+    for f in (ckpt / str(step) / "default").glob("ocdbt.process_0/d/*"):
+        os.truncate(f, 100)
+
+
+def _steps(ckpt: Path) -> list[int]:
+    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+
+
+def test_resuming_from_a_damaged_checkpoint_names_it_and_falls_back_only_when_told(
+    trained, tmp_path
+):
+    # A half-trained run whose latest checkpoint is damaged: one line naming the
+    # checkpoint, the folder to delete and the intact earlier step (was: orbax's bare
+    # Exception, a 150-line traceback); no silent fallback; nothing written or deleted.
+    workdir, config, results, _, _ = trained
+    work = tmp_path / "w"
+    shutil.copytree(workdir, work)
+    ckpt = work / "bnn" / training.CHECKPOINT_DIR
+    (work / "bnn" / training.RESULTS_FILE).unlink()
+    *_, previous, last = _steps(ckpt)
+    _damage_checkpoint(ckpt, last)
+    before = snapshot(work)
+    with pytest.raises(training.DamagedCheckpointError) as info:
+        training.train_and_evaluate(config, work)
+    message = str(info.value)
+    assert isinstance(info.value, training.ConfigError)  # train.py prints it as one line
+    assert "\n" not in message, message
+    assert re.fullmatch(
+        rf"checkpoint of step {last} in {re.escape(str(ckpt))} is damaged or unreadable "
+        rf"\(ValueError: .*byte range.*\); delete that step's folder, "
+        rf"{re.escape(str(ckpt / str(last)))}, and rerun train\.py \(same --config and "
+        rf"--workdir\) to resume from the checkpoint of step {previous}, which reads back "
+        r"intact\.",
+        message,
+    ), message
+    assert snapshot(work) == before
+    # Doing what it says resumes from that step and ends as the uninterrupted run did.
+    shutil.rmtree(ckpt / str(last))
+    resumed = training.train_and_evaluate(config, work)
+    assert resumed["bnn"] == {
+        **results["bnn"],
+        "train_time_s": resumed["bnn"]["train_time_s"],
+        "examples_per_sec": resumed["bnn"]["examples_per_sec"],
+    }
+    # No intact checkpoint left: train the run from scratch, by deleting them.
+    (work / "bnn" / training.RESULTS_FILE).unlink()
+    for step in _steps(ckpt):
+        _damage_checkpoint(ckpt, step)
+    before = snapshot(work)
+    with pytest.raises(
+        training.DamagedCheckpointError,
+        match=rf"step {last} in .* is damaged or unreadable \(.*\); no earlier checkpoint reads "
+        rf"back either \(step {previous}\): delete {re.escape(str(ckpt))} and rerun train\.py "
+        r"\(same --config and --workdir\) to train the run in .*bnn from scratch\.$",
+    ):
+        training.train_and_evaluate(config, work)
+    assert snapshot(work) == before
+
+
+def test_damaged_json_files_of_a_workdir_are_named(trained, tmp_path):
+    # A damaged config.json or results.json: a one-line ConfigError naming the file and
+    # what to do, before anything is built (was: "Expecting value: line 2 column 1", or a
+    # JSONDecodeError traceback after training the runs before it); nothing written.
+    workdir, config, results, _, _ = trained
+    for name, file, text, match in [
+        ("bnn", training.CONFIG_FILE, '{\n  "augm', "is not valid JSON"),
+        ("fp", training.CONFIG_FILE, "[1, 2]", "is not a jbnn config"),
+        ("fp", training.RESULTS_FILE, "{\n", "is not valid JSON"),
+        ("control", training.RESULTS_FILE, '{"run": "control"}', "is not a jbnn results file"),
+    ]:
+        work = tmp_path / f"{name}-{file}-{len(text)}"
+        shutil.copytree(workdir, work)
+        if file == training.CONFIG_FILE:  # an unfinished run: its config.json is read
+            (work / name / training.RESULTS_FILE).unlink()
+        (work / name / file).write_text(text)
+        before = snapshot(work)
+        with pytest.raises(training.ConfigError) as info:
+            with pytest.MonkeyPatch.context() as mp:  # nothing built: no data loaded
+                mp.setattr(training, "_load_data", lambda *a: pytest.fail("data loaded"))
+                training.train_and_evaluate(config, work)
+        message = str(info.value)
+        assert message.startswith(f"{work / name / file} {match} ("), message
+        assert "\n" not in message and snapshot(work) == before, message
+        if file == training.CONFIG_FILE:
+            assert "restore it from a copy, or delete " + str(work / name) in message
+        else:  # results.json: delete it, and the run is only evaluated again
+            assert f"resumes from its last checkpoint (step {results[name]['steps']})" in message
+    (work / "control" / training.RESULTS_FILE).unlink()
+    steps = []
+    again = training.train_and_evaluate(config, work, on_step=lambda *a: steps.append(a))
+    assert steps == [] and again == results
+
+
+def test_a_workdir_that_is_a_file_is_refused_before_anything_is_built(tmp_path, monkeypatch):
+    # Was: NotADirectoryError with a traceback from train.py, after data and models were
+    # built; the file is left as it was.
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    monkeypatch.setattr(training, "_load_data", lambda *a: pytest.fail("data loaded"))
+    for workdir, match in [
+        (afile, rf"workdir {re.escape(str(afile))} is a file, not a directory"),
+        (
+            afile / "sub",
+            rf"workdir {re.escape(str(afile / 'sub'))} lies under {re.escape(str(afile))}, "
+            "which is a file, not a directory",
+        ),
+    ]:
+        with pytest.raises(training.ConfigError, match=match):
+            training.train_and_evaluate(tiny_config(), workdir)
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "bnn").write_text("not a run")
+    with pytest.raises(training.ConfigError, match=r"w/bnn is a file, not a run directory"):
+        training.train_and_evaluate(tiny_config(), tmp_path / "w")
+    assert afile.read_text() == "keep me" and (tmp_path / "w" / "bnn").read_text() == "not a run"
+    proc = run_cli("train.py", "digits", afile)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("train.py:")]
+    assert lines == [
+        f"train.py: workdir {afile} is a file, not a directory: pass a --workdir "
+        "that is a directory or does not exist yet."
+    ], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and afile.read_text() == "keep me"
+
+
+def test_an_override_into_an_empty_section_points_to_the_dict_literal():
+    # configs/shapes.py has an empty data_kwargs: a dotted override names no field (the
+    # message listed none: "its fields: ."); the dict literal it suggests does work.
+    from absl import flags
+    from ml_collections import config_flags
+
+    from jbnn import _cli
+
+    config_file = f"--config={ROOT / 'configs' / 'shapes.py'}"
+    for bad, literal in [
+        ("--config.data_kwargs.num_examples=500", "{'num_examples': 500}"),
+        ("--config.data_kwargs.name=abc", "{'name': 'abc'}"),
+    ]:
+        message = _cli.override_error(["train.py", config_file, bad], AttributeError("x"))
+        flag = f"--config.data_kwargs={literal}"
+        assert message == (
+            f"{bad.split('=')[0]}: unknown config field (config.data_kwargs is an empty section: "
+            f'it has no fields to override; set it as a whole instead, "{flag}").'
+        ), message
+    argv = ["train.py", config_file, "--config.data_kwargs={'num_examples': 500}"]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config", flag_values=values, sys_argv=argv)
+    values(argv)
+    assert values.config.data_kwargs.to_dict() == {"num_examples": 500}
+    train, test = training._load_data(values.config)
+    assert train.num_examples == test.num_examples == 500  # per split
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            config_file,
+            "--workdir=/nonexistent/w",
+            "--config.data_kwargs.num_examples=500",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "train.py: --config.data_kwargs.num_examples: unknown config field (config.data_kwargs "
+        "is an empty section: it has no fields to override; set it as a whole instead, "
+        "\"--config.data_kwargs={'num_examples': 500}\")."
+    )
 
 
 def test_train_step_flags_a_non_finite_gradient_under_a_finite_loss():
@@ -656,11 +832,21 @@ def test_load_run_skips_a_killed_save_and_names_a_damaged_checkpoint(trained, tm
     with pytest.raises(FileNotFoundError, match=f"finished at step {steps[-1]}.*of step"):
         training.load_run(run)
     (ckpt / str(steps[-1] - 1)).rename(final)
-    # A complete checkpoint with a damaged file: orbax's error, not hidden, with a note.
+    # A complete checkpoint with a damaged file: one line that names it and the way to
+    # train the run again (orbax's error is the cause, its first line the reason).
     (ckpt / str(steps[-1]) / "default" / "_METADATA").unlink()
-    with pytest.raises(Exception) as info:
+    with pytest.raises(training.DamagedCheckpointError) as info:
         training.load_run(run)
-    assert f"checkpoint of step {steps[-1]}" in "\n".join(getattr(info.value, "__notes__", []))
+    assert isinstance(info.value.__cause__, ValueError)
+    assert re.fullmatch(
+        rf"{re.escape(str(run))}: checkpoint of step {steps[-1]} is damaged or unreadable "
+        r"\(ValueError: pytree structure error: .*\); it holds the run's final weights: to "
+        rf"train them again, delete {re.escape(str(ckpt / str(steps[-1])))} and "
+        rf"{re.escape(str(run / 'results.json'))}, then rerun train\.py \(same --config and "
+        rf"--workdir\): it resumes from the checkpoint of step {steps[-2]}, which reads back "
+        r"intact\.",
+        str(info.value),
+    ), str(info.value)
     # Only the temporary folder left: no complete checkpoint, the clear error as before.
     for step in steps:
         shutil.rmtree(ckpt / str(step))
