@@ -71,7 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
     # the same models up to float rounding, SmoothGrad 1.11x faster on an H100 (bf16
     # twin). Off: a BNN's sign within rounding of 0 can flip, and the results would move.
     config.explain.fold_batchnorm = False
-    config.explain.mprt_layers = ()  # () = every layer with weights, from the logits down
+    # () = every layer with weights, from the logits down, each with its BatchNorm; a
+    # stage of several layers joins their paths by "+", e.g. ("head+head_bn", "block6").
+    config.explain.mprt_layers = ()
     config.explain.bootstrap_samples = 2000
     config.explain.confidence = 0.95
     config.explain.alpha = 0.05  # level of the Wilcoxon tests

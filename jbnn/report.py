@@ -213,7 +213,7 @@ def figure_grid(data: FigureData, methods: Sequence[str], path: str | Path) -> P
         ax.set_yticks([])
     if image is not None:
         bar = fig.colorbar(image, ax=axes, shrink=0.6, pad=0.01)
-        bar.set_label("|saliency| / 99th percentile of the map", fontsize=8)
+        bar.set_label("(|saliency| − min) / (99th percentile − min), per map", fontsize=8)
     fig.suptitle("Saliency maps of the full-precision twin and the BNN (true class as target)")
     return _save(fig, path)
 
@@ -685,7 +685,9 @@ def render_markdown(results: Mapping, figures: Mapping[str, str]) -> str:
             + ", ".join(flat)
             + " of the images. Spearman ρ with an all-zero map counts as 0 (1 between two); "
             "SSIM compares it as an all-zero image: 1 between two, and against another map "
-            "not 0 but higher the more of that map is near zero."
+            "not 0 but higher the more of that map is near zero. An all-zero map is a miss "
+            "in the pointing game and has relevance mass 0; as a constant map it has total "
+            "variation 0, the highest complexity and sparseness 0."
         )
     out.append("")
     out.append("## Summary")

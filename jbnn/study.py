@@ -367,7 +367,7 @@ def noise_finding(
         parts.append(
             f"{labels.get(metric, metric)} {row['a']['mean']:.3g} vs {row['b']['mean']:.3g} "
             f"({verdict}; difference {_fmt(row['difference'], 3)}, seed-to-seed "
-            f"{ref['difference']['mean']:.3g})"
+            f"|control − twin| {abs(ref['difference']['mean']):.3g})"
         )
     red = compare(reduction["bnn"], reduction["twin"], seed=seed, **kw)
     red.update(
@@ -413,10 +413,10 @@ def noise_finding(
         f"Noise of {group} maps, image by image (A = BNN, B = twin). A metric calls the "
         f"BNN's maps *noisier* when the {100 * confidence:g}% interval of A − B excludes 0 "
         "in the noisy "
-        f"direction, Wilcoxon p < {alpha:g}, and the difference exceeds the seed-to-seed "
-        "difference between control and twin; *less noisy* in the mirrored case; *within "
-        "seed-to-seed* when the interval's noisy end is at most that seed-to-seed "
-        "difference; *no clear difference* (undecided) otherwise."
+        f"direction, Wilcoxon p < {alpha:g}, and |mean A − B| exceeds the seed-to-seed "
+        "difference |mean control − twin|; *less noisy* in the mirrored case; *within "
+        "seed-to-seed* when the interval's noisy end is at most |mean control − twin|; "
+        "*no clear difference* (undecided) otherwise."
     )
     return {
         "title": title,
@@ -493,8 +493,10 @@ class Settings:
         insertion starts from: ``"zero"``, ``"blur"`` or ``"mean"``.
       mprt_images: images of the MPRT sanity check (>= 2).
       mprt_methods: methods of the MPRT check.
-      mprt_layers: layers re-initialised in turn, from the logits down; empty: every
-        layer with weights.
+      mprt_layers: the stages re-initialised in turn, from the logits down: each a layer
+        path, or several joined by ``"+"`` (randomised together); empty: every top-level
+        layer with a kernel, each with the kernel-free layers after it (its BatchNorm),
+        so the last stage has randomised every parameter.
       bootstrap_samples: bootstrap resamples of every interval (>= 100).
       confidence: coverage of the intervals, in (0, 1).
       alpha: level of the Wilcoxon tests, in (0, 1).
@@ -660,7 +662,7 @@ class Plan:
       images: (N, H, W, C) model inputs; labels: (N,) int32; masks: (N, H, W) or None.
       display: (N, H, W, C) the images in [0, 1] for figures.
       indices: (N,) the images' indices in the test split.
-      mprt_layers: the layer paths randomised by MPRT, from the logits down.
+      mprt_layers: MPRT's stages, from the logits down: layer paths, several joined by "+".
     """
 
     settings: Settings
@@ -794,8 +796,15 @@ def _spatial_layers(model, input_shape) -> dict:
     return {p: s for p, s in paths.items() if len(s) == 4 and all(isinstance(d, int) for d in s)}
 
 
-def _kernel_layers(model, variables, input_shape) -> list[str]:
-    """Top-level layers holding a kernel (conv / dense weights), in call order."""
+def _mprt_stages(model, variables, input_shape) -> list[str]:
+    """MPRT's default stages, from the logits down, as ``"+"``-joined top-level layer paths.
+
+    Each top-level layer holding a kernel (conv / dense weights) starts a stage; the
+    top-level layers with parameters but no kernel that the forward pass calls after it
+    (the BatchNorm that normalises its output) join that stage, as a block's BatchNorm
+    goes with the block: ``["head+head_bn", "dense2+dense2_bn", ..., "block1"]`` for
+    BinaryNet, so every parameter of the model is randomised by the last stage.
+    """
     from jbnn import models
 
     params = variables["params"]
@@ -805,8 +814,43 @@ def _kernel_layers(model, variables, input_shape) -> list[str]:
             return False
         return "kernel" in tree or any(has_kernel(v) for v in tree.values())
 
-    order = [p for p in models.layer_paths(model, input_shape) if "/" not in p]
-    return [p for p in order if p in params and has_kernel(params[p])]
+    stages: list[list[str]] = []
+    for path in models.layer_paths(model, input_shape):
+        if "/" in path or path not in params:
+            continue
+        if has_kernel(params[path]) or not stages:
+            stages.append([path])
+        else:
+            stages[-1].append(path)
+    return ["+".join(stage) for stage in reversed(stages)]
+
+
+def _mprt_layers(settings: Settings, params, default: Sequence[str]) -> tuple[str, ...]:
+    """``config.explain.mprt_layers`` checked against the parameters, or the default."""
+    if not settings.mprt_layers:
+        return tuple(default)
+    bad = [
+        stage
+        for stage in settings.mprt_layers
+        if not stage
+        or any(not part or _param_subtree(params, part) is None for part in str(stage).split("+"))
+    ]
+    if bad:
+        raise StudyError(
+            f"Unknown config.explain.mprt_layers {bad}: each entry is a layer path with "
+            "parameters, or several joined by '+' (randomised together); the default stages: "
+            f"{', '.join(default)}"
+        )
+    return tuple(str(stage) for stage in settings.mprt_layers)
+
+
+def _param_subtree(params, path: str):
+    tree = params
+    for key in path.split("/"):
+        if not isinstance(tree, Mapping) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
 
 
 def prepare(config, workdir: str | Path) -> Plan:
@@ -907,17 +951,11 @@ def _prepare(config, workdir: Path) -> Plan:
             surrogate_models[spec] = models.with_surrogate(bnn_model, spec)
         except (ValueError, TypeError) as e:
             raise StudyError(f"Bad config.explain.surrogates entry {spec!r}: {e}") from None
-    param_layers = _kernel_layers(bnn_model, loaded["bnn"][1], input_shape)
-    if settings.mprt_layers:
-        bad = [p for p in settings.mprt_layers if p not in param_layers]
-        if bad:
-            raise StudyError(
-                f"Unknown config.explain.mprt_layers {bad}; layers with weights: "
-                f"{', '.join(param_layers)}"
-            )
-        mprt_layers = tuple(settings.mprt_layers)
-    else:
-        mprt_layers = tuple(reversed(param_layers))
+    mprt_layers = _mprt_layers(
+        settings,
+        loaded["bnn"][1]["params"],
+        _mprt_stages(bnn_model, loaded["bnn"][1], input_shape),
+    )
     return Plan(
         settings=settings,
         seed=seed,
@@ -1063,6 +1101,26 @@ def _np(x) -> np.ndarray:
     return np.asarray(x, np.float64)
 
 
+def _zero_maps(m) -> np.ndarray:
+    return np.asarray(np.abs(m).max(axis=(1, 2)) == 0)
+
+
+def pointing_game(maps, masks) -> np.ndarray:
+    """The study's pointing game: :func:`jbnn.metrics.pointing_game`, and a miss for an
+    all-zero map.
+
+    The metric (as Quantus) counts a constant map as a hit when any pixel of its tied
+    maximum lies in the mask; an all-zero map (a GradCAM map the ReLU emptied) points
+    nowhere, and counting it as a hit would reward the model that produced it.
+
+    Returns:
+      (N,) float64 of 0.0 / 1.0.
+    """
+    from jbnn import metrics
+
+    return np.where(_zero_maps(maps), 0.0, _np(metrics.pointing_game(maps, masks)))
+
+
 def tv_reduction(tv_smooth: np.ndarray, tv_gradient: np.ndarray) -> np.ndarray:
     """Per image, the fraction of the Gradient map's total variation that SmoothGrad
     removes, ``1 - TV(SmoothGrad) / TV(Gradient)``; 0 where the Gradient map is constant
@@ -1106,13 +1164,9 @@ def per_image_metrics(plan: Plan, maps: Mapping, signed: Mapping, verbose: bool 
             values[f"{method}/total_variation/{model}"] = _np(metrics.total_variation(m))
             values[f"{method}/complexity/{model}"] = _np(metrics.complexity(m))
             values[f"{method}/sparseness/{model}"] = _np(metrics.sparseness(m))
-            values[f"{method}/zero_map/{model}"] = (np.abs(m).max(axis=(1, 2)) == 0).astype(
-                np.float64
-            )
+            values[f"{method}/zero_map/{model}"] = _zero_maps(m).astype(np.float64)
             if plan.masks is not None:
-                values[f"{method}/pointing_game/{model}"] = _np(
-                    metrics.pointing_game(m, plan.masks)
-                )
+                values[f"{method}/pointing_game/{model}"] = pointing_game(m, plan.masks)
                 values[f"{method}/relevance_mass/{model}"] = _np(
                     metrics.relevance_mass_accuracy(m, plan.masks)
                 )
@@ -1223,7 +1277,7 @@ def run_mprt(plan: Plan, verbose: bool = True) -> dict:
             target,
             explain,
             key=jax.random.fold_in(root, 0),
-            layers=plan.mprt_layers,
+            layers=[tuple(p.split("+")) if "+" in p else p for p in plan.mprt_layers],
             similarity={
                 "spearman_abs": lambda a, b: metrics.spearman(a, b, absolute=True),
                 "ssim": metrics.ssim,
@@ -1231,7 +1285,7 @@ def run_mprt(plan: Plan, verbose: bool = True) -> dict:
         )
         for i, method in enumerate(methods):
             out[method][model] = {
-                "layers": list(result["layers"]),
+                "layers": list(plan.mprt_layers),
                 "similarity": {
                     k: _np(v)[:, i * n : (i + 1) * n] for k, v in result["similarity"].items()
                 },

@@ -939,6 +939,7 @@ def _train_run(run: _Run, on_step: Callable[[str, int], None] | None) -> dict[st
                     _check_finite(state, spec, run_dir, manager.latest_step())
                     now = time.perf_counter()
                     loss_sum, correct, flip_sum, k = (float(v) for v in sums)
+                    window = int(k)  # the steps this record averages (the epoch line's)
                     record = {
                         "step": step,
                         "epoch": round(step / spe, 4),
@@ -971,8 +972,8 @@ def _train_run(run: _Run, on_step: Callable[[str, int], None] | None) -> dict[st
             if record is not None and is_main:  # one line per epoch for non-TTY logs
                 rate = (step - start) / max(time.perf_counter() - t_start, 1e-9)
                 log.info(
-                    "%s: epoch %d/%d, step %d/%d, loss %.4f, accuracy %.4f, %.0f examples/s, "
-                    "ETA %.0f s",
+                    "%s: epoch %d/%d, step %d/%d, loss %.4f, accuracy %.4f (steps %d-%d), "
+                    "%.0f examples/s, ETA %.0f s",
                     spec.name,
                     epoch + 1,
                     config.num_epochs,
@@ -980,6 +981,8 @@ def _train_run(run: _Run, on_step: Callable[[str, int], None] | None) -> dict[st
                     total,
                     record["loss"],
                     record["accuracy"],
+                    record["step"] - window + 1,
+                    record["step"],
                     record["examples_per_sec"],
                     (total - step) / max(rate, 1e-9),
                 )

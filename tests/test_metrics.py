@@ -586,6 +586,30 @@ def test_mprt_randomises_layers_top_down_and_cascading():
     assert same(seen[1]["params"]["head"], variables["params"]["head"])
     assert same(seen[2]["params"]["conv2"], variables["params"]["conv2"])
 
+    # A stage of several layers randomises them together (a dense layer and its BatchNorm).
+    for cascading in (True, False):
+        seen.clear()
+        res = metrics.mprt(
+            MODEL,
+            variables,
+            x,
+            y,
+            recording_explain,
+            key=jax.random.key(7),
+            layers=[("head", "conv2"), "conv1"],
+            similarity={"spearman_abs": metrics.default_similarities()["spearman_abs"]},
+            cascading=cascading,
+        )
+        assert res["layers"] == (("head", "conv2"), "conv1") and len(seen) == 3
+        first, second = seen[1]["params"], seen[2]["params"]
+        assert same(first["head"], fresh["params"]["head"])
+        assert same(first["conv2"], fresh["params"]["conv2"])
+        assert same(first["conv1"], variables["params"]["conv1"])
+        assert same(second["conv1"], fresh["params"]["conv1"])
+        kept = variables if not cascading else fresh
+        assert same(second["head"], kept["params"]["head"])
+        assert same(second["conv2"], kept["params"]["conv2"])
+
 
 @pytest.mark.slow  # XLA compilation of the model, grads and similarities
 def test_mprt_second_call_does_not_retrace_and_draws_the_same_fresh_variables():
@@ -783,6 +807,21 @@ def test_bad_mprt_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"explain must return maps"):
         metrics.mprt(
             MODEL, variables, x, y, lambda m, v, xx, t: jnp.zeros((2, 5, 5)), key=jax.random.key(0)
+        )
+    for bad in ([()], [("head", 3)], [7]):
+        with pytest.raises(ValueError, match="module path or a non-empty tuple of them"):
+            metrics.mprt(
+                MODEL, variables, x, y, gradient_explain, key=jax.random.key(0), layers=bad
+            )
+    with pytest.raises(ValueError, match="Unknown layer 'conv3'"):
+        metrics.mprt(
+            MODEL,
+            variables,
+            x,
+            y,
+            gradient_explain,
+            key=jax.random.key(0),
+            layers=[("head", "conv3")],
         )
 
 

@@ -272,6 +272,23 @@ def test_noise_sentence_reports_the_mean_per_image_tv_change():
     ) in finding["sentence"]
 
 
+def test_pointing_game_counts_an_all_zero_map_as_a_miss():
+    rng = np.random.default_rng(0)
+    maps = rng.normal(size=(5, 6, 6)).astype(np.float32)
+    maps[0] = 0.0  # all zero: a miss, though its tied maximum touches the mask
+    maps[1] = 0.5  # constant but not zero: a hit, as in Quantus
+    masks = np.zeros((5, 6, 6), bool)
+    masks[:, 2:4, 2:4] = True
+    masks[2].flat[np.argmax(maps[2])] = True  # a sure hit
+    masks[3].flat[np.argmax(maps[3])] = False  # a sure miss
+    want = [
+        float(maps[i].max() != 0 and masks[i][maps[i] == maps[i].max()].any()) for i in range(5)
+    ]
+    got = study.pointing_game(maps, masks)
+    assert want[:4] == [0.0, 1.0, 1.0, 0.0]
+    np.testing.assert_array_equal(got, want)
+
+
 def test_tv_reduction():
     out = study.tv_reduction(np.array([1.0, 3.0, 0.0]), np.array([4.0, 2.0, 0.0]))
     np.testing.assert_allclose(out, [0.75, -0.5, 0.0])
@@ -310,6 +327,20 @@ def test_config_explain_sections_name_valid_layers(name):
     model = models.get(config.model, binary=True, num_classes=10, **config.model_kwargs)
     spatial = study._spatial_layers(model, (1, size, size, channels))
     assert settings.gradcam_layer in spatial
+
+
+def test_mprt_default_stages_randomise_every_parameter():
+    """BinaryNet's default MPRT stages: each dense layer with its BatchNorm, each conv block
+    whole, from the logits down; together they hold every parameter of the model."""
+    model = models.get("binarynet", binary=True, num_classes=10, width=0.125, stem="small")
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
+    stages = study._mprt_stages(model, variables, (1, 32, 32, 1))
+    blocks = [f"block{i}" for i in range(6, 0, -1)]
+    assert stages == ["head+head_bn", "dense2+dense2_bn", "dense1+dense1_bn", *blocks]
+    assert sorted(p for stage in stages for p in stage.split("+")) == sorted(variables["params"])
+    assert sorted(variables["batch_stats"]) == sorted(
+        p for stage in stages for p in stage.split("+") if p.endswith("_bn") or "block" in p
+    )
 
 
 # --------------------------------------------------------------------------- end to end
@@ -363,7 +394,7 @@ def tiny_config():
     e.faithfulness_steps = 2
     e.mprt_images = 3
     e.mprt_methods = ("gradient",)
-    e.mprt_layers = ("head", "block2")
+    e.mprt_layers = ("head+head_bn", "block2")
     e.bootstrap_samples = 100
     return config
 
@@ -432,6 +463,7 @@ def test_end_to_end_report(report):
     assert tv_row["a"] == results["noise"]["smoothgrad"]["total_variation"]["bnn"]
     assert results["localisation"] is not None  # shapes has masks
     assert len(results["mprt"]["gradient"]["bnn"]["spearman_abs"]) == 3  # none, head, block2
+    assert results["mprt"]["gradient"]["bnn"]["layers"] == ["head+head_bn", "block2"]
     assert list(results["surrogates"]["rows"]) == ["ste_sign", "identity"]
     # ste_sign is the BNN's own surrogate: its maps are the BNN's.
     same = results["surrogates"]["rows"]["ste_sign"]["gradient"]["spearman_abs_vs_bnn"]
@@ -553,6 +585,14 @@ def test_unknown_layer_is_refused_and_nothing_written(workdir, report):
     config = tiny_config()
     config.explain.gradcam_layer = "block9"
     _refused(config, workdir, r"Unknown config.explain.gradcam_layer 'block9'.*block1.*block2")
+    config = tiny_config()
+    config.explain.mprt_layers = ("head+head_bn", "head+bn", "")
+    _refused(
+        config,
+        workdir,
+        r"Unknown config.explain.mprt_layers \['head\+bn', ''\].*stages: head\+head_bn, "
+        r"block2, block1$",
+    )
 
 
 @pytest.mark.slow

@@ -179,11 +179,24 @@ def test_force_retrains_from_scratch(tmp_path, caplog):
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "report.md").write_text("the old runs' report")
     steps = []
-    with caplog.at_level(logging.WARNING, logger="jbnn.training"):
+    with caplog.at_level(logging.INFO, logger="jbnn.training"):
         second = training.train_and_evaluate(
             config, tmp_path, force=True, on_step=lambda run, step: steps.append(step)
         )
     assert steps[0] == 1 and len(steps) == 2 * 44
+    # One line per epoch, with the loss and accuracy of the last logged window and its steps
+    # (22 steps per epoch, a record every 4 steps: epoch 1's last record is step 20).
+    lines = {r["step"]: r for r in read_lines(tmp_path / "bnn" / "metrics.jsonl")}
+    epoch_lines = [r.getMessage() for r in caplog.records if ": epoch " in r.getMessage()]
+    assert len(epoch_lines) == 4  # bnn and fp, two epochs each
+    for message, (end, start, last) in zip(
+        epoch_lines[:2], [(22, 17, 20), (44, 41, 44)], strict=True
+    ):
+        want = (
+            f"bnn: epoch {end // 22}/2, step {end}/44, loss {lines[last]['loss']:.4f}, "
+            f"accuracy {lines[last]['accuracy']:.4f} (steps {start}-{last}), "
+        )
+        assert message.startswith(want), (message, want)
     # the report of the replaced runs is kept, with a warning that it is stale
     assert (tmp_path / "report" / "report.md").read_text() == "the old runs' report"
     assert any("no longer describes them" in r.getMessage() for r in caplog.records)

@@ -136,6 +136,17 @@ def _replaced(tree: Mapping, keys: Sequence[str], value) -> dict:
     return out
 
 
+def _stage(paths) -> tuple[str, ...]:
+    """A stage of several paths as a tuple of str; a clear error for anything else."""
+    stage = tuple(paths) if isinstance(paths, Sequence) else None
+    if not stage or not all(isinstance(p, str) for p in stage):
+        raise ValueError(
+            "each entry of layers must be a '/'-separated module path or a non-empty tuple "
+            f"of them (one stage), got {paths!r}"
+        )
+    return stage
+
+
 def _randomised(variables: Mapping, fresh: Mapping, path: str, collections) -> dict:
     keys = tuple(k for k in path.split("/") if k)
     out = dict(variables)
@@ -167,7 +178,7 @@ def mprt(
     explain: Explain,
     *,
     key: jax.Array,
-    layers: Sequence[str] | None = None,
+    layers: Sequence[str | Sequence[str]] | None = None,
     similarity: Mapping[str, Similarity] | None = None,
     cascading: bool = True,
     collections: Sequence[str] | None = None,
@@ -191,22 +202,25 @@ def mprt(
       target: classes (B,) to explain (kept the same at every stage).
       explain: ``(model, variables, x, target) -> maps (B, H, W)``.
       key: PRNG key for the re-initialisation.
-      layers: module paths ('/'-separated, as :func:`jbnn.models.layer_paths`) in the
-        order to randomise; a path may name a whole block. Default:
-        :func:`parameter_layers`, every param-holding module, logits side first.
+      layers: the stages, in the order to randomise: each a module path ('/'-separated,
+        as :func:`jbnn.models.layer_paths`; a path may name a whole block) or a tuple of
+        paths randomised together in one stage (e.g. ``("dense1", "dense1_bn")``, a dense
+        layer with the BatchNorm after it). Default: :func:`parameter_layers`, every
+        param-holding module on its own, logits side first.
       similarity: name -> ``f(original, stage) -> (B,)``; default
         :func:`default_similarities`.
       cascading: randomise cumulatively (True) or one layer at a time (False).
       collections: variable collections to re-initialise (default: all of them).
 
     Returns:
-      A dict with ``"layers"`` (tuple of S paths, in stage order), ``"original"`` (B, H, W)
+      A dict with ``"layers"`` (the S stages, in order: a path, or a tuple of paths for a
+      stage of several), ``"original"`` (B, H, W)
       maps, ``"maps"`` (S, B, H, W) maps per stage, and ``"similarity"``: name -> (S, B)
       float32 similarity of each stage's maps to the original.
 
     Raises:
       ValueError: a layer path not in ``variables["params"]``, maps of the wrong shape,
-        non-finite maps, an empty ``layers``.
+        non-finite maps, an empty ``layers`` or an empty stage.
     """
     x = _checks.images("x", x)
     target = _checks.targets(target, x.shape[0])
@@ -217,15 +231,16 @@ def mprt(
     )
     if layers is None:
         layers = parameter_layers(model, variables, x.shape)
-    layers = tuple(layers)
+    layers = tuple(stage if isinstance(stage, str) else _stage(stage) for stage in layers)
     if not layers:
         raise ValueError("layers is empty: name at least one module path to randomise")
-    for path in layers:
-        if not isinstance(path, str):
-            raise ValueError(f"layers must be '/'-separated module paths, got {path!r}")
-        if _subtree(variables["params"], [k for k in path.split("/") if k]) is None:
-            known = ", ".join(parameter_layers(model, variables, x.shape))
-            raise ValueError(f"Unknown layer {path!r}: not in variables['params']; known: {known}")
+    for stage in layers:
+        for path in (stage,) if isinstance(stage, str) else stage:
+            if _subtree(variables["params"], [k for k in path.split("/") if k]) is None:
+                known = ", ".join(parameter_layers(model, variables, x.shape))
+                raise ValueError(
+                    f"Unknown layer {path!r}: not in variables['params']; known: {known}"
+                )
     measures = dict(default_similarities() if similarity is None else similarity)
     if not measures:
         raise ValueError("similarity is empty: give at least one measure")
@@ -235,11 +250,12 @@ def mprt(
     original = _check_maps_like("the original maps", explain(model, variables, x, target), x)
     stage_maps = []
     current = variables
-    for path in layers:
-        base = current if cascading else variables
-        current = _randomised(base, fresh, path, collections)
+    for stage in layers:
+        current = current if cascading else variables
+        for path in (stage,) if isinstance(stage, str) else stage:
+            current = _randomised(current, fresh, path, collections)
         m = explain(model, current, x, target)
-        stage_maps.append(_check_maps_like(f"the maps with {path!r} randomised", m, x))
+        stage_maps.append(_check_maps_like(f"the maps with {stage!r} randomised", m, x))
     maps = jnp.stack(stage_maps)  # (S, B, H, W)
     scores = {
         name: jnp.stack([jnp.asarray(f(original, m), jnp.float32) for m in stage_maps])
