@@ -827,13 +827,17 @@ def _mprt_stages(model, variables, input_shape) -> list[str]:
 
 def _mprt_layers(settings: Settings, params, default: Sequence[str]) -> tuple[str, ...]:
     """``config.explain.mprt_layers`` checked against the parameters, or the default."""
+    from jbnn.metrics.sanity import _subtree
+
     if not settings.mprt_layers:
         return tuple(default)
     bad = [
         stage
         for stage in settings.mprt_layers
         if not stage
-        or any(not part or _param_subtree(params, part) is None for part in str(stage).split("+"))
+        or any(
+            not part or _subtree(params, part.split("/")) is None for part in str(stage).split("+")
+        )
     ]
     if bad:
         raise StudyError(
@@ -842,15 +846,6 @@ def _mprt_layers(settings: Settings, params, default: Sequence[str]) -> tuple[st
             f"{', '.join(default)}"
         )
     return tuple(str(stage) for stage in settings.mprt_layers)
-
-
-def _param_subtree(params, path: str):
-    tree = params
-    for key in path.split("/"):
-        if not isinstance(tree, Mapping) or key not in tree:
-            return None
-        tree = tree[key]
-    return tree
 
 
 def prepare(config, workdir: str | Path) -> Plan:
