@@ -455,6 +455,41 @@ class _SharedConv(nn.Module):  # one conv applied to x and to its own output
         return nn.Dense(NUM_CLASSES)(y.reshape(x.shape[0], -1))
 
 
+# nn.Conv / nn.Dense given their own arithmetic (as a quantization library does): here
+# not linear in the input, so the layer is not the affine map the split relies on.
+def _tanh_conv(lhs, rhs, *args, **kwargs):
+    return jax.lax.conv_general_dilated(jnp.tanh(lhs), rhs, *args, **kwargs)
+
+
+def _tanh_dot(lhs, rhs, *args, **kwargs):
+    return jax.lax.dot_general(jnp.tanh(lhs), rhs, *args, **kwargs)
+
+
+def _tanh_promote(inputs, *rest, dtype=None, inexact=True):
+    return (jnp.tanh(inputs), *rest)
+
+
+class _CustomConv(nn.Module):  # nn.Conv with conv_general_dilated=
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Conv(4, (3, 3), conv_general_dilated=_tanh_conv, name="conv")(x)
+        return nn.Dense(NUM_CLASSES)(jnp.tanh(y).reshape(x.shape[0], -1))
+
+
+class _CustomDot(nn.Module):  # nn.Dense (on every pixel) with dot_general=
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Dense(4, dot_general=_tanh_dot, name="dense")(x)
+        return nn.Dense(NUM_CLASSES)(jnp.tanh(y).reshape(x.shape[0], -1))
+
+
+class _CustomPromote(nn.Module):  # nn.Conv with promote_dtype=
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Conv(4, (3, 3), promote_dtype=_tanh_promote, name="conv")(x)
+        return nn.Dense(NUM_CLASSES)(jnp.tanh(y).reshape(x.shape[0], -1))
+
+
 def _conv_output_shapes(jaxpr) -> list[tuple[int, ...]]:
     """Output shapes of every convolution in a jaxpr, sub-programs included."""
     shapes = []
@@ -505,7 +540,15 @@ def test_split_input_layer_is_the_same_map_with_one_pullback(net):
 
 @pytest.mark.parametrize(
     "module",
-    [_Preprocessed, _InputReadTwice, _QuantizedInput, _SharedConv],
+    [
+        _Preprocessed,
+        _InputReadTwice,
+        _QuantizedInput,
+        _SharedConv,
+        _CustomConv,
+        _CustomDot,
+        _CustomPromote,
+    ],
     ids=lambda m: m.__name__,
 )
 def test_split_input_layer_only_where_the_model_allows_it(module):
@@ -634,6 +677,131 @@ def test_gradcam_inference_mode_and_predicted_target(net):
     # One example explained alone gives the same map as in the batch (no batch stats).
     _, low0 = sal.gradcam(model, variables, x[:1], None, layer="features", return_low_res=True)
     np.testing.assert_allclose(low0[0], low[0], rtol=1e-5, atol=1e-7)
+
+
+class _ConvBN(nn.Module):
+    """A jbnn convolution read by its BatchNorm alone (jbnn.models.fold folds them), then
+    tanh and a dense head; ``features`` and ``classify`` split it by hand."""
+
+    def setup(self):
+        from jbnn import layers
+
+        self.conv = layers.QuantConv(4, (3, 3))
+        self.bn = nn.BatchNorm(use_running_average=True)
+        self.head = nn.Dense(NUM_CLASSES)
+
+    def features(self, x):
+        return self.bn(self.conv(x))
+
+    def classify(self, a):
+        return self.head(jnp.tanh(a).reshape(a.shape[0], -1))
+
+    def __call__(self, x):
+        return self.classify(self.features(x))
+
+
+def _hand_low_res(activation, head, target):
+    """GradCAM's low-resolution map (ReLU'd) of ``activation`` under ``head``, numpy."""
+    score = lambda a: jnp.sum(head(a)[jnp.arange(a.shape[0]), target])
+    g = np.asarray(jax.grad(score)(activation), np.float64)
+    a = np.asarray(activation, np.float64)
+    return np.maximum(np.einsum("bhwc,bc->bhw", a, g.mean(axis=(1, 2))), 0)
+
+
+def test_gradcam_refuses_a_layer_whose_batchnorm_fn_folds():
+    """In a BatchNorm-folded fn the convolution returns its BatchNorm's output: GradCAM of
+    the convolution would explain the BatchNorm's activation. It says so, and the
+    BatchNorm's own layer is explained right, folded or not."""
+    from jbnn.models import fold
+
+    model = _ConvBN()
+    x = _uniform((2, 6, 6, 3), 8)
+    variables = _init(model, x.shape, seed=9)
+    target = jnp.array([1, 3], jnp.int32)
+    assert fold.batchnorm_folds(model, variables, x) == {"conv": "bn"}
+    conv_out = model.apply(variables, x, method=lambda m, x: m.conv(x))
+    bn_out = model.apply(variables, x, method="features")
+    hand_conv = _hand_low_res(
+        conv_out,
+        lambda a: model.apply(variables, a, method=lambda m, a: m.classify(m.bn(a))),
+        target,
+    )
+    hand_bn = _hand_low_res(bn_out, lambda a: model.apply(variables, a, method="classify"), target)
+    assert np.abs(hand_conv - hand_bn).max() > 0.1 * hand_bn.max()  # two different maps
+
+    low = lambda layer, **kw: sal.gradcam(
+        model, kw.pop("v", None), x, target, layer=layer, return_low_res=True, **kw
+    )[1]
+    np.testing.assert_allclose(low("conv", v=variables), hand_conv, rtol=1e-4, atol=1e-6)
+    for fn in (
+        models.apply_fn(model, variables, fold_batchnorm=True),  # folded at every call
+        models.apply_fn(model, variables, fold_batchnorm=True, input_like=x),  # frozen
+    ):
+        with pytest.raises(
+            ValueError,
+            match=r"layer 'conv': fn folds the BatchNorm 'bn'.*"
+            r"layer='bn'.*without fold_batchnorm",
+        ):
+            low("conv", fn=fn)
+        with pytest.raises(ValueError, match="folds the BatchNorm 'bn'"):
+            sal.layer_activation_and_gradient(model, None, x, target, layer="conv", fn=fn)
+        np.testing.assert_allclose(low("bn", fn=fn), hand_bn, rtol=1e-4, atol=1e-5 * hand_bn.max())
+    # Unfolded fns (kernels frozen or not) explain the convolution itself.
+    for fn in (models.apply_fn(model, variables), models.apply_fn(model, variables, input_like=x)):
+        np.testing.assert_allclose(low("conv", fn=fn), hand_conv, rtol=1e-4, atol=1e-6)
+
+
+class _Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return jnp.tanh(nn.Conv(4, (3, 3), name="conv")(x))
+
+
+class _Rematted(nn.Module):
+    """Two blocks, the first under nn.remat (if ``remat``): the same variables either way."""
+
+    remat: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        first = nn.remat(_Block) if self.remat else _Block
+        y = _Block(name="block2")(first(name="block1")(x))
+        return nn.Dense(NUM_CLASSES, name="head")(y.reshape(y.shape[0], -1))
+
+
+def test_gradcam_inside_nn_remat_names_it_and_the_workaround():
+    """A layer run under nn.remat lives in the checkpoint's own trace (JAX raised an
+    UnexpectedTracerError that named no layer): a ValueError names nn.remat and the
+    workaround, the same model without remat and the same variables."""
+    x = _uniform((2, 6, 6, 3), 10)
+    rematted, plain = _Rematted(), _Rematted(remat=False)
+    variables = _init(rematted, x.shape, seed=11)
+    assert jax.tree.structure(variables) == jax.tree.structure(_init(plain, x.shape))
+    target = jnp.array([0, 2], jnp.int32)
+    for layer in ("block1", "block1/conv"):
+        with pytest.raises(ValueError, match=rf"layer '{layer}' .*nn\.remat.*without nn\.remat"):
+            sal.gradcam(rematted, variables, x, target, layer=layer)
+    # The workaround: the same variables in the model built without nn.remat, checked
+    # against GradCAM by hand (block1's output through block2 and the head).
+    block1 = _Block().apply({"params": variables["params"]["block1"]}, x)
+
+    def head(a):
+        y = _Block().apply({"params": variables["params"]["block2"]}, a)
+        return nn.Dense(NUM_CLASSES).apply(
+            {"params": variables["params"]["head"]}, y.reshape(2, -1)
+        )
+
+    _, low = sal.gradcam(plain, variables, x, target, layer="block1", return_low_res=True)
+    hand = _hand_low_res(block1, head, target)
+    np.testing.assert_allclose(low, hand, rtol=1e-4, atol=1e-6 * hand.max())
+    assert hand.max() > 0
+    # Layers outside the remat are explained in the rematted model as in the plain one.
+    np.testing.assert_allclose(
+        sal.gradcam(rematted, variables, x, target, layer="block2"),
+        sal.gradcam(plain, variables, x, target, layer="block2"),
+        rtol=1e-5,
+        atol=1e-7,
+    )
 
 
 # --------------------------------------------------------------------------- PAIR
@@ -893,6 +1061,35 @@ def test_zero_maps_stay_finite():
     np.testing.assert_array_equal(sal.normalize_pair(jnp.full((1, 4, 4), 3.0)), 0.0)
 
 
+def test_normalize_captum_of_float16_maps_sums_in_float32():
+    """Captum's cumulative sum of a float16 map ran in float16: past 65504 (a 64 x 64
+    map of |a| ~ 20) it overflowed to inf and moved the threshold (0.11 off the float64
+    display). It runs in float32 now; the display stays float16."""
+    rng = np.random.default_rng(2)
+    maps = rng.uniform(-40, 40, size=(2, 64, 64, 1)).astype(np.float16)
+    assert np.abs(maps.astype(np.float64)).sum(axis=(1, 2, 3)).min() > 65504
+    for sign in sal.CAPTUM_SIGNS:
+        ours = sal.normalize_captum(maps, sign=sign)
+        assert ours.dtype == np.float16
+        for b in range(2):
+            ref = _captum_normalize(maps[b].astype(np.float64), sign, 2)
+            np.testing.assert_allclose(
+                np.asarray(ours[b], np.float64), ref, atol=2e-3, err_msg=sign
+            )
+
+
+def test_reduce_channels_l2_of_float16_maps_does_not_overflow():
+    """Float16 squares overflow past 255: the l2 norm of (300, 300, 300) was inf. The
+    norm is taken in float32 and returned in float16."""
+    rng = np.random.default_rng(3)
+    big = rng.uniform(200, 400, size=(2, 3, 4, 3)) * rng.choice([-1, 1], size=(2, 3, 4, 3))
+    big = big.astype(np.float16)
+    l2 = sal.reduce_channels(big, "l2")
+    assert l2.dtype == np.float16
+    ref = np.sqrt(np.sum(np.square(big.astype(np.float64)), axis=-1))
+    np.testing.assert_allclose(np.asarray(l2, np.float64), ref, rtol=1e-3)
+
+
 # --------------------------------------------------------------------------- no retrace
 def test_no_retrace_on_second_call_and_with_new_variables(net):
     model, variables, x, target = net
@@ -1054,6 +1251,80 @@ def test_bad_inputs_raise_clear_errors(net):
     for call, error, pattern in cases:
         with pytest.raises(error, match=pattern):
             call()
+
+
+def test_variables_of_another_model_are_named_not_the_images(net):
+    """Flax's shape error was reported as images of the wrong size whatever its cause;
+    variables of another configuration (7 classes here) or another model are named."""
+    model, variables, x, target = net
+    seven = _init(SplitNet(num_classes=7), (1, 16, 16, 3))
+    other = _init(models.get("mlp", binary=False, num_classes=NUM_CLASSES, hidden=(8,)), x.shape)
+    no_stats = {"params": variables["params"]}
+    not_this = r"do not belong to this model: parameter 'kernel' of layer 'head/dense' has "
+    not_this += r"shape \(512, 7\) in the variables, but the model makes it \(512, 5\)"
+    cases = [
+        (lambda: sal.gradient(models.apply_fn(model, seven), x, target), not_this),
+        (lambda: sal.gradcam(model, seven, x, target, layer="features"), not_this),
+        (
+            lambda: sal.explain_dataset(
+                "gradient", [np.asarray(x)], model=model, variables=seven, progress=False
+            ),
+            not_this,
+        ),
+        (
+            lambda: sal.integrated_gradients(models.apply_fn(model, other), x, target),
+            r"variables do not match the model .*features/conv1",
+        ),
+        (
+            lambda: sal.gradcam(model, no_stats, x, target, layer="features"),
+            r"variables do not match the model .*batch_stats.*features/bn",
+        ),
+    ]
+    for call, pattern in cases:
+        with pytest.raises(ValueError, match=pattern) as info:
+            call()
+        assert "do not fit images" not in str(info.value)
+    # Images of another size or channel count are still named as such.
+    with pytest.raises(ValueError, match=r"do not fit images of shape \(H, W, C\) = \(16, 16, 2\)"):
+        sal.gradient(models.apply_fn(model, variables), x[..., :2])
+
+
+def test_fn_that_is_not_x_to_logits_is_named(net):
+    """model.apply (variables first), the module itself or any (variables, x) function
+    failed deep in Flax with "Array.__contains__: unsupported operand type"."""
+    from jbnn.models import fold
+
+    model, variables, x, target = net
+    apply_message = r"fn is SplitNet\.apply, which takes \(variables, x\).*apply_fn"
+    cases = [
+        (lambda: sal.gradient(model.apply, x, target), apply_message),
+        (lambda: sal.smoothgrad(model.apply, x, target, jax.random.key(0)), apply_message),
+        (
+            lambda: sal.gradcam(model, None, x, target, layer="features", fn=model.apply),
+            apply_message,
+        ),
+        (lambda: sal.gradient(model, x, target), r"the Flax module SplitNet itself.*apply_fn"),
+        (
+            lambda: sal.integrated_gradients(lambda v, z: model.apply(v, z), x, target),
+            r"one argument, the images x.*takes 2 \(v, z\)",
+        ),
+        (
+            lambda: sal.gradient(fold.folded_apply(model), x, target),
+            r"takes 2 \(variables, x\).*apply_fn",
+        ),
+        (
+            lambda: sal.explain_dataset("gradient", [np.asarray(x)], fn=model.apply),
+            apply_message,
+        ),
+    ]
+    for call, pattern in cases:
+        with pytest.raises(TypeError, match=pattern):
+            call()
+    # Functions of x alone (with optional arguments) are taken as they are.
+    fn = lambda z, scale=1.0: scale * model.apply(variables, z)
+    np.testing.assert_allclose(
+        sal.gradient(fn, x, target), _grad_loop(model, variables, x, target), rtol=1e-5, atol=1e-7
+    )
 
 
 # --------------------------------------------------------------------------- dataset
@@ -1243,3 +1514,63 @@ def test_explain_dataset_sharded_over_4_devices_equals_single_device():
     assert set(errors) == {"gradient", "smoothgrad", "gradcam"}
     for method, error in errors.items():
         assert error < 1e-5, (method, error)
+
+
+_COMMITTED_BASELINE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh
+    sys.path.insert(0, {tests!r})
+    from test_saliency import SplitNet, _init, _grad_loop
+    from jbnn import saliency as sal
+
+    devices = jax.local_devices()
+    assert len(devices) == 2, devices
+    model = SplitNet()
+    variables = _init(model, (1, 16, 16, 3))
+    images = np.random.default_rng(0).uniform(-1, 1, size=(3, 16, 16, 3)).astype(np.float32)
+    baseline = np.random.default_rng(1).uniform(-0.2, 0.2, size=(16, 16, 3)).astype(np.float32)
+    errors = {{}}
+    for label, mesh, device in [
+        ("2 devices, baseline on device 0", None, devices[0]),
+        ("device 0, baseline on device 1", Mesh(np.asarray(devices[:1]), ("batch",)), devices[1]),
+    ]:
+        out = sal.explain_dataset(
+            "integrated_gradients", [images], model=model, variables=variables,
+            baseline=jax.device_put(baseline, device), num_steps=2, method="riemann_left",
+            mesh=mesh, progress=False)
+        # Left Riemann sum of 2 points by hand: alpha 0 and 1/2, weights 1/2.
+        diff = images - baseline
+        ref = diff * sum(
+            _grad_loop(model, variables, jnp.asarray(baseline + a * diff), out["targets"]) / 2
+            for a in (0.0, 0.5)
+        )
+        errors[label] = float(np.abs(out["maps"] - ref).max() / np.abs(ref).max())
+    print(json.dumps(errors))
+    """
+)
+
+
+def test_explain_dataset_replicates_a_baseline_committed_to_one_device():
+    """IG's baseline array committed to one device met a batch sharded over two (or over
+    another device) in one jitted computation: "Received incompatible devices"."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", _COMMITTED_BASELINE_SCRIPT.format(tests=tests_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(errors) == 2
+    for label, error in errors.items():
+        assert error < 1e-4, (label, error)

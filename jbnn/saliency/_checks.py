@@ -6,16 +6,19 @@ errors name the offending value and say what is expected.
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import functools
+import inspect
+import re
 from collections.abc import Callable, Sequence
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
-
-from jbnn.models.common import variables_fit
 
 Partial = jax.tree_util.Partial
 
@@ -47,18 +50,57 @@ def as_partial(fn: Callable, name: str) -> Partial:
     becomes a ``Partial`` without arguments, i.e. a static argument compared by
     equality (by identity for an unhashable callable).
     """
-    if isinstance(fn, Partial):
-        return fn
     if not callable(fn):
         raise TypeError(
             f"{name}: fn must be a callable x -> logits (B, K), e.g. "
             f"jbnn.models.apply_fn(model, variables); got {type(fn).__name__}."
         )
+    _check_one_argument(fn, name)
+    if isinstance(fn, Partial):
+        return fn
     try:
         hash(fn)
     except TypeError:
         fn = _ByIdentity(fn)
     return Partial(fn)
+
+
+def _check_one_argument(fn: Callable, name: str) -> None:
+    """A TypeError for the callables that are not ``x -> logits``: a Flax module itself,
+    its ``apply`` (which takes ``(variables, x)``), any function of two arguments or more.
+    Called as ``fn(x)``, they fail deep inside Flax with errors about the images."""
+    use = (
+        "pass jbnn.models.apply_fn(model, variables) (the model in inference mode with its "
+        "variables) or lambda x: model.apply(variables, x)"
+    )
+    if isinstance(fn, nn.Module):
+        raise TypeError(
+            f"{name}: fn must be a function x -> logits (B, K), got the Flax module "
+            f"{type(fn).__name__} itself, which holds no variables; {use}."
+        )
+    owner = getattr(fn, "__self__", None)
+    method = getattr(fn, "__name__", "")
+    if isinstance(owner, nn.Module) and method in ("apply", "init", "init_with_output"):
+        raise TypeError(
+            f"{name}: fn is {type(owner).__name__}.{method}, which takes (variables, x); fn "
+            f"must be a function of the images alone, x -> logits (B, K): {use}."
+        )
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or an object inspect cannot read
+        return
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [
+        p.name
+        for p in signature.parameters.values()
+        if p.kind in positional and p.default is inspect.Parameter.empty
+    ]
+    if len(required) > 1:
+        raise TypeError(
+            f"{name}: fn must be a function of one argument, the images x, returning logits "
+            f"(B, K); it takes {len(required)} ({', '.join(required)}). For a function of "
+            f"(variables, x), {use}."
+        )
 
 
 def _is_finite(x: jax.Array) -> jax.Array:
@@ -121,8 +163,87 @@ def _call(fn: Partial, x: jax.Array) -> jax.Array:
 _call_jit = jax.jit(_call)
 
 
+_SHAPE_ERROR = re.compile(
+    r'parameter "(?P<param>[^"]+)" in "(?P<scope>[^"]*)".*?generate shape (?P<init>\([^)]*\))'
+    r".*?has shape (?P<value>\([^)]*\))",
+    re.S,
+)
+
+
+def _shape_error_parts(error: Exception) -> tuple[str, str, tuple, tuple] | None:
+    """(parameter, layer, shape in the variables, shape the model makes) of Flax's
+    ``ScopeParamShapeError``, or None where its message cannot be read."""
+    match = _SHAPE_ERROR.search(str(error))
+    if match is None:
+        return None
+    try:
+        init, value = ast.literal_eval(match["init"]), ast.literal_eval(match["value"])
+    except (ValueError, SyntaxError):
+        return None
+    if not (isinstance(init, tuple) and isinstance(value, tuple)):
+        return None
+    return match["param"], match["scope"].strip("/"), value, init
+
+
+def _images_can_explain(value: tuple, init: tuple) -> bool:
+    """Whether images of another shape could make the model want ``init`` where the
+    variables hold ``value``: only a parameter's input-feature size depends on the
+    images (axis -2 of a Conv / Dense kernel: the channels of the first layer, the
+    flattened size of the first dense layer; the size of a vector parameter, e.g. a
+    BatchNorm's on the input). Another rank, kernel size or output size is the
+    model's."""
+    if len(value) != len(init):
+        return False
+    differ = [i for i, (a, b) in enumerate(zip(value, init, strict=True)) if a != b]
+    return len(value) == 1 or differ == [len(value) - 2]
+
+
+@contextlib.contextmanager
+def variables_fit(x_shape: Sequence[int], name: str):
+    """Turns Flax's errors about the variables, met while tracing the model on images of
+    shape ``x_shape``, into a ValueError that names the problem: the variables are not
+    the model's (a parameter or collection missing, a parameter of another shape than
+    any images would give), or they were made for images of another size or channel
+    count."""
+    hwc = tuple(int(d) for d in x_shape[1:])
+    not_the_models = (
+        "the variables are another model's, or another configuration's (number of classes, "
+        "width...): pass the variables this model was initialised or trained with"
+    )
+    try:
+        yield
+    except flax.errors.ScopeParamShapeError as error:
+        parts = _shape_error_parts(error)
+        if parts is not None and not _images_can_explain(parts[2], parts[3]):
+            param, layer, value, init = parts
+            raise ValueError(
+                f"{name}: the variables do not belong to this model: parameter {param!r} of "
+                f"layer {layer!r} has shape {value} in the variables, but the model makes it "
+                f"{init} (for images of shape (H, W, C) = {hwc}, which cannot change it); "
+                f"{not_the_models}. Flax: {error}"
+            ) from None
+        raise ValueError(
+            f"{name}: the model's variables do not fit images of shape (H, W, C) = {hwc} "
+            f"(x of shape {tuple(x_shape)}); give images of the size and channel count the "
+            f"variables were made for (if they are, {not_the_models}). Flax: {error}"
+        ) from None
+    except (
+        flax.errors.ScopeParamNotFoundError,
+        flax.errors.ScopeCollectionNotFound,
+        flax.errors.ScopeVariableNotFoundError,
+    ) as error:
+        raise ValueError(
+            f"{name}: the variables do not match the model ({error}); {not_the_models}, "
+            "with every collection (params, and batch_stats for BatchNorm statistics)."
+        ) from None
+
+
 def logits_shape(fn: Partial, x: ArrayLike, name: str) -> tuple[int, int]:
-    """Shape (B, K) of ``fn(x)``, from a cached abstract evaluation (nothing computed)."""
+    """Shape (B, K) of ``fn(x)``, from a cached abstract evaluation (nothing computed).
+
+    Flax's errors about the variables ``fn`` holds become ValueErrors that say whether
+    the variables are another model's or made for other images (:func:`variables_fit`).
+    """
     with variables_fit(x.shape, name):
         out = _call_jit.eval_shape(fn, x)
     shape = getattr(out, "shape", None)

@@ -13,7 +13,9 @@ The layer is found by tracing ``fn`` (shapes only) under ``flax.linen.intercept_
 the one module call whose first argument is the very input array, whose module is a
 :class:`~jbnn.layers.QuantConv` or :class:`~jbnn.layers.QuantDense` without input
 quantizer or a plain ``flax.linen.Conv`` / ``Dense`` (exact types: a subclass may
-compute anything), and whose module is called once. A second trace, with that call's
+compute anything; and with Flax's own arithmetic: one given a custom
+``conv_general_dilated``, ``dot_general`` or ``promote_dtype``, or their ``_cls``
+fields, may too), and whose module is called once. A second trace, with that call's
 output replaced by an input of its own, checks that nothing else reads ``x`` (the
 program's output must not depend on it). Any other model (input preprocessed inside
 it, two layers reading the input, an input quantizer) is explained the plain way.
@@ -39,10 +41,27 @@ _FLAX_LINEAR = (nn.Conv, nn.Dense)
 _JBNN_LINEAR = (layers.QuantConv, layers.QuantDense)
 
 
+# Fields of nn.Conv / nn.Dense that replace the layer's own arithmetic: a custom
+# convolution, dot product or input cast (e.g. an int8 quantized one) may compute any
+# function of the input, not the affine map the split relies on.
+_FLAX_HOOKS = (
+    "conv_general_dilated",
+    "conv_general_dilated_cls",
+    "dot_general",
+    "dot_general_cls",
+    "promote_dtype",
+)
+
+
 def _affine_in_input(module: nn.Module) -> bool:
     if type(module) in _JBNN_LINEAR:
         return module.input_quantizer is None
-    return type(module) in _FLAX_LINEAR
+    if type(module) not in _FLAX_LINEAR:
+        return False
+    fields = type(module).__dataclass_fields__
+    return all(
+        getattr(module, hook) is fields[hook].default for hook in _FLAX_HOOKS if hook in fields
+    )
 
 
 def _is_call(context, path: Path) -> bool:

@@ -10,6 +10,13 @@ the target logit with respect to the layer's activation (the mechanism of
 mutable, so the examples of a batch never influence each other. With ``fn=`` the model
 runs as that function (e.g. over kernels quantized once, ``apply_fn(..., input_like=x)``),
 whose module calls the interceptor sees all the same.
+
+Two layers have no activation to take, and are refused with a ValueError that says
+why and what to do: a convolution whose BatchNorm ``fn`` folds into it
+(``apply_fn(..., fold_batchnorm=True)``; there the convolution returns the BatchNorm's
+output: explain the BatchNorm's layer, or an unfolded fn), and a layer run inside a
+JAX transformation of the model such as ``nn.remat`` (its output lives in that inner
+trace: explain the same model built without ``nn.remat``, with the same variables).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import tracers as flax_tracers
 from jax.typing import ArrayLike
 
 from jbnn._tracing import in_analysis
@@ -46,29 +54,74 @@ def _forward_with_probe(fn, path: tuple[str, ...], x, delta):
     interceptors see the module calls made inside it. Returns ``(logits, activation)``,
     the activation being the layer's own output (the first call of the module at
     ``path``, should it be called more than once).
+
+    Raises a ValueError (while tracing) where the activation taken would not be the
+    layer's: a layer run inside a JAX transformation of the model (``nn.remat``...),
+    whose output is a value of that inner trace, and a layer whose BatchNorm ``fn``
+    folds into it (:mod:`jbnn.models.fold`), whose output is then the BatchNorm's.
     """
-    captured = []
+    captured = []  # the layer's output
+    handed_on = []  # what the model reads in its place (output + delta)
+    level = flax_tracers.current_trace()  # the trace fn runs in
 
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
-        if (
-            not captured
-            and not in_analysis()  # a per-call folded fn traces the model to find its folds
-            and context.method_name == "__call__"
-            and tuple(context.module.path) == path
-        ):
+        if in_analysis() or context.method_name != "__call__":
+            # a per-call folded fn traces the model to find its folds: not the real call
+            return out
+        module = context.module
+        if not captured and tuple(module.path) == path:
+            if flax_tracers.current_trace() != level:
+                raise ValueError(_transformed_layer_message(path, module))
             captured.append(out)
             if delta is not None:
                 out = out + delta.astype(out.dtype)
+            handed_on.append(out)
+        elif (
+            handed_on
+            and isinstance(module, nn.BatchNorm)
+            and args
+            and args[0] is handed_on[0]
+            and out is args[0]
+        ):
+            # A BatchNorm that hands its input on unchanged has been folded into the
+            # layer that produced it (jbnn.models.fold): the layer's "output" is the
+            # BatchNorm's, and GradCAM would explain that activation instead.
+            raise ValueError(_folded_layer_message(path, tuple(module.path)))
         return out
 
     with nn.intercept_methods(interceptor):
         logits = fn(x)
     if not captured:
         raise ValueError(
-            f"layer {'/'.join(path)!r} was not called by the model (model.apply or fn)"
+            f"layer {'/'.join(path)!r} was not called by the model (model.apply or fn); a "
+            "fn wrapped in jax.jit that has run before calls no module: pass it unwrapped"
         )
     return logits, captured[0]
+
+
+def _transformed_layer_message(path: tuple[str, ...], module: nn.Module) -> str:
+    layer = "/".join(path)
+    return (
+        f"layer {layer!r} ({type(module).__name__}) runs inside a JAX transformation within "
+        "the model: nn.remat / nn.checkpoint (or nn.scan, nn.vmap, nn.jit; or jax.jit, "
+        "jax.checkpoint... inside fn). GradCAM cannot take the layer's activation out of it "
+        "(JAX raises an UnexpectedTracerError). nn.remat only saves training memory and "
+        "leaves the variables as they are: explain the same model built without nn.remat, "
+        "with the same variables (and a fn without such transformations)."
+    )
+
+
+def _folded_layer_message(path: tuple[str, ...], batchnorm: tuple[str, ...]) -> str:
+    layer, bn = "/".join(path), "/".join(batchnorm)
+    return (
+        f"layer {layer!r}: fn folds the BatchNorm {bn!r} that reads this layer's output into "
+        "the layer (jbnn.models.apply_fn(..., fold_batchnorm=True)), so there the layer "
+        "outputs the BatchNorm's output, not its own, and GradCAM would explain the wrong "
+        f"activation. Explain layer={bn!r} (the BatchNorm's output, the same folded or "
+        "not), or pass fn built without fold_batchnorm (e.g. jbnn.models.apply_fn(model, "
+        "variables, input_like=x))."
+    )
 
 
 def _activation_and_gradient(fn, path, x, target):
@@ -112,7 +165,8 @@ def layer_activation_and_gradient(
         ``model.apply(variables, x)``, e.g. ``jbnn.models.apply_fn(model, variables,
         input_like=x)``, whose kernels are quantized once (faster over many calls;
         ``explain_dataset`` does this); ``variables`` is then unused (None). It must make
-        ``model``'s module calls (the layer is found by its path).
+        ``model``'s module calls (the layer is found by its path). A convolution whose
+        BatchNorm ``fn`` folds is refused (its output there is the BatchNorm's).
 
     Returns:
       ``(activation, gradient)``, both of the layer's output shape (B, h, w, C).
@@ -247,7 +301,8 @@ def gradcam(
         ``model.apply(variables, x)``, e.g. ``jbnn.models.apply_fn(model, variables,
         input_like=x)``, whose kernels are quantized once (faster over many calls;
         ``explain_dataset`` does this); ``variables`` is then unused (None). It must make
-        ``model``'s module calls (the layer is found by its path).
+        ``model``'s module calls (the layer is found by its path). A convolution whose
+        BatchNorm ``fn`` folds is refused (its output there is the BatchNorm's).
 
     Returns:
       The map (B, H, W) in float32 (at least); with ``return_low_res``, the pair

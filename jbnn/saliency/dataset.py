@@ -53,11 +53,13 @@ def _keyword_options(method: str) -> tuple[str, ...]:
     return tuple(n for n in names if n not in fixed and n != "return_low_res")
 
 
-def _build_step(method, fn, model, x_shape, kwargs) -> Callable:
+def _build_step(method, fn, model, x_shape, kwargs, replicated) -> Callable:
     """A function ``(x, target, keys) -> maps`` with the method's options checked once.
 
     ``fn`` is the function explained: for GradCAM, ``model`` unfolded (its layer paths
-    are ``model``'s).
+    are ``model``'s). The options that are arrays (IG's baseline, SmoothGrad's noise
+    scale) are put on every device of the mesh with ``replicated``: one given on (or
+    committed to) a single device would not meet the sharded batch in one computation.
     """
     name = f"explain_dataset({method!r})"
     allowed = _keyword_options(method)
@@ -94,6 +96,7 @@ def _build_step(method, fn, model, x_shape, kwargs) -> Callable:
             options["split_input_layer"],
             name,
         )
+        scale = jax.device_put(scale, replicated)
         return lambda x, t, k: gradients._smoothgrad_jit(fn, x, t, k, scale, **static)
     if method == "integrated_gradients":
         options = dict(
@@ -117,6 +120,7 @@ def _build_step(method, fn, model, x_shape, kwargs) -> Callable:
             options["split_input_layer"],
             name,
         )
+        base = jax.device_put(base, replicated)
         return lambda x, t, k: gradients._ig_jit(fn, x, t, base, **static)
     # GradCAM / GradCAM++
     if "layer" not in kwargs:
@@ -299,8 +303,10 @@ def explain_dataset(
                 # every quantized kernel computed once, not per batch (jbnn.models.frozen)
                 from jbnn.models import apply_fn
 
-                # (variables of another image size: apply_fn names the images' shape)
                 if frozen_fn:
+                    # variables of another model, or of another image size: say which
+                    # (one shape-only trace) before the frozen program's traces meet them
+                    _checks.logits_shape(apply_fn(model, variables), spec, name)
                     fn = apply_fn(model, variables, fold_batchnorm=fold_batchnorm, input_like=spec)
                     fn = jax.device_put(fn, replicated)
                 if method in _CAM_METHODS:  # the model as it is: unfolded
@@ -310,7 +316,8 @@ def explain_dataset(
                         cam_fn = apply_fn(model, variables, input_like=spec)
                         cam_fn = jax.device_put(cam_fn, replicated)
             num_classes = _checks.logits_shape(fn, spec, name)[1]
-            step = _build_step(method, fn if cam_fn is None else cam_fn, model, shape, options)
+            explained = fn if cam_fn is None else cam_fn
+            step = _build_step(method, explained, model, shape, options, replicated)
         if labels is not None and target == "label":
             _checks.check_target(labels, n, num_classes, f"{name} (batch {index} labels)")
         x = jax.device_put(_pad(images, size), split)

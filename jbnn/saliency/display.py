@@ -20,6 +20,13 @@ from jax.typing import ArrayLike
 
 from jbnn.saliency import _checks
 
+
+def _wide(dtype) -> jnp.dtype:
+    """``dtype`` or float32, the wider: where sums of squares and running sums are taken
+    (float16 squares overflow past 255, and a float16 running sum stops growing)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 _REDUCTIONS = {
     "abs_max": lambda a: jnp.max(jnp.abs(a), axis=-1),
     "max": lambda a: jnp.max(a, axis=-1),
@@ -28,7 +35,9 @@ _REDUCTIONS = {
     "sum_abs": lambda a: jnp.sum(jnp.abs(a), axis=-1),
     "mean": lambda a: jnp.mean(a, axis=-1),
     "abs_mean": lambda a: jnp.mean(jnp.abs(a), axis=-1),
-    "l2": lambda a: jnp.sqrt(jnp.sum(jnp.square(a), axis=-1)),
+    "l2": lambda a: jnp.sqrt(jnp.sum(jnp.square(a.astype(_wide(a.dtype))), axis=-1)).astype(
+        a.dtype
+    ),
 }
 REDUCTIONS = tuple(_REDUCTIONS)
 CAPTUM_SIGNS = ("absolute_value", "all", "positive", "negative")
@@ -61,10 +70,10 @@ def reduce_channels(maps: ArrayLike, reduction: str = "abs_max") -> jax.Array:
       reduction: ``"abs_max"`` (max |a|, Simonyan et al.'s saliency map; tf-keras-vis
         with ``keepdims=False``), ``"max"``, ``"sum"`` (Captum's visualisation),
         ``"abs_sum"`` / ``"sum_abs"`` (sum |a|, PAIR's grayscale), ``"mean"``,
-        ``"abs_mean"`` or ``"l2"`` (Euclidean norm).
+        ``"abs_mean"`` or ``"l2"`` (Euclidean norm, computed in at least float32).
 
     Returns:
-      The reduced maps (B, H, W).
+      The reduced maps (B, H, W), the dtype of ``maps``.
     """
     name = "reduce_channels"
     _checks.check_choice(reduction, REDUCTIONS, "reduction", name)
@@ -74,9 +83,11 @@ def reduce_channels(maps: ArrayLike, reduction: str = "abs_max") -> jax.Array:
 
 def _cumulative_sum_threshold(values: jax.Array, percentile) -> jax.Array:
     """Captum's threshold: the smallest sorted value whose cumulative sum reaches
-    ``percentile`` % of the total (``values`` non-negative, flat)."""
+    ``percentile`` % of the total (``values`` non-negative, flat). The sum runs in at
+    least float32: in float16 it overflows past 65504 (a 64 x 64 map of |a| ~ 20: the
+    display was 0.11 off) and may round at every step."""
     ordered = jnp.sort(values)
-    cumulative = jnp.cumsum(ordered)
+    cumulative = jnp.cumsum(ordered.astype(_wide(ordered.dtype)))
     index = jnp.argmax(cumulative >= cumulative[-1] * 0.01 * percentile)
     return ordered[index]
 
