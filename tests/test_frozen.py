@@ -164,6 +164,12 @@ def test_wrong_input_shape_or_dtype_is_named():
     message = r"variables do not fit images of shape \(H, W, C\) = \(16, 16, 3\)"
     with pytest.raises(ValueError, match=message):
         models.apply_fn(model, _variables(model, x), input_like=images(size=16))
+    # variables of another configuration (7 classes) are named as such, not the images
+    seven = _variables(models.get("binarynet", binary=True, num_classes=7, width=0.125), x)
+    message = r"variables do not belong to this model: parameter 'kernel' of layer 'head"
+    with pytest.raises(ValueError, match=message) as info:
+        models.apply_fn(model, seven, input_like=x)
+    assert "do not fit images" not in str(info.value)
 
 
 class _Sub(QuantConv):

@@ -20,7 +20,9 @@ running statistics unless ``train`` is True (then ``batch_stats`` must be mutabl
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -203,16 +205,76 @@ class QuantMixin(RealLayerMixin):
         )
 
 
+_SHAPE_ERROR = re.compile(
+    r'parameter "(?P<param>[^"]+)" in "(?P<scope>[^"]*)".*?generate shape (?P<init>\([^)]*\))'
+    r".*?has shape (?P<value>\([^)]*\))",
+    re.S,
+)
+
+
+def _shape_error_parts(error: Exception) -> tuple[str, str, tuple, tuple] | None:
+    """(parameter, layer, shape in the variables, shape the model makes) of Flax's
+    ``ScopeParamShapeError``, or None where its message cannot be read."""
+    match = _SHAPE_ERROR.search(str(error))
+    if match is None:
+        return None
+    try:
+        init, value = ast.literal_eval(match["init"]), ast.literal_eval(match["value"])
+    except (ValueError, SyntaxError):
+        return None
+    if not (isinstance(init, tuple) and isinstance(value, tuple)):
+        return None
+    return match["param"], match["scope"].strip("/"), value, init
+
+
+def _images_can_explain(value: tuple, init: tuple) -> bool:
+    """Whether images of another shape could make the model want ``init`` where the
+    variables hold ``value``: only a parameter's input-feature size depends on the
+    images (axis -2 of a Conv / Dense kernel: the channels of the first layer, the
+    flattened size of the first dense layer; the size of a vector parameter, e.g. a
+    BatchNorm's on the input). Another rank, kernel size or output size is the
+    model's."""
+    if len(value) != len(init):
+        return False
+    differ = [i for i, (a, b) in enumerate(zip(value, init, strict=True)) if a != b]
+    return len(value) == 1 or differ == [len(value) - 2]
+
+
 @contextlib.contextmanager
 def variables_fit(x_shape: Sequence[int], name: str):
-    """Turns Flax's parameter-shape error, met while tracing the model on inputs of
-    shape ``x_shape``, into a ValueError that names the images' shape: variables made
-    for another image size or channel count."""
+    """Turns Flax's errors about the variables, met while tracing the model on images of
+    shape ``x_shape``, into a ValueError that names the problem: the variables are not
+    the model's (a parameter or collection missing, a parameter of another shape than
+    any images would give), or they were made for images of another size or channel
+    count."""
+    hwc = tuple(int(d) for d in x_shape[1:])
+    not_the_models = (
+        "the variables are another model's, or another configuration's (number of classes, "
+        "width...): pass the variables this model was initialised or trained with"
+    )
     try:
         yield
     except flax.errors.ScopeParamShapeError as error:
+        parts = _shape_error_parts(error)
+        if parts is not None and not _images_can_explain(parts[2], parts[3]):
+            param, layer, value, init = parts
+            raise ValueError(
+                f"{name}: the variables do not belong to this model: parameter {param!r} of "
+                f"layer {layer!r} has shape {value} in the variables, but the model makes it "
+                f"{init} (for images of shape (H, W, C) = {hwc}, which cannot change it); "
+                f"{not_the_models}. Flax: {error}"
+            ) from None
         raise ValueError(
-            f"{name}: the model's variables do not fit images of shape (H, W, C) = "
-            f"{tuple(x_shape[1:])} (x of shape {tuple(x_shape)}); give images of the size and "
-            f"channel count the variables were made for. Flax: {error}"
+            f"{name}: the model's variables do not fit images of shape (H, W, C) = {hwc} "
+            f"(x of shape {tuple(x_shape)}); give images of the size and channel count the "
+            f"variables were made for (if they are, {not_the_models}). Flax: {error}"
+        ) from None
+    except (
+        flax.errors.ScopeParamNotFoundError,
+        flax.errors.ScopeCollectionNotFound,
+        flax.errors.ScopeVariableNotFoundError,
+    ) as error:
+        raise ValueError(
+            f"{name}: the variables do not match the model ({error}); {not_the_models}, "
+            "with every collection (params, and batch_stats for BatchNorm statistics)."
         ) from None
