@@ -14,6 +14,7 @@ import scipy.ndimage as ndi
 import scipy.stats as st
 
 from jbnn import metrics
+from jbnn.metrics import _checks
 from jbnn.metrics import faithfulness as faith_mod
 from jbnn.metrics import similarity as sim_mod
 
@@ -106,6 +107,38 @@ def test_pearson_matches_scipy_and_scale_is_harmless():
     want = [st.pearsonr(a[i].ravel(), b[i].ravel())[0] for i in range(len(a))]
     np.testing.assert_allclose(metrics.pearson(a, b), want, atol=1e-5)
     np.testing.assert_allclose(metrics.pearson(1e30 * a, 1e-30 * b), want, atol=1e-5)
+
+
+def test_spearman_in_chunks_matches_scipy_with_bounded_scratch_memory():
+    # 13 pairs: chunks of 8 pairs, the last one overlapping the first
+    a, b = random_maps((13, 12, 12), seed=9)
+    a[::4] = np.round(a[::4])
+    for absolute, f in ((False, lambda v: v), (True, np.abs)):
+        want = [st.spearmanr(f(a[i]).ravel(), f(b[i]).ravel())[0] for i in range(len(a))]
+        np.testing.assert_allclose(metrics.spearman(a, b, absolute=absolute), want, atol=1e-6)
+    # A vmap over all pairs needed 6.8e9 bytes of scratch for 500 pairs of 224 x 224 maps
+    # (13.6 MB a pair); compiled only, not run.
+    maps = jax.ShapeDtypeStruct((500, 224, 224), jnp.float32)
+    compiled = sim_mod._spearman.lower(maps, maps, absolute=False).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < 128 * 2**20, temp
+
+
+def test_pearson_of_infinite_maps_is_nan_under_jit_and_refused_outside():
+    a, b = random_maps((4, 8, 8), seed=11)
+    bad = a.copy()
+    bad[1] = np.inf  # all-inf maps passed the constant test: 0.0 against b, 1.0 with itself
+    bad[2] = -np.inf
+    bad[3, :4] = np.inf
+    jitted = jax.jit(metrics.pearson)
+    r0 = st.pearsonr(a[0].ravel(), b[0].ravel())[0]
+    calls = ((jitted(bad, b), r0), (jitted(b, bad), r0), (jitted(bad, bad), 1.0))
+    for got, want0 in (*calls, (sim_mod._pearson(bad, bad), 1.0)):  # the jitted core too
+        got = np.asarray(got)
+        assert np.isnan(got[1:]).all(), got
+        assert got[0] == pytest.approx(want0, abs=1e-5)  # the finite pair unchanged
+    with pytest.raises(ValueError, match="non-finite"):
+        metrics.pearson(bad, b)
 
 
 def test_ssim_matches_skimage():
@@ -267,6 +300,29 @@ def test_sparseness_and_complexity_extremes():
     np.testing.assert_allclose(metrics.complexity(zero), [np.log(n)], rtol=1e-5)
 
 
+def numpy_gini(m):
+    """Quantus's Sparseness of one map, in float64: sorted |m| / max|m| + 1e-7."""
+    a = np.abs(np.asarray(m, np.float64)).ravel()
+    a = np.sort(a / a.max() if a.max() > 0 else a) + 1e-7
+    n = a.size
+    i = np.arange(1, n + 1)
+    return np.sum((2 * i - n - 1) * a) / (n * np.sum(a))
+
+
+def test_sparseness_sorts_int32_keys_and_matches_a_numpy_gini():
+    rng = np.random.default_rng(12)
+    m = rng.normal(size=(4, 16, 16)).astype(np.float32)
+    m[1] = np.round(m[1])  # ties
+    m[2] = np.abs(m[2]) ** 4
+    m[3] *= np.float32(2.0**-135)  # subnormal values
+    np.testing.assert_allclose(metrics.sparseness(m), [numpy_gini(v) for v in m], atol=1e-6)
+    # XLA:CPU sorts float32 ~5x slower than int32 (the bits of positive floats, in the
+    # same order); the program must sort int32 only.
+    hlo = jax.jit(metrics.sparseness).lower(m).as_text(dialect="hlo")
+    sorts = [line.split(" sort(")[0] for line in hlo.splitlines() if " sort(" in line]
+    assert sorts and all("s32[" in line and "f32[" not in line for line in sorts), sorts
+
+
 # ---------------------------------------------------------------------------------------
 # Localisation
 
@@ -358,6 +414,15 @@ def test_insertion_on_a_linear_2x2_model_by_hand():
     )  # L = -10 * 2.5 = -25, then -12, +26, +7, +11 as each pixel is revealed
     logits = [-25.0, -25 - 12, -37 + 26, -11 + 7, -4 + 11]
     np.testing.assert_array_equal(curve, [(np.array(logits) > 0).astype(np.float32)])
+
+
+def test_deletion_ranks_a_subnormal_map_by_its_values():
+    # XLA:CPU compares subnormal floats as 0: all pixels tied and went in index order.
+    fn = jax.tree_util.Partial(linear_logits, jnp.asarray(W_2X2))
+    tiny = np.array([[[1.0, 9.0], [5.0, 3.0]]], np.float32) * np.float32(2.0**-140)
+    assert np.abs(tiny).max() < np.finfo(np.float32).smallest_normal
+    curve, _ = metrics.deletion_curve(fn, X_2X2, tiny, 0, num_steps=4, output="logit")
+    np.testing.assert_allclose(curve, [[7, 9, 3, 1, 0]], rtol=1e-6)  # as MAP_2X2, by hand
 
 
 def test_blur_substrate_matches_scipy():
@@ -463,6 +528,42 @@ def test_linear_imputation_matches_quantus(quantus):
             x, removed.reshape(1, 10, 10), key=jax.random.key(0), noise=0.0
         )
         np.testing.assert_allclose(np.moveaxis(np.asarray(got[0]), -1, 0), want, atol=1e-5)
+
+
+def test_imputation_and_road_take_a_new_tol_without_recompiling():
+    rng = np.random.default_rng(13)
+    x = rng.uniform(size=(1, 9, 8, 2)).astype(np.float32)
+    removed = np.zeros((1, 9, 8), bool)
+    removed[0, 2:7, 2:6] = True
+    impute = functools.partial(
+        metrics.noisy_linear_imputation, x, removed, key=jax.random.key(0), noise=0.0
+    )
+    tight = np.asarray(impute(tol=1e-6))
+    before = faith_mod._imputation._cache_size()
+    np.testing.assert_array_equal(impute(tol=np.float32(1e-6)), tight)  # a NumPy scalar
+    loose = np.asarray(impute(tol=0.9))
+    assert faith_mod._imputation._cache_size() == before
+    assert np.abs(loose - tight).max() > 1e-3  # the tolerance is used: CG stopped early
+    fn, xs, _, true_map, _ = patch_problem(batch=1)
+
+    def road(tol):
+        return metrics.road(
+            fn,
+            xs,
+            true_map,
+            0,
+            key=jax.random.key(0),
+            percentages=(30,),
+            noise=0.0,
+            output="logit",
+            tol=tol,
+        )
+
+    want = road(1e-6)
+    before = faith_mod._road._cache_size()
+    np.testing.assert_array_equal(road(np.float32(1e-6)), want)
+    road(1e-3)
+    assert faith_mod._road._cache_size() == before
 
 
 def test_road_removes_the_ranked_pixels_and_separates_morf_from_lerf():
@@ -872,6 +973,45 @@ def test_scores_do_not_change_when_maps_are_scaled_by_a_power_of_two(exponent):
         want = np.asarray(f(a, b))
         got = np.asarray(f(a * scale, b * scale))
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("largest", [500, 5000])  # all values subnormal; some normal
+def test_subnormal_maps_score_as_the_maps_they_scale(largest):
+    """XLA:CPU flushes subnormal floats (below 2**-126 ~ 1.2e-38) to 0 in arithmetic and
+    compares: maps of such values scored as all-zero maps (total variation 0, pearson
+    1.0 with another such map, a pointing-game hit anywhere)."""
+    rng = np.random.default_rng(10)
+    a = rng.integers(-largest, largest + 1, size=(4, 16, 16)).astype(np.float32)
+    b = np.clip(np.round(a + rng.normal(scale=largest / 3, size=a.shape)), -largest, largest)
+    b = b.astype(np.float32)
+    scale = np.float32(2.0**-135)  # integers below 2**14 times it are exact float32
+    tiny_a, tiny_b = a * scale, b * scale
+    smallest_normal = np.finfo(np.float32).smallest_normal
+    assert (np.abs(tiny_a) < smallest_normal).all() == (largest < 512)
+    scores = dict(SCORES, spearman=metrics.spearman)
+    for name, f in scores.items():
+        want = np.asarray(f(a, b))
+        np.testing.assert_allclose(f(tiny_a, tiny_b), want, rtol=1e-6, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(f(tiny_a, b), want, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_scale_by_power_of_two_matches_float64_over_the_float32_range():
+    rng = np.random.default_rng(14)
+    exponents = rng.integers(-149, 126, size=(6, 5, 7))
+    m = (rng.normal(size=exponents.shape) * 2.0**exponents).astype(np.float32)
+    m[1] = rng.integers(-300, 300, size=m.shape[1:]) * np.float32(2.0**-140)  # subnormal
+    m[2] *= np.float32(2.0**-100)
+    m[3] = 0.0
+    m[3, 0, 0] = -np.float32(2.0**-149)  # the smallest subnormal, alone
+    m[4] = -0.0
+    got, mantissa = jax.jit(_checks.scale_by_power_of_two, static_argnums=1)(m, (1, 2))
+    m64 = m.astype(np.float64)
+    want_mantissa, e = np.frexp(np.abs(m64).max(axis=(1, 2), keepdims=True))
+    want = np.ldexp(m64, -e)
+    want = np.where(np.abs(want) < 2.0**-126, np.copysign(0.0, m64), want)  # flushed
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+    np.testing.assert_array_equal(mantissa, want_mantissa)
 
 
 def _poisoned_patch_problem():

@@ -9,7 +9,9 @@ concrete inputs holding NaN or inf raise ``ValueError`` (inside ``jit`` or ``vma
 values are unknown, so that check is skipped and a NaN or inf in a sample's inputs gives
 NaN for that sample's score; only :func:`spearman`, like scipy, ranks +-inf and gives NaN
 for NaN alone). Degenerate but finite inputs (constant maps, empty masks) get the
-documented finite values, never NaN.
+documented finite values, never NaN. Maps of subnormal values (below ~1.2e-38, which XLA
+on CPU adds and compares as 0) score as the same maps scaled into the normal range: maps
+are rescaled and ranked by their bits, not by float arithmetic.
 
 * similarity: :func:`spearman`, :func:`pearson`, :func:`ssim`, :func:`hog_similarity`
   (features by :func:`hog`), :func:`topk_intersection`;

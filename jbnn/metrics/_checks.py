@@ -10,6 +10,8 @@ jitted cores set that sample's result to NaN with :func:`nonfinite_samples` and
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,6 +59,48 @@ def check_finite(name: str, x) -> None:
         )
 
 
+_SIGN_BIT = np.int32(np.iinfo(np.int32).min)  # 0x80000000
+_MAGNITUDE_BITS = np.int32(0x7FFFFFFF)
+_FRACTION_BITS = np.int32(0x7FFFFF)
+
+
+def float_bits(x: jax.Array) -> jax.Array:
+    """The bits of float32 ``x`` read as int32 (no arithmetic, so no denormal flushing)."""
+    return jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+
+
+def order_keys(v: jax.Array) -> jax.Array:
+    """int32 keys in the order of the float32 values ``v``: equal iff the values are equal.
+
+    The float's bits read as a signed int, with the magnitude bits of negative values
+    flipped (so that a larger magnitude sorts lower), and -0.0 made +0.0 (one tie, as in
+    scipy and as float compares). Being bitwise, it also orders denormals (subnormals),
+    where float compares and sorts on XLA:CPU, which flush denormals to zero, tie them
+    with 0. XLA:CPU sorts and compares int32 several times faster than float32 (whose
+    sort comparator maps each operand to this total order on every comparison).
+    NaN gets keys above +inf (positive sign bit) or below -inf (negative).
+    """
+    bits = float_bits(v)
+    bits = jnp.where(bits == _SIGN_BIT, 0, bits)  # -0.0 -> +0.0
+    return jnp.where(bits < 0, bits ^ _MAGNITUDE_BITS, bits)
+
+
+def _normalised_fields(bits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Biased exponent and 23-bit fraction of float32 bit patterns, subnormals normalised.
+
+    A subnormal ``f * 2**-149`` gets the fraction of its leading bit moved to bit 23 and a
+    biased exponent <= 0, so that every nonzero finite value is ``(1 + frac / 2**23) *
+    2**(exponent - 127)``. Zero keeps (0, 0).
+    """
+    biased = (bits >> 23) & 0xFF
+    frac = bits & _FRACTION_BITS
+    shift = jax.lax.clz(frac) - 8  # 1..23 for a subnormal's nonzero fraction
+    subnormal = (biased == 0) & (frac != 0)
+    frac = jnp.where(subnormal, (frac << shift) & _FRACTION_BITS, frac)
+    biased = jnp.where(subnormal, 1 - shift, biased)
+    return biased, frac
+
+
 def scale_by_power_of_two(m: jax.Array, axis) -> tuple[jax.Array, jax.Array]:
     """``(m / 2**e, max|m| / 2**e)``, ``e`` the binary exponent of max ``|m|`` over ``axis``.
 
@@ -65,6 +109,14 @@ def scale_by_power_of_two(m: jax.Array, axis) -> tuple[jax.Array, jax.Array]:
     sums and squares of a map cannot overflow, and dividing by the max cannot go through a
     reciprocal that XLA on CPU flushes to zero (a subnormal, for a max above ~8.5e37).
 
+    It works on the bits alone (integer max and exponent arithmetic): XLA:CPU flushes
+    subnormal (denormal) floats to zero in arithmetic and compares, so ``max|m|`` of a
+    map whose values all lie below ~1.2e-38, or ``ldexp`` of its values, would be 0 and
+    the map scored as all zeros. Here such a map, and the subnormal values of any map,
+    are scaled exactly into the normal range. Only values below 2**-126 times the max
+    (far under float32 rounding of the max) are flushed to 0. A slice holding NaN or
+    +-inf is returned unchanged, with that NaN or inf as its max.
+
     Args:
       m: float array.
       axis: the axes that one scale covers (e.g. (1, 2) for each map of a batch).
@@ -72,8 +124,24 @@ def scale_by_power_of_two(m: jax.Array, axis) -> tuple[jax.Array, jax.Array]:
     Returns:
       The rescaled ``m`` and its max ``|.|`` over ``axis`` (kept as size-1 axes).
     """
-    mantissa, exponent = jnp.frexp(jnp.max(jnp.abs(m), axis=axis, keepdims=True))
-    return jnp.ldexp(m, -exponent), mantissa
+    m = m.astype(jnp.float32)
+    bits = float_bits(m)
+    top = jnp.max(bits & _MAGNITUDE_BITS, axis=axis, keepdims=True)  # bits of max |m|
+    special = (top >> 23) >= 0xFF  # inf or NaN in the slice
+    top_biased, _ = _normalised_fields(top)
+    # max |m| = mantissa * 2**e with mantissa in [0.5, 1): biased exponent e + 126.
+    shift = jnp.where((top == 0) | special, 0, top_biased - 126)
+
+    def scaled(b):  # bits of b / 2**shift; selects on int32 (float selects can flush)
+        biased, frac = _normalised_fields(b)
+        new = biased - shift
+        out = (b & _SIGN_BIT) | (jnp.maximum(new, 0) << 23) | frac
+        keep = ((b & _MAGNITUDE_BITS) != 0) & (new >= 1)  # else a (signed) zero
+        return jnp.where(special, b, jnp.where(keep, out, b & _SIGN_BIT))
+
+    as_float = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.float32)
+    rescaled, mantissa = as_float(scaled(bits)), as_float(scaled(top))
+    return rescaled, mantissa
 
 
 def nonfinite_samples(*arrays: jax.Array) -> jax.Array:

@@ -57,7 +57,9 @@ def total_variation(m: jax.typing.ArrayLike) -> jax.Array:
 def _sparseness(m: jax.Array) -> jax.Array:
     a = jnp.abs(_normalise_by_max_abs(m)).reshape(m.shape[0], -1)
     n = a.shape[1]
-    a = jnp.sort(a + 1e-7, axis=1)
+    # a > 0: positive floats order as their bits read as int32, which XLA:CPU sorts ~6x
+    # faster than float32 (whose comparator maps each operand to a total order).
+    a = jax.lax.bitcast_convert_type(jnp.sort(_checks.float_bits(a + 1e-7), axis=1), jnp.float32)
     i = jnp.arange(1, n + 1, dtype=jnp.float32)
     return jnp.sum((2 * i - n - 1) * a, axis=1) / (n * jnp.sum(a, axis=1))
 

@@ -77,8 +77,11 @@ def _ranks(maps: jax.Array, descending) -> jax.Array:
 
     ``descending`` may be a traced boolean (largest first when True)."""
     b, n = maps.shape[0], maps.shape[1] * maps.shape[2]
-    flat = maps.reshape(b, n)
-    order = jnp.argsort(jnp.where(descending, -flat, flat), axis=1, stable=True)
+    # Ranked by the values' bits: XLA:CPU compares subnormal floats (below ~1.2e-38) as
+    # 0, so a map of such values would be ranked by pixel index alone. ~k reverses the
+    # order of the int32 keys without overflow.
+    keys = _checks.order_keys(maps.reshape(b, n))
+    order = jnp.argsort(jnp.where(descending, ~keys, keys), axis=1, stable=True)
     rows = jnp.arange(b)[:, None]
     return jnp.zeros((b, n), jnp.int32).at[rows, order].set(jnp.arange(n, dtype=jnp.int32))
 
@@ -297,7 +300,7 @@ def _neighbour_sum(v: jax.Array) -> jax.Array:
     return sum(wt * p[1 + dr : 1 + dr + h, 1 + dc : 1 + dc + w] for dr, dc, wt in _NEIGHBOURS)
 
 
-def _linear_imputation(x: jax.Array, removed: jax.Array, tol: float, max_iter: int | None):
+def _linear_imputation(x: jax.Array, removed: jax.Array, tol, max_iter: int | None):
     """Removed pixels of ``x`` (H, W, C) filled so that each equals the weighted mean of
     its in-image neighbours (removed ones included): a sparse SPD system, solved by
     conjugate gradients with a Jacobi preconditioner. ``removed`` is (H, W, 1) of 0/1."""
@@ -316,7 +319,15 @@ def _linear_imputation(x: jax.Array, removed: jax.Array, tol: float, max_iter: i
     return jnp.where(removed > 0, filled, x)
 
 
-@functools.partial(jax.jit, static_argnames=("tol", "max_iter"))
+def _tolerance(tol) -> jax.Array:
+    """``tol`` as a float32 scalar, traced by the jitted cores: a new value (or a NumPy
+    scalar) reuses the compiled program, where a static float compiled it again."""
+    if jnp.ndim(tol) != 0:
+        raise ValueError(f"tol must be a scalar, got shape {np.shape(tol)}")
+    return jnp.asarray(tol, jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("max_iter",))
 def _imputation(x, removed, tol, max_iter):
     return jax.vmap(lambda xi, ri: _linear_imputation(xi, ri, tol, max_iter))(x, removed)
 
@@ -345,7 +356,8 @@ def noisy_linear_imputation(
         each image must be kept.
       key: PRNG key for the noise.
       noise: standard deviation of the noise (0 for the plain linear imputation).
-      tol: relative residual at which conjugate gradients stop.
+      tol: relative residual at which conjugate gradients stop (traced, as in
+        :func:`road`).
       max_iter: cap on conjugate-gradient iterations (None: 10 x the number of values).
 
     Returns:
@@ -365,14 +377,12 @@ def noisy_linear_imputation(
     if not noise >= 0:
         raise ValueError(f"noise must be >= 0, got {noise!r}")
     mask = (r > 0).astype(jnp.float32)[..., None]
-    filled = _imputation(x, mask, float(tol), max_iter)
+    filled = _imputation(x, mask, _tolerance(tol), max_iter)
     eps = jax.random.normal(key, x.shape, jnp.float32)
     return jnp.where(mask > 0, filled + noise * eps, x)
 
 
-@functools.partial(
-    platform_jit, static_argnames=("counts", "batch_size", "output", "tol", "max_iter")
-)
+@functools.partial(platform_jit, static_argnames=("counts", "batch_size", "output", "max_iter"))
 def _road(fn, x, maps, target, key, noise, lerf, *, counts, batch_size, output, tol, max_iter):
     b, h, w, c = x.shape
     num = len(counts)
@@ -428,7 +438,8 @@ def road(
       output: ``"accuracy"`` (1.0 where the arg-max is the target, as ROAD),
         ``"probability"`` or ``"logit"``.
       batch_size: images per model call (``None``: all B * P at once).
-      tol: conjugate-gradient relative residual.
+      tol: conjugate-gradient relative residual (traced: a new value, or a NumPy
+        scalar, reuses the compiled program).
       max_iter: conjugate-gradient iteration cap (None: 10 x the values of one image).
 
     Returns:
@@ -465,6 +476,6 @@ def road(
         counts=counts,
         batch_size=batch_size,
         output=output,
-        tol=float(tol),
+        tol=_tolerance(tol),
         max_iter=max_iter,
     )

@@ -27,7 +27,10 @@ def _maps_and_masks(maps, masks) -> tuple[jax.Array, jax.Array]:
 def _pointing_game(m: jax.Array, s: jax.Array) -> jax.Array:
     m = m.reshape(m.shape[0], -1)
     s = s.reshape(s.shape[0], -1)
-    at_max = m == jnp.max(m, axis=1, keepdims=True)
+    # Compared by their bits: XLA:CPU compares subnormal floats (below ~1.2e-38) as 0, so
+    # every pixel of a map of such values would tie for the maximum.
+    keys = _checks.order_keys(m)
+    at_max = keys == jnp.max(keys, axis=1, keepdims=True)
     hit = jnp.any(at_max & s, axis=1).astype(jnp.float32)
     return _checks.nan_where(_checks.nonfinite_samples(m), hit)
 
