@@ -2,8 +2,9 @@
 
 Tuned on 2 CPU cores. BinaryNet at 1/8 width with 512-unit dense layers
 (``dense_features=4096`` times the width: nearly free next to the convolutions, and worth
-3-4 points of BNN accuracy), small batches, a high Adam learning rate and 20 epochs: the
-BNN reaches about 0.98 test accuracy, the twin 0.99+.
+3-4 points of BNN accuracy), small batches, a high Adam learning rate and 20 epochs: in
+the README's run (seed 0) the BNN reaches 0.971 test accuracy, the twin and the control
+1.000.
 """
 
 import ml_collections

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -31,6 +33,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import traverse_util
 
@@ -44,6 +47,8 @@ __all__ = [
     "BopState",
     "binary_kernels",
     "bop",
+    "check_count",
+    "check_number",
     "flip_ratio",
     "flip_ratio_of_update",
     "make_optimizer",
@@ -63,6 +68,40 @@ SCHEDULES = ("cosine", "constant")
 
 ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
 Path = tuple[str, ...]
+
+
+# --------------------------------------------------------------------------- checks
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    minimum: float,
+    above: bool = False,
+    maximum: float | None = None,
+) -> float:
+    """``value`` as a float, or a ValueError naming ``name`` and the value.
+
+    A hyperparameter must be a finite real number (not a bool, NaN or inf) that is
+    ``>= minimum`` (``> minimum`` when ``above``) and, if given, ``<= maximum``.
+    """
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+    number = float(value) if real else math.nan
+    low_ok = number > minimum if above else number >= minimum
+    if not (math.isfinite(number) and low_ok and (maximum is None or number <= maximum)):
+        wanted = f"{'>' if above else '>='} {minimum:g}"
+        if maximum is not None:
+            wanted = f"in {'(' if above else '['}{minimum:g}, {maximum:g}]"
+        raise ValueError(f"{name} must be a finite number {wanted}, got {value!r}")
+    return number
+
+
+def check_count(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int (a step count), or a ValueError naming ``name`` and the value."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
 
 
 # --------------------------------------------------------------------------- Bop
@@ -115,12 +154,13 @@ def bop(
       An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
 
     Raises:
-      ValueError: for a negative threshold or a gamma outside (0, 1].
+      ValueError: for a threshold that is negative, NaN or inf, or a gamma outside
+        (0, 1].
     """
-    if not callable(threshold) and not float(threshold) >= 0:
-        raise ValueError(f"bop: threshold must be >= 0, got {threshold!r}")
-    if not callable(gamma) and not 0 < float(gamma) <= 1:
-        raise ValueError(f"bop: gamma must be in (0, 1], got {gamma!r}")
+    if not callable(threshold):
+        threshold = check_number("bop: threshold", threshold, minimum=0.0)
+    if not callable(gamma):
+        gamma = check_number("bop: gamma", gamma, minimum=0.0, above=True, maximum=1.0)
 
     def init_fn(params: optax.Params) -> BopState:
         return BopState(
@@ -258,19 +298,25 @@ def make_schedule(
     """The learning-rate schedule: linear warmup from 0, then cosine decay to 0 or constant.
 
     Args:
-      learning_rate: peak learning rate (> 0).
+      learning_rate: peak learning rate (finite, > 0).
       total_steps: number of training steps (cosine decays to 0 at this step).
       schedule: ``"cosine"`` or ``"constant"``.
-      warmup_steps: steps of linear warmup from 0 (0: none).
+      warmup_steps: steps of linear warmup from 0 (an int; 0: none).
 
     Returns:
       An optax schedule ``step -> learning rate``.
+
+    Raises:
+      ValueError: for an unknown schedule, a learning rate that is not a finite number
+        > 0 (NaN and inf included), or step counts that are not ints with
+        ``0 <= warmup_steps < total_steps``.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"Unknown schedule {schedule!r}; expected one of {SCHEDULES}")
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
-    if total_steps < 1 or not 0 <= warmup_steps < max(total_steps, 1):
+    learning_rate = check_number("learning_rate", learning_rate, minimum=0.0, above=True)
+    total_steps = check_count("total_steps", total_steps, 1)
+    warmup_steps = check_count("warmup_steps", warmup_steps, 0)
+    if warmup_steps >= total_steps:
         raise ValueError(
             f"Need total_steps >= 1 and 0 <= warmup_steps < total_steps, got "
             f"total_steps={total_steps}, warmup_steps={warmup_steps}"
@@ -315,16 +361,21 @@ def make_optimizer(
       kernels: the model's :class:`BinaryKernels`.
       schedule: learning-rate schedule of the real optimizer.
       name: ``"adam"`` or ``"adamw"``.
-      weight_decay: AdamW's decoupled weight decay (must be 0 for ``"adam"``).
+      weight_decay: AdamW's decoupled weight decay (finite, >= 0; 0 for ``"adam"``).
       binary_optimizer: ``"latent"`` or ``"bop"``.
       threshold: Bop's flip threshold.
       gamma: Bop's adaptivity rate.
 
     Returns:
       An ``optax.GradientTransformation`` (a ``multi_transform``) needing ``params``.
+
+    Raises:
+      ValueError: for an unknown optimizer, a weight decay that is negative, NaN or inf
+        (or not 0 for ``"adam"``), and what :func:`param_labels` and :func:`bop` raise.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
+    weight_decay = check_number("weight_decay", weight_decay, minimum=0.0)
     if name == "adam" and weight_decay:
         raise ValueError(
             f"optimizer 'adam' takes no weight_decay (got {weight_decay}); use 'adamw'."

@@ -34,13 +34,18 @@ values (:func:`similarity_finding`, :func:`noise_finding`), stated here once:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import re
 import shutil
+import signal
+import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -469,6 +474,11 @@ REPORT_FILES = frozenset(
 class Settings:
     """The validated ``config.explain`` section (defaults in ``configs/default.py``).
 
+    The fields that list names (``surrogates``, ``surrogate_methods``, ``mprt_methods``,
+    ``mprt_layers``) take a tuple, a list or comma-separated names
+    (``--config.explain.mprt_methods=gradient,gradcam``; commas inside a surrogate's
+    brackets do not split it).
+
     Attributes:
       num_images: test images of the study, a seeded sample (>= 2; all of them if the
         split is smaller).
@@ -542,15 +552,42 @@ def _jsonable(value):
     return value
 
 
+def _split_names(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets and quotes, each part stripped,
+    empty parts dropped: ``"ste_sign(clip_value=2.0, x=1), identity"`` is two names."""
+    parts, depth, quote, start = [], 0, None, 0
+    for i, char in enumerate(text):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth = max(depth - 1, 0)
+        elif char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [part.strip() for part in parts if part.strip()]
+
+
 def _as_names(value, field: str) -> tuple[str, ...]:
+    """A tuple of names from a tuple, a list or a comma-separated string. An entry with
+    a comma is split too: ml_collections reads ``--config.explain.mprt_methods=a,b``
+    into the 1-tuple ``("a,b",)``. Other entries are kept as they are (an empty one is
+    then refused as an unknown name)."""
     if isinstance(value, str):
-        value = tuple(v.strip() for v in value.split(",") if v.strip())
+        return tuple(_split_names(value))
     if not isinstance(value, tuple | list) or not all(isinstance(v, str) for v in value):
         raise ValueError(
             f"config.explain.{field} must be a tuple of names (or a comma-separated string), "
             f"got {value!r}"
         )
-    return tuple(value)
+    names: list[str] = []
+    for entry in value:
+        names += _split_names(entry) if "," in entry else [entry]
+    return tuple(names)
 
 
 def settings_from_config(explain: Mapping | None) -> Settings:
@@ -632,12 +669,20 @@ def settings_from_config(explain: Mapping | None) -> Settings:
     for name in ("surrogate_methods", "mprt_methods"):
         bad = [m for m in getattr(s, name) if m not in METHODS]
         if bad or not getattr(s, name):
+            unknown = f" (unknown: {', '.join(map(repr, bad))})" if bad else ""
             raise ValueError(
                 f"config.explain.{name} must name some of {', '.join(METHODS)}, got "
-                f"{getattr(s, name)!r}"
+                f"{getattr(s, name)!r}{unknown}"
             )
     if not s.surrogates:
         raise ValueError("config.explain.surrogates must name at least one surrogate")
+    from jbnn.quantizers import surrogate_gradient
+
+    for spec in s.surrogates:  # before any model is loaded
+        try:
+            surrogate_gradient(spec)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"Bad config.explain.surrogates entry {spec!r}: {e}") from None
     return s
 
 
@@ -758,7 +803,11 @@ def _check_runs(config, workdir: Path) -> None:
 
 
 def _load_test_data(config, settings: Settings, key: jax.Array):
-    """The study images: a seeded sample of ``num_images`` test images."""
+    """The study images: a seeded sample of ``num_images`` test images.
+
+    The sample is drawn from ``key`` (from ``config.seed``) alone, the same for a split
+    held in memory and for one streamed from TFDS (which is read in stored order up to
+    the last sampled image; only the sampled images are decoded)."""
     from jbnn import data as jdata
 
     kwargs = dict(
@@ -770,19 +819,9 @@ def _load_test_data(config, settings: Settings, key: jax.Array):
     kwargs.update(dict(config.get("data_kwargs", {}) or {}))
     source = jdata.load(config.dataset, split=config.get("eval_split", "test"), **kwargs)
     n = min(settings.num_images, source.num_examples)
-    if isinstance(source, jdata.ArraySource):
-        order = np.asarray(jax.random.permutation(key, source.num_examples))
-        indices = np.sort(order[:n])
-        batch = source.take(indices)
-    else:  # a streamed split: the first n images in stored order
-        parts, seen = [], 0
-        for b in source.batches(min(n, 256), seed=0, epoch=0, shuffle=False, drop_remainder=False):
-            parts.append(b)
-            seen += len(b["label"])
-            if seen >= n:
-                break
-        batch = {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
-        indices = np.arange(n)
+    order = np.asarray(jax.random.permutation(key, source.num_examples))
+    indices = np.sort(order[:n])
+    batch = source.take(indices)  # an ArraySource or a StreamSource
     images = np.asarray(batch["image"], np.float32)
     display = np.clip(source.unnormalize(images), 0.0, 1.0)
     masks = batch.get("mask")
@@ -1553,6 +1592,102 @@ def figure_data(plan: Plan, maps: Mapping, values: Mapping, curves: Mapping, pre
     )
 
 
+_TMP_PREFIX = ".report-tmp-"
+
+
+def _host() -> str:
+    """This machine's name with every character but letters, digits, ``_`` and ``.``
+    replaced by ``_`` (no ``-``: it separates the parts of a temporary folder's name)."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def _tmp_prefix() -> str:
+    """``.report-tmp-<host>-<pid>-``: whose temporary report folder it is."""
+    return f"{_TMP_PREFIX}{_host()}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process (or not a pid): leave its folder alone
+    return True
+
+
+def _remove_stale_tmp(workdir: Path) -> None:
+    """Removes the temporary report folders of runs on this machine whose process is
+    gone (killed with SIGKILL, or by a power cut): a folder of a process that still
+    runs, of another machine or not named by :func:`_tmp_prefix` is left alone."""
+    host = _host()
+    for path in workdir.glob(_TMP_PREFIX + "*"):
+        parts = path.name[len(_TMP_PREFIX) :].split("-")
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        if pid != os.getpid() and path.is_dir() and not _pid_alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+class _CleanStop:
+    """While it is entered, SIGTERM raises ``SystemExit(143)`` in the main thread where it
+    would end the process at once, so that ``except`` and ``finally`` blocks (the removal
+    of the temporary report folder) run; a second SIGTERM during that cleanup is ignored.
+    Inside :meth:`deferred`, SIGTERM and Ctrl-C (SIGINT) wait until the block is done.
+
+    Only signals with their default action are taken over (SIGINT's raises
+    KeyboardInterrupt, as before), only in the main thread (elsewhere nothing changes),
+    and the previous handlers come back on exit. Blocking the signals
+    (``pthread_sigmask``) would not defer them: the kernel hands a blocked signal to
+    another thread (XLA's), and Python runs its handler in the main thread all the same.
+    """
+
+    def __init__(self):
+        self._previous: dict[int, object] = {}
+        self._critical = False
+        self._pending: int | None = None
+
+    def __enter__(self) -> _CleanStop:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        defaults = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
+        for signum, default in defaults.items():
+            if signal.getsignal(signum) is default:
+                self._previous[signum] = signal.signal(signum, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+    def _handler(self, signum, frame) -> None:
+        del frame
+        if self._critical:
+            self._pending = signum
+            return
+        self._stop(signum)
+
+    def _stop(self, signum: int) -> None:
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_IGN)  # restored to the default by __exit__
+        raise SystemExit(128 + signum)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """The signals that arrive in the block take effect once it is done."""
+        self._critical = True
+        try:
+            yield
+        finally:
+            self._critical = False
+        if self._pending is not None:
+            signum, self._pending = self._pending, None
+            self._stop(signum)
+
+
 def _move_into_place(tmp: Path, final: Path) -> None:
     """Replaces ``final`` by ``tmp`` (same filesystem): the old report is removed only
     once the new one is in place."""
@@ -1571,7 +1706,9 @@ def run_study(config, workdir: str | Path, *, verbose: bool = True) -> Path:
 
     Everything is loaded and checked first (:func:`prepare`); the report is written to
     a temporary folder inside ``workdir`` and moved into place at the end, so an error
-    at any point leaves the workdir as it was.
+    (or a SIGTERM, which raises ``SystemExit(143)`` while the report is written) at any
+    point leaves the workdir as it was. A temporary folder that a killed run on this
+    machine left behind (SIGKILL) is removed.
 
     Args:
       config: the config the models were trained with; ``config.explain`` holds the
@@ -1619,20 +1756,28 @@ def run_study(config, workdir: str | Path, *, verbose: bool = True) -> Path:
 
     clock = _Clock()
     final = plan.workdir / REPORT_DIR
-    tmp = Path(tempfile.mkdtemp(prefix=".report-tmp-", dir=plan.workdir))
-    try:
-        report.write_report(results, data, tmp, GRID_METHODS)
-        text = json.dumps(results, indent=1, allow_nan=False)
-        (tmp / "results.json").write_text(text + "\n", encoding="utf-8")
-        np.savez_compressed(tmp / "per_image.npz", **values)
-        stage("figures", clock)
-        stage("total", total)
-        timings_text = json.dumps({k: {"wall_s": w, "cpu_s": c} for k, (w, c) in timings.items()})
-        (tmp / "timings.json").write_text(timings_text + "\n")
-        _move_into_place(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _remove_stale_tmp(plan.workdir)
+    tmp = None
+    with _CleanStop() as stop:  # a SIGTERM removes the temporary folder too
+        try:
+            with stop.deferred():  # made and named as one step
+                tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(), dir=plan.workdir))
+            report.write_report(results, data, tmp, GRID_METHODS)
+            text = json.dumps(results, indent=1, allow_nan=False)
+            (tmp / "results.json").write_text(text + "\n", encoding="utf-8")
+            np.savez_compressed(tmp / "per_image.npz", **values)
+            stage("figures", clock)
+            stage("total", total)
+            timings_text = json.dumps(
+                {k: {"wall_s": w, "cpu_s": c} for k, (w, c) in timings.items()}
+            )
+            (tmp / "timings.json").write_text(timings_text + "\n")
+            with stop.deferred():  # the swap of old and new report is not cut in half
+                _move_into_place(tmp, final)
+        except BaseException:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
     _log(f"figures and report {clock}; total {total}", verbose)
     return final
 

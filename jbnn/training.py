@@ -545,6 +545,7 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
             f"Unknown binary optimizer {config.binary_optimizer.name!r}; expected one of "
             f"{optim.BINARY_OPTIMIZERS}"
         )
+    _check_optimizer_numbers(config)
     eval_batch = config.get("eval_batch_size", None)
     if eval_batch is not None and (
         isinstance(eval_batch, bool) or not isinstance(eval_batch, int) or eval_batch < 1
@@ -566,6 +567,35 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
                 f"config.{name}={value} does not divide by the {n_dev} devices of the "
                 "data-parallel mesh; use a multiple of jax.device_count()."
             )
+
+
+def _check_optimizer_numbers(config: ml_collections.ConfigDict) -> None:
+    """The optimizer's numbers are finite and in range (NaN and inf refused), checked
+    before the data is loaded; ``warmup_steps < total_steps`` needs the data (the steps
+    per epoch) and is checked when the optimizer is built."""
+    opt, bin_opt = config.optimizer, config.binary_optimizer
+    optim.check_number(
+        "config.optimizer.learning_rate", opt.get("learning_rate"), minimum=0.0, above=True
+    )
+    optim.check_count("config.optimizer.warmup_steps", opt.get("warmup_steps", 0), 0)
+    decay = optim.check_number(
+        "config.optimizer.weight_decay", opt.get("weight_decay", 0.0), minimum=0.0
+    )
+    if opt.name == "adam" and decay:
+        raise ValueError(
+            f"config.optimizer.weight_decay={decay!r}: optimizer 'adam' takes no weight "
+            "decay; set config.optimizer.name='adamw' (or weight_decay=0)."
+        )
+    optim.check_number(
+        "config.binary_optimizer.threshold", bin_opt.get("threshold", 1e-8), minimum=0.0
+    )
+    optim.check_number(
+        "config.binary_optimizer.gamma",
+        bin_opt.get("gamma", 1e-4),
+        minimum=0.0,
+        above=True,
+        maximum=1.0,
+    )
 
 
 def _load_data(config: ml_collections.ConfigDict) -> tuple[Any, Any]:

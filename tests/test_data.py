@@ -494,6 +494,8 @@ def test_tfds_large_dataset_streams_resized(tfds):
     with tfds.testing.mock_data(num_examples=12):
         source = data.load("imagenette", "test", image_size=24)
         batches = collect(source.batches(4, seed=0, epoch=0, augment={"crop_padding": 2}))
+        ordered = collect(source.batches(4, seed=0, epoch=0, shuffle=False))
+        taken = source.take([5, 2, 11])  # encoded images: decoded after the selection
         net = data.load("imagenet2012", "train", image_size=16)
         first = next(net.batches(6, seed=0, epoch=0))
         # manual_dir only builds a missing imagenet2012: a stale path does not refuse it.
@@ -502,6 +504,8 @@ def test_tfds_large_dataset_streams_resized(tfds):
     assert isinstance(source, data.StreamSource) and source.num_classes == 10
     assert source.image_shape == (24, 24, 3) and len(batches) == 3
     assert batches[0]["image"].shape == (4, 24, 24, 3)
+    ordered = np.concatenate([b["image"] for b in ordered])
+    np.testing.assert_array_equal(taken["image"], ordered[[5, 2, 11]])
     np.testing.assert_allclose(source.mean, (0.485, 0.456, 0.406))
     assert first["image"].shape == (6, 16, 16, 3) and net.num_classes == 1000
 
@@ -566,6 +570,71 @@ def test_tfds_reads_prepared_files_offline(prepared_mnist, no_download):
     np.testing.assert_array_equal(epoch0, again)
     assert not np.array_equal(epoch0, epoch1)
     np.testing.assert_array_equal(order(0, skip=4), epoch0[4:])
+    assert no_download == []
+
+
+@pytest.mark.slow
+def test_streamed_split_takes_the_examples_asked_for(prepared_mnist, no_download):
+    ids = lambda batch: np.round(batch["image"][:, 3, 3, 0] * 255).astype(int)
+    kw = dict(data_dir=prepared_mnist, normalize=False)
+    stream = data.load("mnist", "train", in_memory=False, **kw)
+    memory = data.load("mnist", "train", **kw)
+    want = np.array([41, 3, 57, 3, 0, 20])  # any order, repeats kept
+    got = stream.take(want)
+    expected = memory.take(want)
+    assert set(got) == {"image", "label"} and got["image"].dtype == np.float32
+    # the stored order: memory.take's index i is the example a stream reads i-th
+    np.testing.assert_array_equal(ids(got), ids(expected))
+    np.testing.assert_array_equal(got["image"], expected["image"])
+    np.testing.assert_array_equal(got["label"], expected["label"])
+    assert stream.take([])["image"].shape == (0, 28, 28, 1)
+    for bad in ([60], [-1], [1.5]):
+        with pytest.raises(ValueError, match="indices must"):
+            stream.take(bad)
+    assert no_download == []
+
+
+@pytest.mark.slow
+def test_study_samples_a_streamed_split_as_an_in_memory_one(prepared_mnist, no_download):
+    # The study took the first num_images images of a streamed (TFDS) split, where the
+    # README says every random draw, the image sample included, derives from config.seed.
+    import jax
+    import ml_collections
+
+    from jbnn import study
+
+    config = ml_collections.ConfigDict(
+        dict(dataset="mnist", eval_split="train", data_dir=prepared_mnist, seed=0)
+    )
+    settings = study.Settings(num_images=7)
+
+    def load(in_memory, seed):
+        config.data_kwargs = {"in_memory": in_memory}
+        source, images, labels, _, display, indices = study._load_test_data(
+            config, settings, jax.random.key(seed)
+        )
+        assert isinstance(source, data.StreamSource) != in_memory
+        pixel = np.round(display[:, 3, 3, 0] * 255).astype(int)  # image i has value i
+        return indices, pixel, labels
+
+    # the split's stored order (TFDS shuffles the examples when it writes them)
+    stored = next(
+        data.load("mnist", "train", data_dir=prepared_mnist, normalize=False).batches(
+            60, seed=0, epoch=0, shuffle=False
+        )
+    )
+    stored = np.round(stored["image"][:, 3, 3, 0] * 255).astype(int)
+    assert sorted(stored) == list(range(60))
+    for seed in (0, 1):
+        memory = load(True, seed)
+        streamed = load(False, seed)
+        indices, pixel, labels = streamed
+        for a, b in zip(memory, streamed, strict=True):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(pixel, stored[indices])  # the images at those indices
+        np.testing.assert_array_equal(labels, pixel % 10)  # image i has label i % 10
+        assert len(set(indices)) == 7 and not np.array_equal(indices, np.arange(7))
+    assert not np.array_equal(load(False, 0)[0], load(False, 1)[0])
     assert no_download == []
 
 

@@ -1,5 +1,8 @@
 """Bop, latent-weight clipping and parameter routing against hand computations."""
 
+import functools
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -321,3 +324,54 @@ def test_flip_ratio_of_update_counts_flips_and_changes_no_bit_of_the_updates():
         )
     empty = optim.flip_ratio_of_update(params, updates, optim.BinaryKernels(()))
     assert float(empty[0]) == 0.0 and empty[1] is updates
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"learning_rate": float("inf")}, "learning_rate must be a finite number > 0, got inf"),
+        ({"learning_rate": float("nan")}, "learning_rate must be a finite number > 0, got nan"),
+        ({"learning_rate": 0.0}, "learning_rate must be a finite number > 0, got 0.0"),
+        ({"learning_rate": True}, "learning_rate must be a finite number > 0, got True"),
+        ({"learning_rate": "0.1"}, "learning_rate must be a finite number > 0, got '0.1'"),
+        ({"warmup_steps": 2.5}, "warmup_steps must be an int >= 0, got 2.5"),
+        ({"warmup_steps": float("nan")}, "warmup_steps must be an int >= 0, got nan"),
+        ({"warmup_steps": -1}, "warmup_steps must be an int >= 0, got -1"),
+        ({"total_steps": 10.5}, "total_steps must be an int >= 1, got 10.5"),
+        ({"total_steps": True}, "total_steps must be an int >= 1, got True"),
+    ],
+)
+def test_make_schedule_refuses_non_finite_and_non_integral_values(kwargs, match):
+    # learning_rate=inf passed `not lr > 0` and gave an inf schedule (the first step NaN)
+    args = {"learning_rate": 1e-3, "total_steps": 10, "schedule": "cosine", "warmup_steps": 0}
+    with pytest.raises(ValueError, match=re.escape(match)):
+        optim.make_schedule(**{**args, **kwargs})
+
+
+def test_weight_decay_threshold_and_gamma_must_be_finite_and_in_range():
+    model, variables = _mlp()
+    params, kernels = variables["params"], optim.binary_kernels(model, (1, 4, 4, 1))
+    make = functools.partial(
+        optim.make_optimizer, params, kernels, schedule=optax.constant_schedule(0.1)
+    )
+    for value in (-0.1, float("inf"), float("nan"), True):
+        with pytest.raises(
+            ValueError, match=re.escape(f"weight_decay must be a finite number >= 0, got {value!r}")
+        ):
+            make(name="adamw", weight_decay=value)
+    with pytest.raises(
+        ValueError, match=re.escape("weight_decay must be a finite number >= 0, got nan")
+    ):
+        make(name="adam", weight_decay=float("nan"))  # was "adam takes no weight_decay"
+    for value in (float("inf"), float("nan"), -1e-9):
+        with pytest.raises(
+            ValueError, match=re.escape(f"threshold must be a finite number >= 0, got {value!r}")
+        ):
+            make(binary_optimizer="bop", threshold=value)
+    for value in (0.0, 1.5, float("nan"), float("inf")):
+        with pytest.raises(
+            ValueError, match=re.escape(f"gamma must be a finite number in (0, 1], got {value!r}")
+        ):
+            make(binary_optimizer="bop", gamma=value)
+    make(name="adamw", weight_decay=0.0)  # the bounds themselves are fine
+    make(binary_optimizer="bop", threshold=0.0, gamma=1.0)

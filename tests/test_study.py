@@ -313,6 +313,50 @@ def test_settings_validation():
         study.settings_from_config({"mprt_methods": ("lime",)})
 
 
+def _explain_section(*overrides: str):
+    """``config.explain`` of configs/shapes.py with ``--config.explain.<...>`` overrides,
+    parsed by ml_collections' flags as explain.py parses them."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["explain.py", f"--config={ROOT / 'configs' / 'shapes.py'}", *overrides]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config", flag_values=values, sys_argv=argv)
+    values(argv)
+    return values.config.explain
+
+
+def test_comma_separated_names_on_the_command_line_are_split():
+    # ml_collections reads "--config.explain.mprt_methods=gradient,gradcam" into the
+    # 1-tuple ("gradient,gradcam",), which was refused as one unknown method.
+    explain = _explain_section(
+        "--config.explain.surrogate_methods=gradient, smoothgrad",
+        "--config.explain.mprt_methods=gradient,gradcam",
+        "--config.explain.surrogates=ste_sign(clip_value=2.0),identity",
+        "--config.explain.mprt_layers=head+head_bn,block6",
+    )
+    s = study.settings_from_config(explain)
+    assert s.surrogate_methods == ("gradient", "smoothgrad")
+    assert s.mprt_methods == ("gradient", "gradcam")
+    assert s.surrogates == ("ste_sign(clip_value=2.0)", "identity")
+    assert s.mprt_layers == ("head+head_bn", "block6")
+    # a comma inside a spec's brackets or quotes does not split it
+    assert study._as_names(("swish_sign(beta=2.0, x='a,b'), approx_sign",), "surrogates") == (
+        "swish_sign(beta=2.0, x='a,b')",
+        "approx_sign",
+    )
+    # empty entries are dropped; each name is still checked, and the message names the
+    # unknown one
+    explain = _explain_section("--config.explain.mprt_methods=gradcam,")
+    assert study.settings_from_config(explain).mprt_methods == ("gradcam",)
+    for override, match in [
+        ("--config.explain.surrogate_methods=gradient,lime", r"unknown: 'lime'"),
+        ("--config.explain.surrogates=ste_sign,sine", "Bad config.explain.surrogates entry 'sine'"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            study.settings_from_config(_explain_section(override))
+
+
 @pytest.mark.parametrize(
     "name",
     ["default", "digits", "shapes", "cifar10_binarynet", "cifar10_birealnet", "imagenet_birealnet"],
@@ -327,6 +371,25 @@ def test_config_explain_sections_name_valid_layers(name):
     model = models.get(config.model, binary=True, num_classes=10, **config.model_kwargs)
     spatial = study._spatial_layers(model, (1, size, size, channels))
     assert settings.gradcam_layer in spatial
+
+
+def test_docs_state_the_measured_accuracies_and_the_fold_option():
+    # configs/shapes.py said the BNN reaches about 0.98 where the README's measured run
+    # gives 0.971; docs/performance.md said the study does not fold BatchNorms, where
+    # config.explain.fold_batchnorm folds them (off by default).
+    readme = (ROOT / "README.md").read_text()
+    (measured,) = re.findall(
+        r"BNN (\d\.\d{3}), twin (\d\.\d{3}), control (\d\.\d{3}) test accuracy", readme
+    )
+    doc = " ".join(importlib.import_module("configs.shapes").__doc__.split())
+    bnn, twin, control = measured
+    assert f"the BNN reaches {bnn} test accuracy" in doc
+    assert twin == control and f"the twin and the control {twin}" in doc
+    perf = " ".join((ROOT / "docs" / "performance.md").read_text().split())
+    assert "the study do not fold" not in perf
+    assert study.Settings().fold_batchnorm is False
+    assert "fold only when asked (`--config.explain.fold_batchnorm=True`; off by default" in perf
+    assert study.settings_from_config({"fold_batchnorm": True}).fold_batchnorm is True
 
 
 def test_mprt_default_stages_randomise_every_parameter():
@@ -707,3 +770,122 @@ def test_explain_cli_reports_a_clear_error(tmp_path):
         "--workdir that train.py wrote bnn/, fp/ and control/ into."
     ), proc.stderr
     assert (tmp_path / "afile").read_text() == "keep me"
+
+
+# --------------------------------------------------------------------------- kills
+# run_study with every stage before the report replaced by a stub (the stubs' names are
+# those of HEAD's run_study too): what is left to test is the writing of the report.
+_STUBBED_STUDY = """
+import os, sys, time, types
+from pathlib import Path
+import numpy as np
+from jbnn import report, study
+
+workdir, pause = Path(sys.argv[1]), sys.argv[2]
+plan = types.SimpleNamespace(workdir=workdir, labels=np.zeros(2, np.int32), dataset="toy")
+study.prepare = lambda config, workdir: plan
+study.compute_maps = lambda plan, verbose: ({}, {})
+study.per_image_metrics = lambda plan, maps, signed, verbose: ({}, {})
+study.run_mprt = lambda plan, verbose: {}
+study.build_results = lambda *args: {"meta": {}}
+study._predictions = lambda plan: {k: np.zeros(2) for k in study.MODELS}
+study.figure_data = lambda *args: None
+
+def ready():
+    (workdir / "ready").touch()
+    time.sleep(float(os.environ.get("PAUSE_S", "60")))
+
+def write_report(results, data, out, methods):
+    (out / "report.md").write_text("new")
+    if pause == "writing":
+        ready()
+
+report.write_report = write_report
+replace = os.replace
+
+def slow_replace(src, dst):  # the first is report -> .report-old-<pid>
+    replace(src, dst)
+    if pause == "swap" and not (workdir / "ready").exists():
+        ready()
+
+os.replace = slow_replace
+study.run_study(None, workdir, verbose=False)
+"""
+
+
+def _run_stubbed_study(workdir: Path, pause: str, sigterm: bool, pause_s: float = 30):
+    """The stubbed study in a fresh process, sent SIGTERM once it pauses ``pause``."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "PAUSE_S": str(pause_s), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _STUBBED_STUDY, str(workdir), pause],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (workdir / "ready").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "the stubbed study never reached its pause"
+            time.sleep(0.05)
+        if sigterm:
+            proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (workdir / "ready").unlink(missing_ok=True)
+    return proc.returncode, err
+
+
+def _report_dir_with(workdir: Path, text: str) -> None:
+    (workdir / study.REPORT_DIR).mkdir(parents=True, exist_ok=True)
+    (workdir / study.REPORT_DIR / "report.md").write_text(text)
+
+
+def test_sigterm_while_the_report_is_written_removes_the_temporary_folder(tmp_path):
+    # A SIGTERM-killed explain.py left .report-tmp-* in the workdir (the default action
+    # ends the process before any cleanup). Now the folder goes, and the old report stays.
+    _report_dir_with(tmp_path, "old")
+    code, err = _run_stubbed_study(tmp_path, "writing", sigterm=True)
+    assert code == 128 + 15, err[-2000:]  # SystemExit(143), as a shell reports SIGTERM
+    assert sorted(p.name for p in tmp_path.iterdir()) == [study.REPORT_DIR], err[-2000:]
+    assert (tmp_path / study.REPORT_DIR / "report.md").read_text() == "old"
+
+
+def test_sigterm_during_the_swap_waits_until_the_new_report_is_in_place(tmp_path):
+    # Killed between "report -> .report-old-<pid>" and "tmp -> report", the workdir had no
+    # report/ at all (the old one hidden in .report-old-*, the new one in .report-tmp-*).
+    _report_dir_with(tmp_path, "old")
+    code, err = _run_stubbed_study(tmp_path, "swap", sigterm=True, pause_s=1.0)
+    assert code == 128 + 15, err[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [study.REPORT_DIR], err[-2000:]
+    assert (tmp_path / study.REPORT_DIR / "report.md").read_text() == "new"
+
+
+def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tmp_path):
+    # SIGKILL cannot be caught: the next run on this machine removes a folder whose
+    # process is gone, and keeps those of a live process or another machine.
+    import os
+    import socket
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    dead = child.pid  # exited and reaped: no such process (short of pid reuse)
+    host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())  # "-" separates parts
+    stale = tmp_path / f".report-tmp-{host}-{dead}-abcd1234"
+    live = tmp_path / f".report-tmp-{host}-{os.getppid()}-abcd1234"
+    elsewhere = tmp_path / f".report-tmp-otherhost-{dead}-abcd1234"
+    for folder in (stale, live, elsewhere):
+        folder.mkdir()
+        (folder / "report.md").write_text("partial")
+    code, err = _run_stubbed_study(tmp_path, "none", sigterm=False)
+    assert code == 0, err[-2000:]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted([live.name, elsewhere.name, study.REPORT_DIR]), names
+    assert (tmp_path / study.REPORT_DIR / "report.md").read_text() == "new"

@@ -378,6 +378,53 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, override, err
     assert snapshot(workdir) == {"notes.txt": hashlib.sha256(b"keep me").hexdigest()}
 
 
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        (
+            {"optimizer.learning_rate": float("inf")},
+            "learning_rate must be a finite number > 0, got inf",
+        ),
+        (
+            {"optimizer.learning_rate": float("nan")},
+            "learning_rate must be a finite number > 0, got nan",
+        ),
+        ({"optimizer.warmup_steps": -3}, "warmup_steps must be an int >= 0, got -3"),
+        (
+            {"optimizer.name": "adamw", "optimizer.weight_decay": float("inf")},
+            "weight_decay must be a finite number >= 0, got inf",
+        ),
+        (
+            {"optimizer.name": "adamw", "optimizer.weight_decay": -0.1},
+            "weight_decay must be a finite number >= 0, got -0.1",
+        ),
+        (
+            {"optimizer.name": "adamw", "optimizer.weight_decay": float("nan")},
+            "weight_decay must be a finite number >= 0, got nan",
+        ),
+        ({"optimizer.weight_decay": 0.1}, "weight_decay=0.1: optimizer 'adam' takes no weight"),
+        (
+            {"binary_optimizer.name": "bop", "binary_optimizer.threshold": float("inf")},
+            "threshold must be a finite number >= 0, got inf",
+        ),
+        (
+            {"binary_optimizer.gamma": float("nan")},
+            "gamma must be a finite number in (0, 1], got nan",
+        ),
+    ],
+)
+def test_optimizer_numbers_are_refused_before_the_data_is_loaded(
+    tmp_path, monkeypatch, override, match
+):
+    # learning_rate=inf and a negative, inf or NaN weight decay trained (NaN from the
+    # first step on); the message names the config field and the value.
+    monkeypatch.setattr(training, "_load_data", lambda *a: pytest.fail("data loaded"))
+    section = next(iter(override)).split(".")[0]
+    with pytest.raises(training.ConfigError, match=re.escape(f"config.{section}.{match}")):
+        training.train_and_evaluate(tiny_config(**override), tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
 def test_force_deletes_only_jbnn_runs(tmp_path):
     # --force retrains by deleting workdir/bnn...: a folder there that holds no jbnn run
     # (no config.json) is somebody else's and stays, with nothing trained.

@@ -421,6 +421,61 @@ class StreamSource(Source):
         options.deterministic = True
         return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
+    def take(self, indices: np.ndarray | list[int]) -> dict[str, np.ndarray]:
+        """The examples at ``indices`` as a batch dict, normalised, not augmented.
+
+        An index is a position in the split's stored order (what ``batches(...,
+        shuffle=False)`` yields, and an in-memory load of the same split holds at that
+        index). The split is read in that order up to the largest index; only the
+        examples asked for are decoded and resized.
+
+        Raises:
+          ValueError: for indices that are not ints in ``[0, num_examples)``.
+        """
+        indices = np.asarray(indices)
+        if indices.ndim != 1 or (indices.size and indices.dtype.kind not in "iu"):
+            raise ValueError(f"indices must be a 1-D array of ints, got {indices!r}")
+        indices = indices.astype(np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= self.num_examples):
+            raise ValueError(
+                f"indices must lie in [0, {self.num_examples}) for {self.name!r}/"
+                f"{self.split!r}, got {indices.min()}..{indices.max()}"
+            )
+        size = self.image_shape
+        if not indices.size:
+            empty = np.zeros((0, *size), np.uint8)
+            return self._finish(empty, np.zeros(0, np.int64), None, Augment(), 0, 0, 0)
+        tf, tfds = _import_tfds()
+        wanted = np.zeros(int(indices.max()) + 1, bool)
+        wanted[indices] = True
+        wanted_tf = tf.constant(wanted)
+        # no auto-cache: a cache that is read only up to the last index is discarded
+        read_config = tfds.ReadConfig(try_autocache=False)
+        ds = _as_dataset(**self._read, shuffle_files=False, read_config=read_config)
+        ds = ds.take(len(wanted)).enumerate()
+        ds = ds.filter(lambda i, ex: tf.gather(wanted_tf, i))
+        ds = ds.map(
+            lambda i, ex: (i, self._preprocess(ex["image"]), ex["label"]),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        found, images, labels = [], [], []
+        for i, image, label in ds.batch(256).prefetch(2).as_numpy_iterator():
+            found.append(i)
+            images.append(image)
+            labels.append(label)
+        found = np.concatenate(found) if found else np.zeros(0, np.int64)
+        row = {int(i): r for r, i in enumerate(found)}
+        missing = sorted(set(indices.tolist()) - set(row))
+        if missing:
+            raise ValueError(
+                f"{self.name!r}/{self.split!r} holds fewer examples than its recorded "
+                f"{self.num_examples}: no example at index {missing[0]}"
+            )
+        rows = np.array([row[int(i)] for i in indices])
+        raw = np.concatenate(images)[rows]
+        return self._finish(raw, np.concatenate(labels)[rows], None, Augment(), 0, 0, 0)
+
     def batches(
         self,
         batch_size: int,
