@@ -1490,24 +1490,29 @@ _SHARDED_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
-def test_explain_dataset_sharded_over_4_devices_equals_single_device():
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
+def _run_on_cpu_devices(script: str, devices: int) -> dict:
+    """Runs ``script`` (formatted with the tests folder) in a subprocess with ``devices``
+    simulated CPU devices; returns the JSON object of its last output line."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    ).strip()
+    flags = env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = flags.strip()
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
     result = subprocess.run(
-        [sys.executable, "-c", _SHARDED_SCRIPT.format(tests=tests_dir)],
+        [sys.executable, "-c", script.format(tests=tests_dir)],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_explain_dataset_sharded_over_4_devices_equals_single_device():
+    errors = _run_on_cpu_devices(_SHARDED_SCRIPT, 4)
     for name in ("smoothgrad", "ig"):
         assert errors.pop(name + "_collectives") == 0, name
         assert errors.pop(name + "_sharded_devices") == 4, name
@@ -1555,22 +1560,7 @@ _COMMITTED_BASELINE_SCRIPT = textwrap.dedent(
 def test_explain_dataset_replicates_a_baseline_committed_to_one_device():
     """IG's baseline array committed to one device met a batch sharded over two (or over
     another device) in one jitted computation: "Received incompatible devices"."""
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
-    result = subprocess.run(
-        [sys.executable, "-c", _COMMITTED_BASELINE_SCRIPT.format(tests=tests_dir)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    errors = _run_on_cpu_devices(_COMMITTED_BASELINE_SCRIPT, 2)
     assert len(errors) == 2
     for label, error in errors.items():
         assert error < 1e-4, (label, error)
