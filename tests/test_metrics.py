@@ -887,6 +887,27 @@ def test_bad_faithfulness_inputs_raise_clear_errors():
             metrics.noisy_linear_imputation(x, removed, key=jax.random.key(0))
 
 
+def test_faithfulness_names_a_wrong_model_function_or_wrong_variables():
+    """The checks of the saliency functions: model.apply (which takes (variables, x)) is
+    refused by name, and variables made for other images are named as such; they failed
+    deep inside Flax (``Array.__contains__``, ``ScopeParamShapeError``)."""
+    model = nn.Dense(3)
+    flat = np.ones((2, 8 * 8), np.float32)
+    variables = model.init(jax.random.key(0), flat)
+    maps = np.ones((2, 8, 8), np.float32)
+    x = np.ones((2, 8, 8, 1), np.float32)
+    for call, name in (
+        (lambda fn, x, m: metrics.deletion_curve(fn, x, m, 0, num_steps=4), "deletion_curve"),
+        (lambda fn, x, m: metrics.insertion_curve(fn, x, m, 0, num_steps=4), "insertion_curve"),
+        (lambda fn, x, m: metrics.road(fn, x, m, 0, key=jax.random.key(0)), "road"),
+    ):
+        with pytest.raises(TypeError, match=rf"{name}: fn is Dense.apply, which takes"):
+            call(model.apply, x, maps)
+        fn = jax.tree_util.Partial(lambda z: model.apply(variables, z.reshape(z.shape[0], -1)))
+        with pytest.raises(ValueError, match=rf"{name}: the model's variables do not fit images"):
+            call(fn, np.ones((2, 9, 9, 1), np.float32), np.ones((2, 9, 9), np.float32))
+
+
 def test_blur_refuses_a_bad_sigma_and_takes_numpy_scalars():
     x = RNG.uniform(size=(1, 9, 7, 2)).astype(np.float32)
     for sigma in (0.0, -1.0, np.nan, np.inf):  # 0.0 gave an all-NaN image

@@ -30,7 +30,9 @@ import numpy as np
 
 from jbnn.metrics import _checks
 from jbnn.metrics.similarity import gaussian_filter2d
+from jbnn.models.common import variables_fit
 from jbnn.ops import platform_jit
+from jbnn.saliency._checks import as_partial
 
 SUBSTRATES = ("zero", "blur", "mean")
 OUTPUTS = ("probability", "logit", "accuracy")
@@ -39,17 +41,11 @@ OUTPUTS = ("probability", "logit", "accuracy")
 # Shared pieces
 
 
-def _as_partial(fn: Callable) -> jax.tree_util.Partial:
-    if isinstance(fn, jax.tree_util.Partial):
-        return fn
-    if not callable(fn):
-        raise TypeError(f"fn must be a callable x -> logits, got {type(fn).__name__}")
-    return jax.tree_util.Partial(fn)
-
-
-def _check_model_output(fn, x: jax.Array, target) -> None:
-    """Checks that ``fn`` maps (1, H, W, C) images to (1, K) logits with every target < K."""
-    out = jax.eval_shape(fn, jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype))
+def _check_model_output(fn, x: jax.Array, target, name: str) -> None:
+    """Checks that ``fn`` maps (1, H, W, C) images to (1, K) logits with every target < K
+    (Flax's errors about the variables named by :func:`variables_fit`)."""
+    with variables_fit(x.shape, name):
+        out = jax.eval_shape(fn, jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype))
     if not hasattr(out, "shape") or len(out.shape) != 2 or out.shape[0] != 1:
         shape = getattr(out, "shape", type(out).__name__)
         raise ValueError(f"fn must map images (N, H, W, C) to logits (N, K), got output {shape}")
@@ -191,8 +187,9 @@ def _faithfulness_curve(
     if batch_size is not None:
         batch_size = _checks.positive_int("batch_size", batch_size)
     _checks.choice("output", output, OUTPUTS)
-    fn = _as_partial(fn)
-    _check_model_output(fn, x, target)
+    name = "insertion_curve" if insertion else "deletion_curve"
+    fn = as_partial(fn, name)
+    _check_model_output(fn, x, target, name)
     base = make_substrate(x, substrate, blur_sigma)
     return _curve(
         fn,
@@ -463,8 +460,8 @@ def road(
         raise ValueError(f"noise must be >= 0, got {noise!r}")
     n = x.shape[1] * x.shape[2]
     counts = tuple(int(n * p / 100) for p in percentages)
-    fn = _as_partial(fn)
-    _check_model_output(fn, x, target)
+    fn = as_partial(fn, "road")
+    _check_model_output(fn, x, target, "road")
     return _road(
         fn,
         x,
