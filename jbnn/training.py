@@ -50,6 +50,7 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import inspect
 import json
 import logging
 import math
@@ -243,21 +244,40 @@ def make_optimizer(
     Returns:
       ``(tx, schedule)``.
     """
-    opt, bin_opt = config.optimizer, config.binary_optimizer
-    schedule = optim.make_schedule(
-        opt.learning_rate, total_steps, opt.schedule, opt.get("warmup_steps", 0)
-    )
+    n = _optimizer_numbers(config)
+    opt = config.optimizer
+    schedule = optim.make_schedule(n["learning_rate"], total_steps, opt.schedule, n["warmup_steps"])
     tx = optim.make_optimizer(
         params,
         kernels,
         schedule=schedule,
         name=opt.name,
-        weight_decay=opt.get("weight_decay", 0.0),
-        binary_optimizer=bin_opt.name,
-        threshold=bin_opt.get("threshold", 1e-8),
-        gamma=bin_opt.get("gamma", 1e-4),
+        weight_decay=n["weight_decay"],
+        binary_optimizer=config.binary_optimizer.name,
+        threshold=n["threshold"],
+        gamma=n["gamma"],
     )
     return tx, schedule
+
+
+def _optimizer_numbers(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The optimizer's numbers in the config, with the defaults of :mod:`jbnn.optim`
+    where the config leaves one out."""
+    opt, bin_opt = config.optimizer, config.binary_optimizer
+    return dict(
+        learning_rate=opt.get("learning_rate"),
+        warmup_steps=opt.get("warmup_steps", 0),
+        weight_decay=opt.get("weight_decay", 0.0),
+        threshold=bin_opt.get("threshold", _BOP_DEFAULTS["threshold"]),
+        gamma=bin_opt.get("gamma", _BOP_DEFAULTS["gamma"]),
+    )
+
+
+_BOP_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(optim.bop).parameters.items()
+    if name in ("threshold", "gamma")
+}
 
 
 def _init_state(
@@ -573,28 +593,20 @@ def _check_optimizer_numbers(config: ml_collections.ConfigDict) -> None:
     """The optimizer's numbers are finite and in range (NaN and inf refused), checked
     before the data is loaded; ``warmup_steps < total_steps`` needs the data (the steps
     per epoch) and is checked when the optimizer is built."""
-    opt, bin_opt = config.optimizer, config.binary_optimizer
+    n = _optimizer_numbers(config)
     optim.check_number(
-        "config.optimizer.learning_rate", opt.get("learning_rate"), minimum=0.0, above=True
+        "config.optimizer.learning_rate", n["learning_rate"], minimum=0.0, above=True
     )
-    optim.check_count("config.optimizer.warmup_steps", opt.get("warmup_steps", 0), 0)
-    decay = optim.check_number(
-        "config.optimizer.weight_decay", opt.get("weight_decay", 0.0), minimum=0.0
-    )
-    if opt.name == "adam" and decay:
+    optim.check_count("config.optimizer.warmup_steps", n["warmup_steps"], 0)
+    decay = optim.check_number("config.optimizer.weight_decay", n["weight_decay"], minimum=0.0)
+    if config.optimizer.name == "adam" and decay:
         raise ValueError(
             f"config.optimizer.weight_decay={decay!r}: optimizer 'adam' takes no weight "
             "decay; set config.optimizer.name='adamw' (or weight_decay=0)."
         )
+    optim.check_number("config.binary_optimizer.threshold", n["threshold"], minimum=0.0)
     optim.check_number(
-        "config.binary_optimizer.threshold", bin_opt.get("threshold", 1e-8), minimum=0.0
-    )
-    optim.check_number(
-        "config.binary_optimizer.gamma",
-        bin_opt.get("gamma", 1e-4),
-        minimum=0.0,
-        above=True,
-        maximum=1.0,
+        "config.binary_optimizer.gamma", n["gamma"], minimum=0.0, above=True, maximum=1.0
     )
 
 
