@@ -277,7 +277,7 @@ class QuantDense(nn.Module):
         x = _quantize_input(x, self.input_quantizer, self.surrogate)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         # lax.dot_general; a kernel of -1 / 0 / +1 multiplies exactly in bfloat16 on CPUs
-        # with native bfloat16 products (jbnn.ops.dense).
+        # with AMX bfloat16 tiles (jbnn.ops.dense).
         y = ops.dense(
             x,
             kernel,

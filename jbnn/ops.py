@@ -64,7 +64,7 @@ classic kernels made one reduction a reduce-window that wrote its operand out fi
 (the same sum up to float rounding; elsewhere the one reduction).
 
 :func:`dense` multiplies by a kernel of -1 / 0 / +1 (a binary layer's) in bfloat16 on
-CPUs with native bfloat16 products, where it is exact: a binary input's product equals
+CPUs with AMX bfloat16 tiles, where it is exact: a binary input's product equals
 the float32 one bit for bit, a real input's (split into three bfloat16 parts) up to float
 rounding; elsewhere it is the float32 ``lax.dot_general``.
 
@@ -99,6 +99,7 @@ from jax.typing import ArrayLike
 
 __all__ = [
     "BF16_EXACT_PRODUCTS",
+    "BF16_PRODUCTS_CPU_FLAG",
     "CPU_COMPILER_OPTIONS",
     "channel_sum",
     "conv",
@@ -682,7 +683,7 @@ _conv_const_pad.defvjp(_conv_const_pad_fwd, _conv_const_pad_bwd)
 # --------------------------------------------------------------------------- dense
 #: Whether :func:`dense` runs an exact binary product in bfloat16 on CPU: None decides
 #: by the environment variable ``JBNN_BF16_PRODUCTS`` (``0`` / ``1``) if set, else by the
-#: CPU (native bfloat16 products: AVX512-BF16 or AMX-BF16); True / False force it. The
+#: CPU (AMX bfloat16 tiles: :data:`BF16_PRODUCTS_CPU_FLAG`); True / False force it. The
 #: real-input and gradient products differ from float32 by rounding, so a BNN trains
 #: along a slightly different path: ``JBNN_BF16_PRODUCTS=0`` reproduces another
 #: machine's float32 run.
@@ -695,15 +696,29 @@ _BF16_ENV = "JBNN_BF16_PRODUCTS"
 _DENSE_DIMS = lambda ndim: (((ndim - 1,), (0,)), ((), ()))  # noqa: E731
 
 
+#: The CPU flag (``/proc/cpuinfo``) under which :func:`dense` takes bfloat16 products:
+#: AMX's bfloat16 tiles. AVX512-BF16 alone does not pay: on a 2-core AMD EPYC (Zen 4,
+#: AVX512-BF16 without AMX) the MLP's BNN training step took 1.20-1.21x its twin's with
+#: bfloat16 products and 1.10-1.12x with float32 ones (2 runs each, 9 rounds of 40
+#: steps, ``benchmarks/results/cpu-2026-11-28b``), conv models within noise either way;
+#: on the Xeon with AMX the bfloat16 product was 1.3-1.6x faster than the float32 one.
+BF16_PRODUCTS_CPU_FLAG = "amx_bf16"
+
+
+def _bf16_products_pay_off(cpu_flags: set[str]) -> bool:
+    """Whether a CPU with these ``/proc/cpuinfo`` flags gains from bfloat16 products."""
+    return BF16_PRODUCTS_CPU_FLAG in cpu_flags
+
+
 @functools.cache
 def _cpu_has_bf16_products() -> bool:
-    """True when this machine's CPU multiplies bfloat16 natively (Linux /proc/cpuinfo)."""
+    """True when this machine's CPU multiplies bfloat16 matrices fast enough to gain
+    from it (AMX; Linux ``/proc/cpuinfo``)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool({"avx512_bf16", "amx_bf16"} & flags)
+                    return _bf16_products_pay_off(set(line.split(":", 1)[1].split()))
     except OSError:
         pass
     return False
@@ -733,8 +748,9 @@ def dense(
 
     A binary layer multiplies by a kernel of -1 / 0 / +1 (``exact_kernel``: the caller
     knows the kernel holds only these values, e.g. the output of ``ste_sign``). Such a
-    kernel is exact in bfloat16, so on a CPU with native bfloat16 products (AVX512-BF16
-    or AMX) and float32 operands the product runs in bfloat16 with float32 accumulation:
+    kernel is exact in bfloat16, so on a CPU with AMX bfloat16 tiles
+    (:data:`BF16_PRODUCTS_CPU_FLAG`; AVX512-BF16 alone was slower than float32) and
+    float32 operands the product runs in bfloat16 with float32 accumulation:
 
     * an input of -1 / 0 / +1 too (``exact_input``, a binarized activation) is exact in
       bfloat16: the products and their integer sums are exact, so the result equals the
@@ -753,7 +769,7 @@ def dense(
     rounding). The two products are each other's derivatives, so second and higher
     reverse derivatives (Hessian-vector products) are float32-accurate too.
 
-    Elsewhere (GPU, TPU, a CPU without native bfloat16, a non-float32 operand, a kernel
+    Elsewhere (GPU, TPU, a CPU without AMX, a non-float32 operand, a kernel
     not known to be exact, or inside :func:`platform_jit`'s CPU programs, whose classic
     XLA kernels multiply bfloat16 2x slower than float32) this is the float32
     ``lax.dot_general`` itself. Like every ``jax.custom_vjp`` function the bfloat16 form
