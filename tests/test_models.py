@@ -209,7 +209,7 @@ class _Capture:
             if index is not None:  # the innermost module is a quantized layer
                 values = (lhs, rhs)
                 if lhs.dtype == rhs.dtype == jnp.bfloat16:
-                    # jbnn.ops.dense's bfloat16 product (CPUs with native bfloat16) of a
+                    # jbnn.ops.dense's bfloat16 product (CPUs with AMX) of a
                     # float32 layer multiplies the input's bfloat16 parts (1 or 3, the
                     # leading axis): record the float32 values it multiplies.
                     values = (jnp.sum(lhs.astype(jnp.float32), axis=0), rhs.astype(jnp.float32))
