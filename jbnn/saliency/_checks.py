@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -161,12 +162,31 @@ def _call(fn: Partial, x: jax.Array) -> jax.Array:
 _call_jit = jax.jit(_call)
 
 
+#: Each ``fn``'s logits shape per image shape and dtype, for as long as ``fn`` lives.
+#: A Partial's function and arguments cannot be replaced, so the shapes cannot change;
+#: the shape-only trace cost ~1 ms per call for a ResNet-18's frozen ``fn`` (2,000
+#: leaves to abstract), about 2% of its Gradient at 112 px on 2 CPU cores.
+_LOGITS_SHAPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def logits_shape(fn: Partial, x: ArrayLike, name: str) -> tuple[int, int]:
-    """Shape (B, K) of ``fn(x)``, from a cached abstract evaluation (nothing computed).
+    """Shape (B, K) of ``fn(x)``, from an abstract evaluation (nothing computed), kept
+    for later calls with the same ``fn`` object and images of the same shape and dtype.
 
     Flax's errors about the variables ``fn`` holds become ValueErrors that say whether
     the variables are another model's or made for other images (:func:`variables_fit`).
     """
+    key = (tuple(x.shape), jnp.dtype(x.dtype))
+    try:
+        known = _LOGITS_SHAPES.setdefault(fn, {})
+    except TypeError:  # not weakly referable
+        known = {}
+    if key not in known:
+        known[key] = _logits_shape(fn, x, name)
+    return known[key]
+
+
+def _logits_shape(fn: Partial, x: ArrayLike, name: str) -> tuple[int, int]:
     with variables_fit(x.shape, name):
         out = _call_jit.eval_shape(fn, x)
     shape = getattr(out, "shape", None)
