@@ -30,9 +30,8 @@ import numpy as np
 
 from jbnn.metrics import _checks
 from jbnn.metrics.similarity import gaussian_filter2d
-from jbnn.models.common import variables_fit
 from jbnn.ops import platform_jit
-from jbnn.saliency._checks import as_partial
+from jbnn.saliency._checks import as_partial, logits_shape
 
 SUBSTRATES = ("zero", "blur", "mean")
 OUTPUTS = ("probability", "logit", "accuracy")
@@ -42,18 +41,15 @@ OUTPUTS = ("probability", "logit", "accuracy")
 
 
 def _check_model_output(fn, x: jax.Array, target, name: str) -> None:
-    """Checks that ``fn`` maps (1, H, W, C) images to (1, K) logits with every target < K
-    (Flax's errors about the variables named by :func:`variables_fit`)."""
-    with variables_fit(x.shape, name):
-        out = jax.eval_shape(fn, jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype))
-    if not hasattr(out, "shape") or len(out.shape) != 2 or out.shape[0] != 1:
-        shape = getattr(out, "shape", type(out).__name__)
-        raise ValueError(f"fn must map images (N, H, W, C) to logits (N, K), got output {shape}")
+    """Checks that ``fn`` maps (1, H, W, C) images to (1, K) float logits with every
+    target < K (the saliency functions' check, :func:`logits_shape`: Flax's errors about
+    the variables named, the shape kept per ``fn``)."""
+    _, num_classes = logits_shape(fn, jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype), name)
     if not _checks.is_traced(target):
         t = np.asarray(target)
-        if (t >= out.shape[1]).any():
+        if (t >= num_classes).any():
             raise ValueError(
-                f"target holds class {int(t.max())} but fn gives only {out.shape[1]} logits"
+                f"{name}: target holds class {int(t.max())} but fn gives only {num_classes} logits"
             )
 
 

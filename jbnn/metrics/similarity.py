@@ -24,13 +24,10 @@ from jbnn.metrics import _checks
 # Correlations
 
 
-_order_keys = _checks.order_keys  # int32 keys in the order of float32 values, bitwise
-
-
 def _average_ranks(v: jax.Array) -> jax.Array:
     """Ranks 1..N of ``v`` (N,), ties given their average rank (as scipy.stats.rankdata)."""
     n = v.shape[0]
-    k = _order_keys(v)  # (N,) int32
+    k = _checks.order_keys(v)  # (N,) int32 keys in the order of the values, bitwise
     s = jax.lax.sort(k, is_stable=False)
     # A value's tie spans sorted positions lo .. last: lo by a binary search (unrolled,
     # log2 N steps of N gathers: much cheaper than method="sort", which sorts the 2N
