@@ -15,7 +15,8 @@
 #                       per-copy stem gradient (no split input layer), the kernels
 #                       taken once (explain_dataset's form) and those with the
 #                       BatchNorms folded as A/B contestants
-#   2_train_step.log    training step, BNN against twin, 224 px ImageNet stem
+#   2_train_step.log    training step, BNN against twin, 224 px ImageNet stem (the
+#                       model furthest from its target first: a timeout cuts the last)
 #   3_saliency_bnn.log  the same as 1 for the BNN (kernels quantized once, and folded)
 #   4_profile_twin.log  where the twin's float32 SmoothGrad call spends its time
 set -u
@@ -63,7 +64,7 @@ step() {  # step SECONDS LOGNAME COMMAND...
 step 230 1_saliency_twin.log python3 benchmarks/saliency_gpu.py --variants twin \
   --ab no-split,frozen,frozen-fold --rounds 5
 step 100 2_train_step.log python3 benchmarks/train_step.py --size 224 --stem imagenet \
-  --batch 64 --width 1.0 --num-classes 1000 --models birealnet18,xnornet,quicknet_small \
+  --batch 64 --width 1.0 --num-classes 1000 --models xnornet,quicknet_small,birealnet18 \
   --rounds 5
 step 150 3_saliency_bnn.log python3 benchmarks/saliency_gpu.py --variants bnn \
   --ab frozen,frozen-fold --rounds 5
