@@ -13,6 +13,7 @@ Usage (repository root):
   python benchmarks/profile_cpu.py --model resnet18 --method gradient --ops lax
   python benchmarks/profile_cpu.py --model binary_resnet_e18 --variant twin
   python benchmarks/profile_cpu.py --conv-micro               # conv fwd / dx / dw vs torch
+  python benchmarks/profile_cpu.py --conv-layers --batch 64   # ResNet-18's convs vs torch
   python benchmarks/profile_cpu.py --jbnn-options   # as jbnn's explainers compile on CPU
 
 By default the saliency programs compile with XLA's default flags (YNNPACK fusions), whose
@@ -264,6 +265,91 @@ def conv_micro(args):
         print(f"  {name:24s} {timing.median * 1e3:8.1f} ms  {gflops:6.1f} GFLOP/s")
 
 
+# ResNet-18's convolution shapes with the ImageNet stem at 112 px:
+# (input size, C_in, C_out, kernel, stride), one of each.
+RESNET18_112_CONVS = (
+    (112, 3, 64, 7, 2),
+    (28, 64, 64, 3, 1),
+    (28, 64, 128, 3, 2),
+    (14, 128, 128, 3, 1),
+    (14, 128, 256, 3, 2),
+    (7, 256, 256, 3, 1),
+    (7, 256, 512, 3, 2),
+    (4, 512, 512, 3, 1),
+)
+
+
+def conv_layers(args):
+    """ResNet-18's convolutions at 112 px, batch ``--batch``: jbnn's CPU programs vs torch.
+
+    Forward pass and input gradient of each layer shape, as jbnn's explainers compile
+    them (:func:`jbnn.ops.platform_jit`, XLA's classic kernels) against PyTorch's
+    oneDNN convolutions in channels-last layout (Captum's faster layout for these
+    models), plus the forward pass under XLA's defaults (YNNPACK) and with XLA's oneDNN
+    custom calls enabled. Ratios > 1: jbnn's program faster. Stride-2 layers use
+    torch's symmetric padding (the same output size and FLOPs as SAME's).
+    """
+
+    from jbnn import ops
+
+    # XLA CPU options tried against jbnn's (CPU_COMPILER_OPTIONS), forward pass only.
+    variants = {
+        "xla-defaults": {},
+        "onednn-custom-call": {
+            **ops.CPU_COMPILER_OPTIONS,
+            "xla_cpu_experimental_onednn_custom_call": True,
+        },
+    }
+    common.set_threads(args.threads)
+    n = args.batch
+    print(f"ResNet-18 convolutions at 112 px, batch {n}, {args.rounds} alternating rounds (ms)")
+    head = "  layer                      jbnn fwd  torch fwd  ratio   jbnn dx  torch dx  ratio"
+    print(head + "   " + "  ".join(f"{k} fwd" for k in variants))
+    for size, c_in, c_out, k, stride in RESNET18_112_CONVS:
+        runs = _conv_layer_runs(n, size, c_in, c_out, k, stride, variants)
+        m = {key: t.median * 1e3 for key, t in common.alternate(runs, args.rounds).items()}
+        label = f"{size:3d} px {c_in:3d}->{c_out:3d} {k}x{k}/{stride}"
+        others = "  ".join(f"{m[key]:{len(key) + 4}.2f}" for key in variants)
+        print(
+            f"  {label:24s} {m['jbnn fwd']:9.2f} {m['torch fwd']:10.2f} "
+            f"{m['torch fwd'] / m['jbnn fwd']:6.2f}x {m['jbnn dx']:8.2f} {m['torch dx']:9.2f} "
+            f"{m['torch dx'] / m['jbnn dx']:6.2f}x   {others}",
+            flush=True,
+        )
+
+
+def _conv_layer_runs(n, size, c_in, c_out, k, stride, variants):
+    """name -> zero-argument callable for one convolution shape (:func:`conv_layers`)."""
+    import torch
+    import torch.nn.functional as F
+
+    from jbnn import ops
+
+    x = jax.random.normal(jax.random.key(0), (n, size, size, c_in))
+    w = jax.random.normal(jax.random.key(1), (k, k, c_in, c_out)) * 0.05
+    conv = lambda x, w: ops.conv(x, w, (stride, stride), "SAME")
+    fwd = ops.platform_jit(conv)
+    g = jax.random.normal(jax.random.key(2), fwd(x, w).shape)
+    dx = ops.platform_jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
+    cl = torch.channels_last
+    xt = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous(memory_format=cl)
+    wt = torch.from_numpy(np.asarray(w)).permute(3, 2, 0, 1).contiguous(memory_format=cl)
+    gt = torch.from_numpy(np.asarray(g)).permute(0, 3, 1, 2).contiguous(memory_format=cl)
+    pad = (k - 1) // 2
+    runs = {
+        "jbnn fwd": lambda: fwd(x, w),
+        "torch fwd": lambda: F.conv2d(xt, wt, stride=stride, padding=pad),
+        "jbnn dx": lambda: dx(x, w, g),
+        "torch dx": lambda: torch.nn.grad.conv2d_input(
+            xt.shape, wt, gt, stride=stride, padding=pad
+        ),
+    }
+    for name, options in variants.items():
+        f = jax.jit(conv, compiler_options=options)
+        runs[name] = lambda f=f: f(x, w)
+    return runs
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="birealnet18", help="a jbnn model name, or resnet18")
@@ -280,6 +366,11 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--conv-micro", action="store_true", help="conv fwd/dx/dw, jax vs torch")
+    p.add_argument(
+        "--conv-layers",
+        action="store_true",
+        help="ResNet-18's convolutions at 112 px (batch --batch): jbnn's CPU programs vs torch",
+    )
     p.add_argument(
         "--jbnn-options",
         action="store_true",
@@ -298,6 +389,9 @@ def main(argv=None):
     print(f"# profile_cpu: {common.machine()}")
     if args.conv_micro:
         conv_micro(args)
+        return
+    if args.conv_layers:
+        conv_layers(args)
         return
     target = train_target if args.method == "train" else saliency_target
     jitted, call_args = target(args)
