@@ -28,6 +28,12 @@ backend lowers these backward ops slowly:
   one matrix product with the kernel as it is and a col2im, the same sums in another
   order (float rounding; 2.0-2.2x faster on those layers, and a Bi-Real Net 18
   Gradient at batch 4 1.25x faster);
+* in the explainers' CPU programs (:func:`platform_jit`), the input gradient of a
+  strided convolution over a large input (at least 28 px a side and 8192 positions)
+  is one stride-1 convolution per stride phase, interleaved: XLA's classic kernels
+  run JAX's form, a convolution of the stride-dilated cotangent, in a generic loop
+  (a 3x3/2 convolution at 64 x 28 x 28 x 64: 1.5x faster; at 56 px 2.1x). The same sums
+  in another order (float rounding);
 * the kernel gradient of a convolution of an input padded with a constant other than
   zero (``conv(..., pad_value=1.0)``, QuickNet) runs 2-3x slower through a padded copy
   than with the convolution's own zero padding: :func:`conv` differentiates the
@@ -386,7 +392,9 @@ def conv(
     dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=...)`` itself, and
     both gradients are JAX's own, bit for bit (except on CPU when the cotangent has at
     most one position per output channel, where the input gradient is a matrix product
-    and a col2im, equal up to float rounding). The input gradient is written out as
+    and a col2im, and in the explainers' CPU programs for a strided convolution over a
+    large input, where it is one stride-1 convolution per stride phase: both equal up to
+    float rounding). The input gradient is written out as
     JAX's transpose rule computes it (the kernel flipped in space, input and output
     channels swapped, the cotangent dilated by the strides), with the swap made an
     explicit transpose of the kernel instead of a relabelling of its dimensions: XLA's
@@ -560,6 +568,10 @@ def _conv_hwio_grad_bwd(strides, pads, residuals, g):
 
         return lax.platform_dependent(kernel, g, cpu=rearranged, default=direct), d_kernel
     if not _use_product_input_grad(g.shape, kernel.shape, pads):
+        if _CLASSIC_CPU_KERNELS.active and _use_phase_input_grad(x.shape, strides, pads):
+            # A strided convolution over a large input, in the explainers' CPU programs:
+            # the dilated form runs in a generic loop there (module docstring).
+            return _phase_input_grad(x.shape, x.dtype, kernel, g, strides, pads), d_kernel
         return direct(kernel, g), d_kernel
     # Few output positions for the kernel's size: on CPU the kernel's transpose costs
     # more than the product itself, so skip it; cuDNN and TPUs keep the convolution.
@@ -607,6 +619,68 @@ def _product_input_grad(x_shape, dtype, kernel, g, strides, pads):
             d_padded = placed if d_padded is None else d_padded + placed
     d_x = d_padded[:, :, top : top + height, left : left + width]  # (C_in, B, H, W)
     return d_x.transpose(1, 2, 3, 0).astype(dtype)  # (B, H, W, C_in)
+
+
+# In the explainers' CPU programs (XLA's classic kernels) the input gradient of a strided
+# convolution over an input of at least this size (each side) and this many positions
+# (batch x height x width) runs as one stride-1 convolution per stride phase
+# (:func:`_phase_input_grad`). Measured on the 2-core AMD EPYC VM (3x3/2, 64 -> 128
+# channels, ``benchmarks/results/cpu-2026-11-29/``): batch 64 at 56 and 28 px 2.1x and
+# 1.5x faster, batch 4 at 56 px 1.3x; smaller inputs (batch 4 at 28 px, batch 64 at 14
+# and 7 px) 0.7-0.9x, so they keep the dilated form.
+PHASE_INPUT_GRAD_MIN_SIZE = 28
+PHASE_INPUT_GRAD_MIN_POSITIONS = 8192
+
+
+def _use_phase_input_grad(x_shape, strides, pads) -> bool:
+    positions = x_shape[0] * x_shape[1] * x_shape[2]
+    return (
+        tuple(strides) != (1, 1)
+        and min(x_shape[1:3]) >= PHASE_INPUT_GRAD_MIN_SIZE
+        and positions >= PHASE_INPUT_GRAD_MIN_POSITIONS
+        and all(p >= 0 for pair in pads for p in pair)
+    )
+
+
+def _phase_input_grad(x_shape, dtype, kernel, g, strides, pads):
+    """The input gradient of a strided convolution as one stride-1 convolution per phase.
+
+    Input row ``sh m + a`` of the padded input (phase ``a`` of ``sh``) is read only by the
+    kernel rows ``a, a + sh, ...``: its gradient is the full correlation of the
+    cotangent with that sub-kernel, flipped, input and output channels swapped, at
+    stride 1 (likewise for columns). The ``sh x sw`` phases are interleaved and the
+    padding cut off. JAX's transpose rule computes the same sums as one convolution of
+    the cotangent dilated by the strides, which XLA's classic CPU kernels run in a
+    generic loop (at 64 x 28 x 28 x 64, 3x3/2: 1.5x slower than the phases); the sums
+    are the same, in another order (float rounding). A phase no kernel row reads
+    (stride larger than the kernel) gets zeros.
+    """
+    kh, kw, c_in, _ = kernel.shape
+    (sh, sw), ((top, bottom), (left, right)) = strides, pads
+    batch, height, width = x_shape[:3]
+    out_h, out_w = g.shape[1:3]
+    rows, cols = -(-(height + top + bottom) // sh), -(-(width + left + right) // sw)
+    phases = []
+    for a in range(sh):
+        row = []
+        for b in range(sw):
+            sub = kernel[a::sh, b::sw]  # (taps_h, taps_w, C_in, C_out)
+            taps_h, taps_w = sub.shape[:2]
+            if taps_h == 0 or taps_w == 0:
+                row.append(jnp.zeros((batch, rows, cols, c_in), g.dtype))
+                continue
+            row.append(
+                lax.conv_general_dilated(
+                    g,
+                    jnp.flip(sub, (0, 1)).transpose(0, 1, 3, 2),  # (taps_h, taps_w, C_out, C_in)
+                    window_strides=(1, 1),
+                    padding=((taps_h - 1, rows - out_h), (taps_w - 1, cols - out_w)),
+                    dimension_numbers=_DIMENSION_NUMBERS,
+                )
+            )  # (B, rows, cols, C_in): padded input rows sh m + a, columns sw n + b
+        phases.append(jnp.stack(row, 3))  # (B, rows, cols, sw, C_in)
+    d_padded = jnp.stack(phases, 2).reshape(batch, rows * sh, cols * sw, c_in)
+    return d_padded[:, top : top + height, left : left + width].astype(dtype)
 
 
 def _conv_input_grad(x_shape, dtype, kernel, g, strides, pads):

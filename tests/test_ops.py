@@ -373,6 +373,66 @@ def test_conv_picks_the_product_input_gradient_only_on_cpu_for_few_positions():
     np.testing.assert_allclose(per_sample(xs), plain(xs), rtol=1e-5, atol=1e-5)
 
 
+PHASE = [
+    # (input shape, kernel shape, strides, padding): strided input gradients by phase
+    ((2, 8, 8, 5), (3, 3, 5, 6), (2, 2), "SAME"),  # ResNet downsampling 3x3/2, pads (0, 1)
+    ((2, 9, 7, 5), (3, 3, 5, 6), (2, 2), "SAME"),  # odd sizes, pads (1, 1)
+    ((1, 11, 10, 3), (7, 7, 3, 4), (2, 2), "SAME"),  # a 7x7/2 stem
+    ((2, 8, 8, 5), (1, 1, 5, 6), (2, 2), "SAME"),  # 1x1 shortcut: three phases get zeros
+    ((2, 10, 9, 5), (2, 3, 5, 6), (3, 2), ((2, 0), (1, 3))),  # explicit, uneven pads
+    ((1, 9, 9, 5), (2, 2, 5, 6), (3, 3), "VALID"),  # stride > kernel: rows no tap reads
+    ((2, 7, 8, 5), (3, 3, 5, 6), (1, 2), "VALID"),  # strided along one axis only
+]
+
+
+@pytest.mark.fast_compiles_after_first_case
+@pytest.mark.parametrize("shape,kernel,strides,padding", PHASE)
+def test_phase_input_gradient_equals_the_transposed_convolution(shape, kernel, strides, padding):
+    # The explainers' CPU form of a strided convolution's input gradient: one stride-1
+    # convolution per stride phase, against JAX's transpose rule and a slow loop.
+    x = jax.random.normal(jax.random.key(0), shape)
+    w = jax.random.normal(jax.random.key(1), kernel)
+    pads = ops._explicit_pads(padding, shape[1:3], kernel[:2], strides, "test")
+    ct = jax.random.normal(jax.random.key(2), _lax_conv(x, w, strides, pads, 1).shape)
+    got = jax.jit(lambda w, ct: ops._phase_input_grad(x.shape, w.dtype, w, ct, strides, pads))
+    (want,) = jax.vjp(lambda x: _lax_conv(x, w, strides, pads, 1), x)[1](ct)
+    assert got(w, ct).shape == x.shape
+    np.testing.assert_allclose(got(w, ct), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        got(w, ct), _slow_input_grad(x.shape, w, ct, strides, pads), atol=1e-4
+    )
+    gb = got(w.astype(jnp.bfloat16), ct.astype(jnp.bfloat16))
+    assert gb.dtype == jnp.bfloat16
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(gb.astype(jnp.float32), want, atol=0.03 * scale)
+
+
+def test_conv_takes_the_phase_input_gradient_only_in_classic_programs_for_large_inputs():
+    # A 3x3/2 convolution over 16 x 28 x 28 (12544 positions): in platform_jit's CPU
+    # programs its input gradient has no stride-dilated convolution, and equals JAX's;
+    # a plain jit, or a smaller input (14 px, or 8 images), keeps the dilated one.
+    w = jax.random.normal(jax.random.key(1), (3, 3, 8, 16))
+    grad = lambda x: jnp.tanh(x) * jax.grad(lambda x: jnp.sum(jnp.sin(ops.conv(x, w, 2))))(x)
+    plain_grad = lambda x: (
+        jnp.tanh(x) * jax.grad(lambda x: jnp.sum(jnp.sin(_lax_conv(x, w, (2, 2), "SAME", 1))))(x)
+    )
+    dilated = re.compile(r"lhs_dilate=2x2")
+    for shape, phased in (
+        ((16, 28, 28, 8), True),
+        ((64, 14, 14, 8), False),
+        ((8, 28, 28, 8), False),
+    ):
+        x = jax.random.normal(jax.random.key(0), shape)
+        assert ops._use_phase_input_grad(shape, (2, 2), ((0, 1), (0, 1))) == phased
+        classic = ops.platform_jit(grad)
+        text = _compiled_text(classic, x)
+        assert bool(dilated.search(text)) != phased, (shape, text)
+        assert dilated.search(_compiled_text(jax.jit(grad), x)), shape
+        np.testing.assert_allclose(classic(x), jax.jit(plain_grad)(x), rtol=1e-5, atol=1e-5)
+    assert not ops._use_phase_input_grad((16, 28, 28, 8), (1, 1), ((1, 1), (1, 1)))
+    assert not ops._use_phase_input_grad((16, 28, 28, 8), (2, 2), ((-1, 0), (0, 0)))
+
+
 PADDED = [
     # (input shape, kernel shape, strides, padding, groups)
     ((2, 8, 8, 4), (3, 3, 4, 5), (1, 1), "SAME", 1),  # QuickNet's binary 3x3
