@@ -12,6 +12,7 @@ compiles once, with its own form.
 Usage (repository root):
   python benchmarks/phase_ab.py                        # Bi-Real Net 18 and ResNet-E 18, 112 px
   python benchmarks/phase_ab.py --size 224 --batch 4 --methods gradient
+  python benchmarks/phase_ab.py --layers               # single layers: where the rule comes from
   python benchmarks/phase_ab.py --smoke                # tiny: checks the script
 """
 
@@ -51,6 +52,53 @@ def _call(method, fn, x, target, args):
     )
 
 
+# (batch, input size, C_in, C_out, kernel, stride): ResNet-18's strided convolutions
+LAYERS = [
+    (batch, size, c_in, c_in * 2, k, 2)
+    for batch in (4, 64)
+    for size, c_in in ((56, 64), (28, 64), (14, 128), (7, 256))
+    for k in (3, 1)
+]
+
+
+def _layer_forms(batch, size, c_in, c_out, k, stride):
+    """Both forms of one layer's input gradient, compiled, and their arguments."""
+    x_shape = (batch, size, size, c_in)
+    w = jax.random.normal(jax.random.key(1), (k, k, c_in, c_out)) * 0.05
+    strides = (stride, stride)
+    pads = ops._explicit_pads("SAME", (size, size), (k, k), strides, "layers")
+    x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+    out = jax.eval_shape(lambda x: ops._conv(x, w, strides, pads), x).shape
+    g = jax.random.normal(jax.random.key(2), out)
+    forms = {
+        "dilated": ops.platform_jit(
+            lambda w, g: ops._conv_input_grad(x_shape, jnp.float32, w, g, strides, pads)
+        ),
+        "phase": ops.platform_jit(
+            lambda w, g: ops._phase_input_grad(x_shape, jnp.float32, w, g, strides, pads)
+        ),
+    }
+    return forms, (w, g), ops._use_phase_input_grad(x_shape, strides, pads)
+
+
+def layers(args):
+    """The input gradient of single strided convolutions: dilated form against phases."""
+    print(
+        "batch  size  C_in -> C_out  kernel  uses phases  dilated ms  phase ms  speed-up  rel diff"
+    )
+    for batch, size, c_in, c_out, k, stride in LAYERS:
+        forms, call_args, used = _layer_forms(batch, size, c_in, c_out, k, stride)
+        err = common.rel_error(forms["phase"](*call_args), forms["dilated"](*call_args))
+        runs = {n: lambda f=f, a=call_args: f(*a) for n, f in forms.items()}
+        t = common.alternate(runs, args.rounds)
+        print(
+            f"{batch:5d} {size:5d} {c_in:5d} -> {c_out:5d}  {k}x{k}/{stride}  {str(used):>11s}  "
+            f"{t['dilated'].median * 1e3:10.2f} {t['phase'].median * 1e3:9.2f} "
+            f"{t['dilated'].median / t['phase'].median:8.2f}x  {err:.1e}",
+            flush=True,
+        )
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", default="birealnet18,binary_resnet_e18")
@@ -62,10 +110,14 @@ def main(argv=None):
     p.add_argument("--chunk", type=int, default=0, help="SmoothGrad batch_size (0: all at once)")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--smoke", action="store_true", help="tiny sizes")
+    p.add_argument("--layers", action="store_true", help="single strided layers, both forms")
     args = p.parse_args(argv)
     if args.smoke:
         args.size, args.batch, args.samples, args.rounds = 56, 2, 4, 2
     print(f"# phase_ab: {common.machine()}")
+    if args.layers:
+        layers(args)
+        return
     rows = []
     for name in args.models.split(","):
         for variant in args.variants.split(","):

@@ -32,7 +32,7 @@ backend lowers these backward ops slowly:
   strided convolution over a large input (at least 28 px a side and 8192 positions)
   is one stride-1 convolution per stride phase, interleaved: XLA's classic kernels
   run JAX's form, a convolution of the stride-dilated cotangent, in a generic loop
-  (a 3x3/2 convolution at 64 x 28 x 28 x 64: 1.5x faster; at 56 px 2.1x). The same sums
+  (a 3x3/2 convolution at 64 x 28 x 28 x 64: 1.3x faster; at 56 px 1.9x). The same sums
   in another order (float rounding);
 * the kernel gradient of a convolution of an input padded with a constant other than
   zero (``conv(..., pad_value=1.0)``, QuickNet) runs 2-3x slower through a padded copy
@@ -624,10 +624,11 @@ def _product_input_grad(x_shape, dtype, kernel, g, strides, pads):
 # In the explainers' CPU programs (XLA's classic kernels) the input gradient of a strided
 # convolution over an input of at least this size (each side) and this many positions
 # (batch x height x width) runs as one stride-1 convolution per stride phase
-# (:func:`_phase_input_grad`). Measured on the 2-core AMD EPYC VM (3x3/2, 64 -> 128
-# channels, ``benchmarks/results/cpu-2026-11-29/``): batch 64 at 56 and 28 px 2.1x and
-# 1.5x faster, batch 4 at 56 px 1.3x; smaller inputs (batch 4 at 28 px, batch 64 at 14
-# and 7 px) 0.7-0.9x, so they keep the dilated form.
+# (:func:`_phase_input_grad`). Measured on the 2-core AMD EPYC VM (``benchmarks/
+# phase_ab.py --layers``, ``benchmarks/results/cpu-2026-11-29/``): a 3x3/2 convolution
+# at batch 64 over 56 and 28 px 1.93x and 1.32x faster, at batch 4 over 56 px 1.77x, a
+# 1x1/2 one at batch 64 1.71-1.80x; smaller 3x3/2 ones (batch 4 at 28 px or less, batch
+# 64 at 14 px or less) 0.79-1.01x, so they keep the dilated form.
 PHASE_INPUT_GRAD_MIN_SIZE = 28
 PHASE_INPUT_GRAD_MIN_POSITIONS = 8192
 
@@ -651,7 +652,7 @@ def _phase_input_grad(x_shape, dtype, kernel, g, strides, pads):
     stride 1 (likewise for columns). The ``sh x sw`` phases are interleaved and the
     padding cut off. JAX's transpose rule computes the same sums as one convolution of
     the cotangent dilated by the strides, which XLA's classic CPU kernels run in a
-    generic loop (at 64 x 28 x 28 x 64, 3x3/2: 1.5x slower than the phases); the sums
+    generic loop (at 64 x 28 x 28 x 64, 3x3/2: 1.3x slower than the phases); the sums
     are the same, in another order (float rounding). A phase no kernel row reads
     (stride larger than the kernel) gets zeros.
     """
