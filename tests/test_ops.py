@@ -317,28 +317,36 @@ def _slow_input_grad(x_shape, w, ct, strides, pads):
     return dx
 
 
+def _check_input_grad_form(form, shape, kernel, strides, padding):
+    """``form(x_shape, dtype, w, ct, strides, pads)`` (an input gradient of a convolution)
+    against JAX's transpose rule and a slow loop, in float32 and bfloat16 (bfloat16 in,
+    bfloat16 out); returns x, w, pads and the cotangent."""
+    x = jax.random.normal(jax.random.key(0), shape)
+    w = jax.random.normal(jax.random.key(1), kernel)
+    pads = ops._explicit_pads(padding, shape[1:3], kernel[:2], strides, "test")
+    ct = jax.random.normal(jax.random.key(2), _lax_conv(x, w, strides, pads, 1).shape)
+    got = jax.jit(lambda w, ct: form(x.shape, w.dtype, w, ct, strides, pads))
+    (want,) = jax.vjp(lambda x: _lax_conv(x, w, strides, pads, 1), x)[1](ct)
+    assert got(w, ct).shape == x.shape
+    np.testing.assert_allclose(got(w, ct), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        got(w, ct), _slow_input_grad(x.shape, w, ct, strides, pads), atol=1e-4
+    )
+    gb = got(w.astype(jnp.bfloat16), ct.astype(jnp.bfloat16))
+    assert gb.dtype == jnp.bfloat16
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(gb.astype(jnp.float32), want, atol=0.03 * scale)
+    return x, w, pads, ct
+
+
 @pytest.mark.fast_compiles_after_first_case
 @pytest.mark.parametrize("shape,kernel,strides,padding", PRODUCT)
 def test_product_input_gradient_equals_the_transposed_convolution(shape, kernel, strides, padding):
     # CPU form of the input gradient when the cotangent has few positions per channel:
     # the same sums in another order, against JAX's transpose rule and a slow loop.
-    x = jax.random.normal(jax.random.key(0), shape)
-    w = jax.random.normal(jax.random.key(1), kernel)
-    pads = ops._explicit_pads(padding, shape[1:3], kernel[:2], strides, "test")
-    y = _lax_conv(x, w, strides, pads, 1)
-    ct = jax.random.normal(jax.random.key(2), y.shape)
+    form = ops._product_input_grad
+    x, w, pads, ct = _check_input_grad_form(form, shape, kernel, strides, padding)
     assert ops._use_product_input_grad(ct.shape, w.shape, pads)
-    got = jax.jit(lambda w, ct: ops._product_input_grad(x.shape, w.dtype, w, ct, strides, pads))
-    (want,) = jax.vjp(lambda x: _lax_conv(x, w, strides, pads, 1), x)[1](ct)
-    np.testing.assert_allclose(got(w, ct), want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(
-        got(w, ct), _slow_input_grad(x.shape, w, ct, strides, pads), atol=1e-4
-    )
-    # bfloat16 in, bfloat16 out
-    gb = got(w.astype(jnp.bfloat16), ct.astype(jnp.bfloat16))
-    assert gb.dtype == jnp.bfloat16
-    scale = float(jnp.max(jnp.abs(want)))
-    np.testing.assert_allclose(gb.astype(jnp.float32), want, atol=0.03 * scale)
     if (shape, kernel, strides, padding) not in SECOND_ORDER:
         return
     # through ops.conv, whose CPU backward takes this form here, to second order
@@ -390,21 +398,7 @@ PHASE = [
 def test_phase_input_gradient_equals_the_transposed_convolution(shape, kernel, strides, padding):
     # The explainers' CPU form of a strided convolution's input gradient: one stride-1
     # convolution per stride phase, against JAX's transpose rule and a slow loop.
-    x = jax.random.normal(jax.random.key(0), shape)
-    w = jax.random.normal(jax.random.key(1), kernel)
-    pads = ops._explicit_pads(padding, shape[1:3], kernel[:2], strides, "test")
-    ct = jax.random.normal(jax.random.key(2), _lax_conv(x, w, strides, pads, 1).shape)
-    got = jax.jit(lambda w, ct: ops._phase_input_grad(x.shape, w.dtype, w, ct, strides, pads))
-    (want,) = jax.vjp(lambda x: _lax_conv(x, w, strides, pads, 1), x)[1](ct)
-    assert got(w, ct).shape == x.shape
-    np.testing.assert_allclose(got(w, ct), want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(
-        got(w, ct), _slow_input_grad(x.shape, w, ct, strides, pads), atol=1e-4
-    )
-    gb = got(w.astype(jnp.bfloat16), ct.astype(jnp.bfloat16))
-    assert gb.dtype == jnp.bfloat16
-    scale = float(jnp.max(jnp.abs(want)))
-    np.testing.assert_allclose(gb.astype(jnp.float32), want, atol=0.03 * scale)
+    _check_input_grad_form(ops._phase_input_grad, shape, kernel, strides, padding)
 
 
 def test_conv_takes_the_phase_input_gradient_only_in_classic_programs_for_large_inputs():
