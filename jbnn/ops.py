@@ -624,7 +624,7 @@ def _product_input_grad(x_shape, dtype, kernel, g, strides, pads):
 # In the explainers' CPU programs (XLA's classic kernels) the input gradient of a strided
 # convolution over an input of at least this size (each side) and this many positions
 # (batch x height x width) runs as one stride-1 convolution per stride phase
-# (:func:`_phase_input_grad`). Measured on the 2-core AMD EPYC VM
+# (:func:`_phase_input_grad`). Measured on a 2-core AMD EPYC VM without AVX-512 (Zen 3)
 # (``benchmarks/phase_ab.py --layers``, ``benchmarks/results/cpu-2026-11-29/``): a
 # 3x3/2 convolution at batch 64 over 56 and 28 px 1.93x and 1.32x faster, at batch 4
 # over 56 px 1.77x, a 1x1/2 one at batch 64 1.71-1.80x; smaller 3x3/2 ones (batch 4 at
