@@ -289,7 +289,6 @@ def conv_layers(args):
     custom calls enabled. Ratios > 1: jbnn's program faster. Stride-2 layers use
     torch's symmetric padding (the same output size and FLOPs as SAME's).
     """
-
     from jbnn import ops
 
     # XLA CPU options tried against jbnn's (CPU_COMPILER_OPTIONS), forward pass only.
