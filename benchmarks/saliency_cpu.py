@@ -7,9 +7,12 @@ checked to agree before anything is timed), then every method is timed alternate
 jbnn, Captum, jbnn, Captum, ..., after a warm-up of each:
 
 * Gradient: ``jbnn.saliency.gradient`` vs ``captum.attr.Saliency(abs=False)``;
-* SmoothGrad: ``jbnn.saliency.smoothgrad(noise_sigma=s, num_samples=n)`` (all samples
-  in one batch) vs ``NoiseTunnel(Saliency).attribute(nt_type="smoothgrad",
-  nt_samples=n, stdevs=s)`` (Captum's default: all samples in one batch too);
+* SmoothGrad: ``jbnn.saliency.smoothgrad(noise_sigma=s, num_samples=n)`` (jbnn's
+  default ``batch_size="auto"``: on a CPU, chunks of about 200k input pixels, 4 samples
+  of a batch of 4 at 112 px) vs ``NoiseTunnel(Saliency).attribute(nt_type="smoothgrad",
+  nt_samples=n, stdevs=s)`` (Captum's default: all samples in one batch). Each library
+  runs its default; ``--sg-batch-size all`` runs both all at once, ``auto`` gives
+  Captum jbnn's chunk too, a number gives both that chunk;
 * GradCAM at ``stage4``, ReLU, bilinear upsampling: ``jbnn.saliency.gradcam`` vs
   ``LayerGradCam(relu_attributions=True)`` + ``LayerAttribution.interpolate``.
 
@@ -61,10 +64,10 @@ def parse_args(argv=None):
     p.add_argument("--noise-sigma", type=float, default=0.15, help="absolute SmoothGrad sigma")
     p.add_argument(
         "--sg-batch-size",
-        type=int,
-        default=None,
-        help="SmoothGrad samples per chunk (jbnn batch_size, Captum nt_samples_batch_size); "
-        "default: all at once",
+        default="default",
+        help="SmoothGrad samples per chunk (jbnn batch_size, Captum nt_samples_batch_size): "
+        "'default' (each library's: jbnn 'auto', Captum all at once), 'all' (both all at "
+        "once), 'auto' (both jbnn's auto chunk) or a number (both)",
     )
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds")
@@ -118,7 +121,7 @@ def contestants(method, args, model, variables, x, target, torch_models):
             key,
             num_samples=args.samples,
             noise_sigma=args.noise_sigma,
-            batch_size=args.sg_batch_size,
+            batch_size=sg_chunks(args, x.shape)[0],
         )
     elif args.frozen:  # as explain_dataset runs it
         path, _ = saliency_checks.check_layer(model, x.shape, "stage4", "gradcam")
@@ -140,7 +143,7 @@ def contestants(method, args, model, variables, x, target, torch_models):
                 xt,
                 nt_type="smoothgrad",
                 nt_samples=args.samples,
-                nt_samples_batch_size=args.sg_batch_size,
+                nt_samples_batch_size=sg_chunks(args, x.shape)[1],
                 stdevs=args.noise_sigma,
                 target=tgt,
                 abs=False,
@@ -161,6 +164,28 @@ def contestants(method, args, model, variables, x, target, torch_models):
                 got = got.transpose(0, 2, 3, 1) if method == "gradient" else got[:, 0]
                 maps[name] = common.rel_error(ref, got)
     return runs, maps
+
+
+def sg_chunks(args, x_shape) -> tuple:
+    """(jbnn batch_size, Captum nt_samples_batch_size) for ``--sg-batch-size``."""
+    from jbnn.saliency import gradients
+
+    auto = gradients._chunk_size("auto", args.samples, x_shape, "saliency_cpu")
+    choice = args.sg_batch_size
+    if choice == "default":
+        return auto, None
+    if choice == "all":
+        return None, None
+    if choice == "auto":
+        return auto, auto
+    return int(choice), int(choice)
+
+
+def sg_label(args) -> str:
+    """How SmoothGrad's samples are chunked, for the header."""
+    shape = (args.batch, args.size, args.size, 3)
+    jbnn_bs, captum_bs = sg_chunks(args, shape)
+    return f"chunks of {jbnn_bs or 'all'} (jbnn) / {captum_bs or 'all'} (Captum)"
 
 
 def smoothgrad_memory(args) -> None:
@@ -248,7 +273,7 @@ def main(argv=None):
     print(f"# saliency_cpu: {common.machine()}")
     print(
         f"# size {args.size} px, batch {args.batch}, SmoothGrad {args.samples} samples "
-        f"(sigma {args.noise_sigma}, chunks of {args.sg_batch_size or 'all'}), "
+        f"(sigma {args.noise_sigma}, {sg_label(args)}), "
         f"{args.rounds} alternating rounds, torch threads {args.threads}, jbnn kernels "
         f"{'quantized once (--frozen)' if args.frozen else 'quantized per call'}"
     )

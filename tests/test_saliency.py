@@ -332,6 +332,80 @@ def test_smoothgrad_in_float64_keeps_sigma_in_float64(variant):
             np.testing.assert_allclose(ours, np.stack(ref), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize(
+    "x_shape, num, chunk",
+    [
+        ((4, 112, 112, 3), 16, 4),  # 16 images of 112x112 per chunk
+        ((2, 224, 224, 3), 8, 2),
+        ((50, 32, 32, 1), 50, 3),  # 150 images of 32x32 (200704 // 51200 = 3)
+        ((16, 224, 224, 3), 50, 1),  # more pixels than the budget: one copy at a time
+        ((3, 8, 8, 3), 6, 6),  # small images: all copies at once
+    ],
+)
+def test_auto_batch_size_chunks_by_pixels_on_cpu_only(monkeypatch, x_shape, num, chunk):
+    key_options = dict(noise_level=0.15, noise_sigma=None, variant="smoothgrad")
+    sg = lambda bs: sal_gradients._smoothgrad_options(
+        x_shape, num, **key_options, batch_size=bs, split_input_layer=True, name="sg"
+    )[1]["batch_size"]
+    ig = lambda bs: sal_gradients._ig_options(x_shape, 0.0, num, "gausslegendre", bs, True, "ig")[
+        1
+    ]["batch_size"]
+    assert jax.default_backend() == "cpu"
+    assert sal.AUTO_CHUNK_PIXELS == 16 * 112 * 112
+    for options in (sg, ig):
+        assert options("auto") == chunk
+        assert options(None) == num  # None: all at once, everywhere
+        assert options(5) == min(5, num)
+    with jax.default_device(jax.devices("cpu")[0]):
+        assert sg("auto") == chunk
+    # On an accelerator "auto" is all at once (the default device decides, as for
+    # platform_jit's CPU compiler options).
+    monkeypatch.setattr(sal_gradients, "_default_platform", lambda: "gpu")
+    assert sg("auto") == ig("auto") == num
+
+
+def test_auto_batch_size_changes_maps_by_rounding_only():
+    # One 256x256 image: "auto" takes chunks of 200704 // 65536 = 3 of the 7 noisy copies
+    # (two scanned chunks and a remainder of 1). The same program as batch_size=3, so
+    # the same bits; all at once differs by float rounding only. The gradient of _cube
+    # is z ** 2 in closed form.
+    x = _uniform((1, 256, 256, 1), 21)
+    key = jax.random.key(5)
+    kw = dict(num_samples=7, noise_sigma=0.3)
+    auto = sal.smoothgrad(_cube, x, 0, key, **kw)
+    np.testing.assert_array_equal(auto, sal.smoothgrad(_cube, x, 0, key, **kw, batch_size=3))
+    # explain_dataset's default is "auto" too (example 0 takes fold_in(key, 0) there too).
+    streamed = sal.explain_dataset(
+        "smoothgrad",
+        [(x, np.zeros(1, np.int32))],
+        fn=_cube,
+        key=key,
+        target="label",
+        progress=False,
+        **kw,
+    )["maps"]
+    np.testing.assert_allclose(streamed, auto, rtol=1e-6, atol=1e-7)
+    whole = sal.smoothgrad(_cube, x, 0, key, **kw, batch_size=None)
+    np.testing.assert_allclose(auto, whole, rtol=1e-5, atol=1e-6 * float(np.abs(whole).max()))
+    noise = np.stack(
+        [
+            np.asarray(
+                jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, 0), s), x.shape[1:])
+            )
+            for s in range(7)
+        ]
+    )
+    ref = ((np.asarray(x[0]) + 0.3 * noise) ** 2).mean(0)
+    np.testing.assert_allclose(auto[0], ref, rtol=1e-5, atol=1e-6)
+    ig_auto = sal.integrated_gradients(_cube, x, 0, num_steps=7, method="gausslegendre")
+    ig_whole = sal.integrated_gradients(
+        _cube, x, 0, num_steps=7, method="gausslegendre", batch_size=None
+    )
+    np.testing.assert_allclose(ig_auto, ig_whole, rtol=1e-5, atol=1e-7)
+    # IG of z^3 / 3 from 0 is x^3 / 3, times Gauss-Legendre's (exact) weights.
+    np.testing.assert_allclose(ig_auto, np.asarray(x) ** 3 / 3, rtol=1e-4, atol=1e-6)
+
+
 def test_smoothgrad_noise_is_standard_normal_in_bfloat16():
     # With x = 0, sigma = 1 and the gradient of |z|^2 / 2, one sample's map is the noise
     # itself: 1M draws of it should look like N(0, 1) rounded to bfloat16. Drawn in
@@ -1175,6 +1249,8 @@ def test_bad_inputs_raise_clear_errors(net):
         (lambda: sal.smoothgrad(fn, x, target, key, num_samples=0), ValueError, "num_samples.*0"),
         (lambda: sal.smoothgrad(fn, x, target, key, num_samples=-3), ValueError, "num_samples"),
         (lambda: sal.smoothgrad(fn, x, target, key, batch_size=0), ValueError, "batch_size"),
+        (lambda: sal.smoothgrad(fn, x, target, key, batch_size="all"), ValueError, "'auto'"),
+        (lambda: sal.integrated_gradients(fn, x, target, batch_size=1.5), ValueError, "1.5"),
         (lambda: sal.smoothgrad(fn, x, target, key, variant="var"), ValueError, "'var'.*vargrad"),
         (lambda: sal.smoothgrad(fn, x, target, key, noise_level=-0.1), ValueError, "noise_level"),
         (lambda: sal.smoothgrad(fn, x, target, None), ValueError, "key is required"),

@@ -34,6 +34,7 @@ from jbnn.saliency.display import (
     reduce_channels,
 )
 from jbnn.saliency.gradients import (
+    AUTO_CHUNK_PIXELS,
     IG_METHODS,
     SMOOTHGRAD_VARIANTS,
     gradient,
@@ -44,6 +45,7 @@ from jbnn.saliency.gradients import (
 )
 
 __all__ = [
+    "AUTO_CHUNK_PIXELS",
     "CAPTUM_SIGNS",
     "IG_METHODS",
     "INTERPOLATIONS",

@@ -76,7 +76,7 @@ def _build_step(method, fn, model, x_shape, kwargs, replicated) -> Callable:
             num_samples=50,
             noise_level=0.15,
             noise_sigma=None,
-            batch_size=None,
+            batch_size="auto",
             split_input_layer=True,
         )
         options["variant"] = {"smoothgrad_sq": "smoothgrad_sq", "vargrad": "vargrad"}.get(
@@ -87,7 +87,7 @@ def _build_step(method, fn, model, x_shape, kwargs, replicated) -> Callable:
             if options[option] is not None and np.ndim(options[option]) != 0:  # per slot
                 raise ValueError(f"{name}: {option} must be one number for a whole dataset.")
         scale, static = gradients._smoothgrad_options(
-            x_shape[0],
+            x_shape,
             options["num_samples"],
             options["noise_level"],
             options["noise_sigma"],
@@ -103,7 +103,7 @@ def _build_step(method, fn, model, x_shape, kwargs, replicated) -> Callable:
             baseline=0.0,
             num_steps=50,
             method="riemann_trapezoid",
-            batch_size=None,
+            batch_size="auto",
             split_input_layer=True,
         )
         options.update(kwargs)
