@@ -42,9 +42,10 @@ AUTO_CHUNK_PIXELS = 16 * 112 * 112
 SmoothGrad's noisy copies and IG's path points are evaluated in chunks of
 ``max(1, AUTO_CHUNK_PIXELS // (B * H * W))`` copies of the batch there: a working set
 that stays near the CPU's caches. Measured on 2-core AMD EPYC VMs (2026-11-29,
-``benchmarks/chunk_cpu.py``), chunks of 100k-250k pixels ran 7-25% faster than all
-copies at once, for ResNet-18-sized models at 112 and 224 px and BinaryNet at 32 px;
-see docs/performance.md. On GPUs and TPUs ``"auto"`` evaluates all copies at once.
+``benchmarks/chunk_cpu.py``), SmoothGrad in these chunks ran 1.02-1.24x as fast as
+all copies at once (Bi-Real Net 18 at 112 and 224 px, BinaryNet at 32 px); Integrated
+Gradients 0.99x (no gain measured); see docs/performance.md. On GPUs and TPUs
+``"auto"`` evaluates all copies at once.
 """
 
 __all__ = [
